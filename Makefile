@@ -1,0 +1,48 @@
+# The two commands a new user needs (README.md):
+#   make demo   # set up, then run the whole pipeline on the embedded synthetic data (CPU)
+#   make test   # set up, then run the test suite
+# `make setup` is idempotent: it re-installs only when pyproject.toml changes.
+
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.setup-stamp
+TORCH   ?= torch==2.13.0
+export OMP_NUM_THREADS ?= 1
+export SPARK_LOCAL_IP ?= 127.0.0.1
+export PYSPARK_PYTHON := $(abspath $(VPY))
+export PYSPARK_DRIVER_PYTHON := $(abspath $(VPY))
+export TORCH_EXTENSIONS_DIR ?= $(abspath .cache/torch_extensions)
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test lint bench clean java-check
+
+setup: java-check $(STAMP)
+
+java-check:
+	@command -v java >/dev/null 2>&1 || { echo "ERROR: Java not found. Spark 4 needs Java 17+: install it (Debian/Ubuntu: apt-get install -y openjdk-17-jre-headless) and retry."; exit 1; }
+	@v=$$(java -version 2>&1 | head -n1 | sed -E 's/.*version "([0-9]+).*/\1/'); \
+	 if [ "$$v" -lt 17 ] 2>/dev/null; then echo "ERROR: Java $$v found; Spark 4 needs Java 17+ (apt-get install -y openjdk-17-jre-headless)."; exit 1; fi
+
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "$(TORCH)"
+	$(VPY) -m pip install -q -e ".[test]" "$(TORCH)"
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/higr run --config configs/tiny/run.yaml --name demo
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VPY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(VPY) bench/etl.py && $(VPY) bench/engine.py && $(VPY) bench/decode.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache spark-warehouse

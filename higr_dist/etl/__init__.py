@@ -1,0 +1,1 @@
+"""higr_dist.etl."""
