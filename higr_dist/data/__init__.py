@@ -1,0 +1,1 @@
+"""Shards on disk and the streaming loader that feeds the trainer."""
