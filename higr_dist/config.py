@@ -21,6 +21,7 @@ nested dataclasses), and error messages stay in our words with dotted paths.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import subprocess
@@ -202,7 +203,7 @@ def _build(cls: type[T], data: dict, path: str, problems: list[str]) -> T:
     for key in data:
         if key not in fields:
             where = f"{path}.{key}" if path else key
-            close = [n for n in fields if n.startswith(str(key)[:3])]
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{where}: unknown key{hint}; allowed: {', '.join(sorted(fields))}")
     for name, f in fields.items():
