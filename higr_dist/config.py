@@ -206,12 +206,16 @@ def _build(cls: type[T], data: dict, path: str, problems: list[str]) -> T:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{where}: unknown key{hint}; allowed: {', '.join(sorted(fields))}")
+    missing = False
     for name, f in fields.items():
         where = f"{path}.{name}" if path else name
         if name in data:
             kwargs[name] = _convert(data[name], hints[name], where, problems)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{where}: required but missing")
+            missing = True
+    if missing:
+        return None  # type: ignore[return-value]
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as e:
