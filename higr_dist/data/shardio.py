@@ -42,7 +42,7 @@ def write_shard(path: str | Path, schema: SampleSchema, samples: Iterable[tuple[
     try:
         with open(tmp, "wb") as fh:
             buf = io.BufferedWriter(fh, buffer_size=1 << 20)
-            writer = wds.TarWriter(buf, user="higr", group="higr", mode=0o444, mtime=0.0,
+            writer = wds.TarWriter(buf, user="higr", group="higr", mode=0o444, mtime=0,
                                    encoder=False)
             for key, sample in samples:
                 if "." in key:

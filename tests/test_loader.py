@@ -1,0 +1,344 @@
+"""The streaming loader on real shards: partitioning, determinism, exact resume, corruption."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from higr_dist.config import ConfigError, from_dict
+from higr_dist.data.loader import (
+    LoaderConfig,
+    ShardError,
+    StreamingLoader,
+    iterate_samples,
+    resolve_shards,
+)
+from higr_dist.data.shardio import list_shards, write_listing, write_shard
+from higr_dist.schema import ITEM, PAIR
+
+TAR_BLOCK = 512
+
+#: samples per shard: uneven, so workers run out at different times
+SHARD_SIZES = (9, 16, 23, 12, 30, 7)
+BATCH = 5
+
+
+def item(idx: int) -> dict:
+    return {"item_idx": idx, "item_id": f"id{idx}", "categories": [idx % 3, 7],
+            "x": np.arange(4, dtype=np.float32) + idx}
+
+
+def write_items(directory: Path, sizes=SHARD_SIZES, listing: bool = False) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    entries, idx = [], 0
+    for s, n in enumerate(sizes):
+        samples = [(f"i{i:05d}", item(i)) for i in range(idx, idx + n)]
+        entries.append(write_shard(directory / f"shard-{s:06d}.tar", ITEM, samples))
+        idx += n
+    if listing:
+        write_listing(directory, entries)
+    return list_shards(directory)
+
+
+def all_keys(sizes=SHARD_SIZES) -> set[str]:
+    return {f"i{i:05d}" for i in range(sum(sizes))}
+
+
+def keys_collate(samples: list[dict]) -> tuple[str, ...]:
+    return tuple(s["__key__"] for s in samples)
+
+
+def noisy_collate(samples: list[dict]) -> tuple:
+    """Keys plus one draw from each global RNG (must replay identically on resume)."""
+    return (keys_collate(samples), random.random(), float(np.random.rand()),
+            float(torch.rand(1)))
+
+
+class EpochCollate:
+    """A collate with set_epoch: the loader must call it inside the workers."""
+
+    def __init__(self):
+        self.epoch = -1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, samples: list[dict]) -> tuple[int, int]:
+        return self.epoch, len(samples)
+
+
+def make(shards, collate=keys_collate, *, workers=2, rank=0, world=1, seed=0, buffer=20,
+         on_corrupt="raise", schema=ITEM) -> StreamingLoader:
+    cfg = LoaderConfig(num_workers=workers, shuffle_buffer=buffer, on_corrupt=on_corrupt)
+    return StreamingLoader(shards, schema, collate, BATCH, cfg, rank=rank, world_size=world,
+                           seed=seed)
+
+
+def flat(batches) -> list[str]:
+    return [k for b in batches for k in b]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    return write_items(tmp_path_factory.mktemp("items"))
+
+
+def test_exactly_once_across_two_ranks_two_workers(shards):
+    per_rank = []
+    for rank in (0, 1):
+        loader = make(shards, rank=rank, world=2)
+        batches = list(loader)
+        assert all(1 <= len(b) <= BATCH for b in batches)
+        assert loader.epoch == 1 and loader.samples_consumed == 0  # epoch advanced, reset
+        per_rank.append(flat(batches))
+    union = per_rank[0] + per_rank[1]
+    assert len(union) == len(set(union)) == sum(SHARD_SIZES)
+    assert set(union) == all_keys()
+    assert not set(per_rank[0]) & set(per_rank[1])
+
+
+def test_in_process_reader_and_samples_consumed(shards):
+    loader = make(shards, workers=0)
+    seen = 0
+    for batch in loader:
+        seen += len(batch)
+        assert loader.samples_consumed == seen
+    assert seen == sum(SHARD_SIZES) and loader.epoch == 1
+
+
+def test_order_is_deterministic_per_seed_and_epoch(shards):
+    a, b = make(shards), make(shards)
+    epoch0 = list(a)
+    assert list(b) == epoch0  # same seed, same epoch -> same batches, same order
+    epoch1 = list(a)
+    assert flat(epoch1) != flat(epoch0) and sorted(flat(epoch1)) == sorted(flat(epoch0))
+    c = make(shards)
+    c.set_epoch(1)
+    assert list(c) == epoch1
+    assert flat(list(make(shards, seed=1))) != flat(epoch0)
+
+
+def run_with_resume(shards, cut: int, workers: int) -> list:
+    """Take ``cut`` batches, save (through JSON), resume in a fresh loader, finish 2 epochs."""
+    first = make(shards, noisy_collate, workers=workers)
+    got = []
+    if cut:
+        for batch in first:
+            got.append(batch)
+            if len(got) == cut:
+                break
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["samples_consumed"] == sum(len(b[0]) for b in got)
+    resumed = make(shards, noisy_collate, workers=workers)
+    resumed.load_state_dict(state)
+    got += list(resumed)  # rest of epoch 0
+    got += list(resumed)  # epoch 1
+    return got
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+@pytest.mark.parametrize("workers", [2, 3])
+def test_resume_mid_epoch_gives_exactly_the_remaining_batches(shards, workers):
+    loader = make(shards, noisy_collate, workers=workers)
+    full = list(loader) + list(loader)  # two uninterrupted epochs
+    n0 = sum(1 for _ in make(shards, workers=workers))
+    assert n0 < len(full)
+    # odd and even cuts (rotation of workers), one near the end (a worker already exhausted),
+    # and the end of the epoch before the epoch counter advanced
+    for cut in sorted({1, 2, n0 // 2 + 1, n0 - 2, n0}):
+        assert run_with_resume(shards, cut, workers) == full, f"cut={cut}"
+
+
+def test_break_and_reiterate_continues_after_last_batch(shards):
+    loader = make(shards)
+    reference = list(make(shards))
+    got = []
+    for batch in loader:
+        got.append(batch)
+        if len(got) == 3:
+            break
+    assert loader.epoch == 0
+    got += list(loader)
+    assert got == reference and loader.epoch == 1
+
+
+def test_collate_set_epoch_is_called_in_workers(shards):
+    loader = make(shards, EpochCollate())
+    assert {e for e, _ in loader} == {0}
+    assert {e for e, _ in loader} == {1}
+
+
+def test_iterate_samples_streams_in_order_with_content(shards):
+    samples = list(iterate_samples(shards, ITEM))
+    assert [s["item_idx"] for s in samples] == list(range(sum(SHARD_SIZES)))
+    s = samples[17]
+    assert s["__key__"] == "i00017" and s["__url__"] == shards[1]
+    assert s["item_id"] == "id17" and s["categories"] == [2, 7]
+    np.testing.assert_array_equal(s["x"], np.arange(4, dtype=np.float32) + 17)
+
+
+def corrupt(path: str, how: str) -> None:
+    data = bytearray(Path(path).read_bytes())
+    rng = np.random.default_rng(0)
+    if how == "truncated":  # mid-block: caught before streaming (not whole tar blocks)
+        data = data[: len(data) // 2 + 100]
+    elif how == "garbage":  # not a tar at all (no end-of-archive marker)
+        data = bytearray(rng.bytes(4096))
+    elif how == "header":  # right size and tail, first tar header damaged: the tar reader fails
+        data[:TAR_BLOCK] = rng.bytes(TAR_BLOCK)
+    elif how == "payload":  # first sample's zstd blob damaged: the frame checksum fails
+        with tarfile.open(path) as tf:
+            start = tf.getmembers()[0].offset_data
+        data[start + 8: start + 24] = rng.bytes(16)
+    Path(path).write_bytes(bytes(data))
+
+
+def shard_keys(index: int, sizes=SHARD_SIZES) -> set[str]:
+    start = sum(sizes[:index])
+    return {f"i{i:05d}" for i in range(start, start + sizes[index])}
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "header", "payload"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_shard_is_named_in_the_error(tmp_path, how, workers):
+    paths = write_items(tmp_path)
+    bad = paths[2]
+    corrupt(bad, how)
+    with pytest.raises(ShardError) as err:
+        list(make(paths, workers=workers))
+    assert bad in str(err.value) and err.value.path == bad
+    with pytest.raises(ShardError, match=bad):
+        list(iterate_samples(paths, ITEM))
+
+
+def test_skip_mode_counts_and_warns(tmp_path, caplog):
+    paths = write_items(tmp_path)
+    corrupt(paths[1], "truncated")
+    corrupt(paths[4], "garbage")
+    loader = make(paths, on_corrupt="skip")
+    with caplog.at_level(logging.WARNING, logger="higr_dist.data.loader"):
+        got = flat(loader)
+    assert loader.corrupt_shards_skipped == 2
+    assert paths[1] in caplog.text and paths[4] in caplog.text
+    assert len(got) == len(set(got))
+    assert set(got) == all_keys() - shard_keys(1) - shard_keys(4)
+    list(loader)  # next epoch: same shards, still counted once
+    assert loader.corrupt_shards_skipped == 2 and loader.epoch == 2
+    assert make(paths).corrupt_shards_skipped == 0
+
+
+def test_skip_corrupt_sample_blob_then_resume_exactly(tmp_path):
+    paths = write_items(tmp_path)
+    with wds.TarWriter(str(tmp_path / "shard-000006.tar"), encoder=False) as w:
+        w.write({"__key__": "zbad", "item.zst": b"not zstd at all"})
+        for i in range(200, 206):
+            w.write({"__key__": f"i{i:05d}", "item.zst": ITEM.encode(item(i))})
+    paths = list_shards(tmp_path)
+    full = list(make(paths, on_corrupt="skip"))
+    assert "zbad" not in flat(full) and len(flat(full)) == sum(SHARD_SIZES) + 6
+    for cut in (3, len(full) - 3):
+        first = make(paths, on_corrupt="skip")
+        got = []
+        for batch in first:
+            got.append(batch)
+            if len(got) == cut:
+                break
+        resumed = make(paths, on_corrupt="skip")
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert got + list(resumed) == full
+        assert resumed.corrupt_shards_skipped == 1
+
+
+def test_truncation_at_a_member_boundary_is_caught(tmp_path):
+    """A tar reader alone would take this shard for a short, valid one."""
+    paths = write_items(tmp_path)
+    bad = paths[3]
+    with tarfile.open(bad) as tf:
+        cut = tf.getmembers()[4].offset  # a clean header boundary
+    Path(bad).write_bytes(Path(bad).read_bytes()[:cut])
+    with pytest.raises(ShardError, match="end-of-archive") as err:
+        list(make(paths))
+    assert err.value.path == bad
+    write_items(tmp_path, listing=True)  # same shards, now with shards.json
+    Path(bad).write_bytes(Path(bad).read_bytes()[:cut])
+    with pytest.raises(ShardError, match="shards.json"):
+        list(iterate_samples(paths, ITEM))
+
+
+def test_listing_catches_a_damaged_header_past_the_first(tmp_path):
+    paths = write_items(tmp_path, listing=True)
+    bad = paths[4]
+    with tarfile.open(bad) as tf:
+        offset = tf.getmembers()[6].offset
+    data = bytearray(Path(bad).read_bytes())
+    data[offset: offset + TAR_BLOCK] = np.random.default_rng(1).bytes(TAR_BLOCK)
+    Path(bad).write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="samples != 30 in shards.json") as err:
+        list(make(paths, workers=0))
+    assert err.value.path == bad
+
+
+def test_wrong_sample_kind_is_a_named_error(shards):
+    with pytest.raises(ShardError, match="wrong sample kind") as err:
+        list(make(shards, schema=PAIR, workers=0))
+    assert err.value.path in shards
+
+
+def test_fewer_shards_than_readers_is_a_clear_error(tmp_path):
+    paths = write_items(tmp_path, sizes=(3, 3, 3))
+    with pytest.raises(ValueError, match="a worker with no shard"):
+        make(paths, workers=2, world=2)
+    with pytest.raises(ValueError, match="3 shard"):
+        make(paths, workers=0, world=4)
+    make(paths, workers=1, world=3)  # exactly one shard per reader is fine
+
+
+def test_state_is_json_and_mid_epoch_state_needs_the_same_stream(shards):
+    loader = make(shards)
+    it = iter(loader)
+    next(it)
+    next(it)
+    state = loader.state_dict()
+    assert json.loads(json.dumps(state)) == state
+    assert sum(state["batches"]) == 2 and state["epoch"] == 0
+    it.close()
+    other = StreamingLoader(shards, ITEM, keys_collate, BATCH + 1, LoaderConfig(num_workers=2))
+    with pytest.raises(ValueError, match="batch_size"):
+        other.load_state_dict(state)
+    # an epoch-boundary state carries only the epoch: it loads into any configuration
+    boundary = make(shards)
+    boundary.set_epoch(3)
+    other.load_state_dict(boundary.state_dict())
+    assert other.epoch == 3 and other.samples_consumed == 0
+
+
+def test_reiterating_invalidates_a_running_iteration(shards):
+    loader = make(shards, workers=0)
+    first = iter(loader)
+    next(first)
+    second = iter(loader)
+    next(second)
+    with pytest.raises(RuntimeError, match="re-iterated"):
+        next(first)
+
+
+def test_loader_config_section_and_resolve_shards(shards):
+    cfg = from_dict(LoaderConfig, {"num_workers": 3, "on_corrupt": "skip"})
+    assert cfg.num_workers == 3 and cfg.on_corrupt == "skip"
+    with pytest.raises(ConfigError) as err:
+        from_dict(LoaderConfig, {"num_workers": -1, "prefetch_factor": 0, "on_corrupt": "x"})
+    assert len(err.value.problems) >= 3
+    etl = Path(shards[0]).parent.parent
+    kind = Path(shards[0]).parent.name
+    assert resolve_shards(LoaderConfig(), str(etl), kind) == shards
+    assert resolve_shards(LoaderConfig(shards=str(Path(shards[0]).parent)), "", "x") == shards
+    with pytest.raises(ValueError, match="batch_size"):
+        StreamingLoader(shards, ITEM, keys_collate, 0, LoaderConfig())
