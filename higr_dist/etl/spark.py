@@ -1,15 +1,34 @@
 """Spark session construction for the ETL (one place, so tests and jobs agree on settings).
 
-Under ``spark-submit`` the session already exists and its master/conf come from the submit
-command; run as plain python we build a ``local[*]`` session. Settings chosen for determinism
-and for small machines: fixed shuffle partitions (from the config, never the cluster default
-of 200 on a 2-core box), UTC session time zone, and loopback binding when local.
+Under ``spark-submit`` the session's master and conf come from the submit command (we never
+override them); run as plain python we build a ``local[*]`` session (or ``master``). Settings
+chosen for determinism and for small machines: fixed shuffle partitions (from the config, never
+the cluster default of 200 on a 2-core box), AQE off (stable partitioning => deterministic
+shards), UTC session time zone, loopback binding and no console progress bars when local.
+
+Local Python workers must import ``higr_dist``: the checkout's root is put on ``PYTHONPATH``
+before the JVM starts (a no-op when the package is installed). On a cluster, install the
+package on the executors or ship it with ``spark-submit --py-files higr_dist.zip``.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _under_spark_submit() -> bool:
+    """True when this Python driver was started by spark-submit (the JVM launched us)."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def _ensure_pythonpath() -> None:
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if _ROOT not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([_ROOT, *parts])
 
 
 def get_spark(app_name: str = "higr-etl", master: str | None = None, shuffle_partitions: int = 8,
@@ -23,17 +42,35 @@ def get_spark(app_name: str = "higr-etl", master: str | None = None, shuffle_par
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    _ensure_pythonpath()
     builder = (
         SparkSession.builder.appName(app_name)
         .config("spark.sql.shuffle.partitions", str(shuffle_partitions))
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.driver.memory", driver_memory)
         .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.adaptive.enabled", "false")  # stable partitioning => deterministic shards
         .config("spark.python.worker.reuse", "true")
     )
-    if master or not os.environ.get("SPARK_MASTER"):
-        builder = builder.master(master or "local[*]")
+    if master:
+        builder = builder.master(master)
+    elif not _under_spark_submit() and not os.environ.get("SPARK_MASTER"):
+        builder = builder.master("local[*]")
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+def materialise(df):
+    """Compute ``df`` once and cut its lineage (for small, reused frames: the catalogue, item
+    features, pairs).
+
+    Uses a reliable checkpoint when the context has a checkpoint dir (set one on clusters, e.g.
+    ``--conf spark.checkpoint.dir=hdfs:///tmp/ckpt``), else a local checkpoint (executor
+    storage; fine for ``local[*]``). Unlike ``persist``, the result is a plain scan, so a frame
+    joined with itself (pairs: anchor and positive features) never recomputes its plan.
+    """
+    if df.sparkSession.sparkContext.getCheckpointDir():
+        return df.checkpoint(eager=True)
+    return df.localCheckpoint(eager=True)

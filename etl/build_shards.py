@@ -1,0 +1,18 @@
+"""spark-submit entry point of the ETL (thin): see ``higr_dist.etl.build``.
+
+    spark-submit etl/build_shards.py --interactions PATH --items PATH --output DIR \
+        [--config configs/<scale>/etl.yaml] [--format csv|parquet|kuairec] [key=value ...]
+
+Also runnable as plain python (starts ``local[*]``, or ``--master``).
+"""
+
+import sys
+from pathlib import Path
+
+# run from a checkout without `pip install -e .`: make the package importable
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from higr_dist.etl.build import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

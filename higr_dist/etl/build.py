@@ -1,0 +1,280 @@
+"""The ETL job: interaction log + items table -> validated, split, featurised WebDataset shards.
+
+Pipeline (see docs/DESIGN.md "ETL output folder" for the contract)::
+
+    items table --validate--> catalogue (dense item_idx) --> item_index/, quarantine_items/
+    interactions --validate (1 shuffle, by user)--> quarantine/ + valid rows
+        valid rows --per-user sorted arrays--> sequences (persisted)
+            sequences --> co-occurrence (training regions) --> collaborative vectors, pairs
+            catalogue --> content vectors (category ids + caption n-grams)
+            writers (one Spark stage per kind folder): items/ pairs/ slates/{train,val,test}/
+            prefs/, each with shards.json
+    manifest.json (written last: its presence marks a complete output)
+
+Only aggregates and metadata reach the driver: per-reason counts, per-partition counts of the
+catalogue sort, sample counts, one row per shard. Rows never do.
+
+Entry points: :func:`run_etl` (library) and :func:`main` (``etl/build_shards.py``, runnable
+with ``spark-submit`` or plain python, which starts ``local[*]``).
+
+Output location: inputs may be any Hadoop-FS URI, but ``out_dir`` must be a POSIX path that
+every executor sees (local disk for ``local[*]``, a shared file system on a cluster): shards are
+written by the executors with atomic renames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from higr_dist.config import config_hash, load, to_dict
+from higr_dist.etl import features
+from higr_dist.etl.catalog import build_catalog
+from higr_dist.etl.config import INTERACTION_REASONS, EtlConfig, SourceConfig
+from higr_dist.etl.sequences import SPLITS, build_sequences, sample_counts
+from higr_dist.etl.sources import read_interactions, read_items, resolve_format
+from higr_dist.etl.spark import materialise
+from higr_dist.etl.validate import classify_interactions
+from higr_dist.etl.writer import (
+    build_items,
+    build_pairs,
+    num_shards,
+    pref_builder,
+    slate_builder,
+    write_kind,
+)
+from higr_dist.schema import SCHEMA_VERSION
+
+__all__ = ["EtlConfig", "SourceConfig", "run_etl", "main", "OUTPUT_ENTRIES"]
+
+#: Everything the ETL writes under ``out_dir`` (what ``overwrite`` removes, and nothing else).
+OUTPUT_ENTRIES = ("manifest.json", "quarantine", "quarantine_items", "item_index", "items",
+                  "pairs", "slates", "prefs")
+
+#: feature vectors of catalogues up to this many bytes are broadcast to the pair join
+_BROADCAST_FEATURE_BYTES = 64 << 20
+
+
+class _Timer:
+    """Wall-clock seconds per named phase (reported in the manifest)."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.times[name] = round(time.perf_counter() - t0, 3)
+
+
+@contextmanager
+def _shuffle_partitions(spark: SparkSession, n: int) -> Iterator[None]:
+    """Use ``n`` shuffle partitions for the job, restoring the session's value afterwards."""
+    key = "spark.sql.shuffle.partitions"
+    before = spark.conf.get(key)
+    spark.conf.set(key, str(n))
+    try:
+        yield
+    finally:
+        spark.conf.set(key, before)
+
+
+def _prepare_output(out_dir: Path, overwrite: bool) -> None:
+    present = [e for e in OUTPUT_ENTRIES if (out_dir / e).exists()]
+    if present and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds ETL output {present}; "
+                              "pass overwrite=True (--overwrite) to replace it")
+    for entry in present:
+        path = out_dir / entry
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _reason_counts(classified: DataFrame) -> tuple[int, dict[str, int]]:
+    counts = {r["reason"]: r["count"] for r in classified.groupBy("reason").count().collect()}
+    kept = counts.pop(None, 0)
+    unknown = set(counts) - set(INTERACTION_REASONS)
+    if unknown:
+        raise RuntimeError(f"unexpected quarantine reasons {sorted(unknown)}")
+    return kept, {r: counts.get(r, 0) for r in INTERACTION_REASONS}
+
+
+def _items_format(cfg: EtlConfig, items: str) -> str:
+    """The items table's format: the configured one, or detected from its own path."""
+    return resolve_format(cfg.source, items)
+
+
+def run_etl(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str,
+            out_dir: str | Path, *, overwrite: bool = False) -> dict:
+    """Run the whole ETL into ``out_dir``; return the manifest (also written as manifest.json)."""
+    problems = cfg.validate()
+    if problems:
+        raise ValueError("invalid EtlConfig: " + "; ".join(problems))
+    out = Path(out_dir).resolve()
+    _prepare_output(out, overwrite)
+    timer = _Timer()
+    persisted: list[DataFrame] = []
+
+    def keep(df: DataFrame) -> DataFrame:
+        persisted.append(df.persist(StorageLevel.MEMORY_AND_DISK))
+        return persisted[-1]
+
+    t_start = time.perf_counter()
+    try:
+        with _shuffle_partitions(spark, cfg.shuffle_partitions):
+            manifest = _run(spark, cfg, interactions, items, out, timer, keep)
+    finally:
+        for df in persisted:
+            df.unpersist()
+    manifest["timings_s"] = {**timer.times, "total": round(time.perf_counter() - t_start, 3)}
+    _write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _run(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str, out: Path,
+         timer: _Timer, keep) -> dict:
+    with timer.phase("catalog"):
+        catalog = build_catalog(read_items(spark, items, cfg.source, _items_format(cfg, items)),
+                                cfg)
+        catalog.index.write.mode("overwrite").parquet(str(out / "item_index"))
+        catalog.quarantine.write.mode("overwrite").parquet(str(out / "quarantine_items"))
+
+    with timer.phase("validate"):
+        source = read_interactions(spark, interactions, cfg.source)
+        classified = keep(classify_interactions(source, catalog.index, catalog.num_items, cfg))
+        rows_out, by_reason = _reason_counts(classified)
+        rows_in = source.df.count()
+        quarantined = sum(by_reason.values())
+        if rows_in != rows_out + quarantined:
+            raise RuntimeError(f"row accounting broken: {rows_in} in != {rows_out} out + "
+                               f"{quarantined} quarantined")
+        (classified.where(F.col("reason").isNotNull()).select(*source.columns, "reason")
+         .write.mode("overwrite").parquet(str(out / "quarantine")))
+
+    with timer.phase("sequences"):
+        seq = keep(build_sequences(classified.where(F.col("reason").isNull())))
+        expected = sample_counts(seq, cfg)
+        classified.unpersist()
+
+    with timer.phase("features"):
+        cooc = keep(features.cooccurrence(seq, cfg))
+        feats = materialise(features.item_features(catalog.index, cooc, cfg))
+
+    kinds: dict[str, dict] = {}
+    with timer.phase("write_items"):
+        kinds["items"] = write_kind(feats, out, "items", "item",
+                                    num_shards(catalog.num_items, cfg), ["item_idx"],
+                                    ["item_idx"], build_items, reorder=False)
+    with timer.phase("write_pairs"):
+        pairs = materialise(features.top_pairs(cooc, catalog.index, cfg))
+        num_pairs = pairs.count()
+        dim = cfg.content_dim + cfg.collab_dim
+        small = catalog.num_items * dim * 4 <= _BROADCAST_FEATURE_BYTES
+        kinds["pairs"] = write_kind(features.pair_rows(pairs, feats, small), out, "pairs", "pair",
+                                    num_shards(num_pairs, cfg), ["anchor"],
+                                    ["anchor", "rank"], build_pairs, reorder=False)
+    for split in SPLITS:
+        kind_dir = f"slates/{split}"
+        with timer.phase(f"write_{split}"):
+            kinds[kind_dir] = write_kind(seq, out, kind_dir, "slate",
+                                         num_shards(expected[kind_dir], cfg), ["user_id"],
+                                         ["user_id"], slate_builder(split, cfg), reorder=True)
+    with timer.phase("write_prefs"):
+        kinds["prefs"] = write_kind(seq, out, "prefs", "pref", num_shards(expected["prefs"], cfg),
+                                    ["user_id"], ["user_id"], pref_builder(cfg), reorder=True)
+
+    for kind_dir in ("slates/train", "slates/val", "slates/test", "prefs"):
+        if kinds[kind_dir]["samples"] != expected[kind_dir]:
+            raise RuntimeError(f"{kind_dir}: wrote {kinds[kind_dir]['samples']} samples, "
+                               f"planned {expected[kind_dir]}")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "config_hash": config_hash(cfg),
+        "config": to_dict(cfg),
+        "inputs": {"interactions": interactions, "items": items,
+                   "format": resolve_format(cfg.source, interactions)},
+        "rows_in": rows_in,
+        "rows_out": rows_out,
+        "rows_quarantined": quarantined,
+        "quarantine_by_reason": by_reason,
+        "items_table": {"rows_in": catalog.rows_in, "rows_out": catalog.num_items,
+                        "rows_quarantined": sum(catalog.quarantine_by_reason.values()),
+                        "quarantine_by_reason": catalog.quarantine_by_reason},
+        "num_items": catalog.num_items,
+        "num_users": expected["users"],
+        "num_pairs": num_pairs,
+        "feature_dim": cfg.content_dim + cfg.collab_dim,
+        "feedback": {"field": cfg.source.feedback_col,
+                     "effective_threshold": cfg.effective_threshold,
+                     "engaged_threshold": cfg.engaged_threshold,
+                     "negative_threshold": cfg.negative_threshold},
+        "kinds": kinds,
+        "spark": {"version": spark.version, "master": spark.sparkContext.master},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="build_shards.py",
+        description="HiGR ETL: interaction log + items table -> WebDataset shards.")
+    p.add_argument("--interactions", required=True, help="interaction log (CSV/Parquet, any URI)")
+    p.add_argument("--items", required=True, help="items table (CSV/Parquet, any URI)")
+    p.add_argument("--output", required=True, help="output folder (POSIX path seen by executors)")
+    p.add_argument("--config", default=None, help="EtlConfig YAML (configs/<scale>/etl.yaml)")
+    p.add_argument("--format", choices=["auto", "csv", "parquet", "kuairec"], default=None,
+                   help="input format (sets source.format)")
+    p.add_argument("--master", default=None,
+                   help="Spark master when run as plain python (default local[*])")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing ETL output")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. seed=3)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from higr_dist.etl.spark import get_spark
+
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.format:
+        overrides.append(f"source.format={args.format}")
+    cfg = load(EtlConfig, args.config, overrides)
+    spark = get_spark(app_name="higr-etl", master=args.master,
+                      shuffle_partitions=cfg.shuffle_partitions)
+    manifest = run_etl(spark, cfg, args.interactions, args.items, args.output,
+                       overwrite=args.overwrite)
+    summary = {k: manifest[k] for k in ("rows_in", "rows_out", "rows_quarantined",
+                                        "quarantine_by_reason", "num_items", "num_users")}
+    summary["samples"] = {k: v["samples"] for k, v in manifest["kinds"].items()}
+    summary["seconds"] = manifest["timings_s"]["total"]
+    print(json.dumps(summary, indent=1, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Writing sample shards from the executors.
+
+Design
+------
+A kind folder with ``S`` shards is written by one Spark stage with exactly ``S`` partitions:
+``repartition(S, key) -> sortWithinPartitions(...) -> mapInArrow(ShardTask)``. The task of
+partition ``p`` (``TaskContext.partitionId()``) builds the samples of its rows and writes
+``shard-<p>.tar`` with :func:`higr_dist.data.shardio.write_shard` (atomic temp + rename, so a
+retried task simply rewrites it). Every partition runs a task, empty ones too, so a kind always
+has exactly ``S`` shards (an empty shard is a valid, empty tar). Only one metadata row per
+shard (name, samples, bytes, sha256) comes back to the driver.
+
+Determinism: hash partitioning by a stable key (Spark's Murmur3 of the user id / item_idx), a
+total sort inside the partition, and for user-built kinds a re-ordering of the shard's samples
+by a mixed 64-bit hash of (user, position), so consecutive samples come from different users
+while the bytes stay a function of the input alone.
+
+Memory: a user-kind task holds one shard's samples (``samples_per_shard`` dicts) to re-order
+them; items and pairs stream straight into the tar.
+
+Arrow: rows arrive as ``pyarrow.RecordBatch``; list columns are read as (offsets, values) numpy
+views, so building a sample is slicing plus ``tolist()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame
+
+from higr_dist.data.shardio import SHARD_PATTERN, TMP_DIR, write_listing, write_shard
+from higr_dist.etl.config import EtlConfig
+from higr_dist.etl.sequences import pref_samples, slate_samples
+from higr_dist.schema import SCHEMAS
+
+#: Spark schema of the metadata row each shard task returns.
+META_SCHEMA = "shard int, name string, samples long, bytes long, sha256 string"
+
+Built = tuple[int, str, dict]  # (order, key, sample)
+Builder = Callable[[pa.RecordBatch], Iterable[Built]]
+
+
+def num_shards(samples: int, cfg: EtlConfig) -> int:
+    """Shard count of a kind: the size target, but never fewer than ``min_shards``."""
+    return max(cfg.min_shards, math.ceil(samples / cfg.samples_per_shard))
+
+
+class _Lists:
+    """A list column of a record batch as numpy (offsets into values)."""
+
+    def __init__(self, batch: pa.RecordBatch, name: str):
+        col = batch.column(batch.schema.get_field_index(name))
+        self.offsets = col.offsets.to_numpy()
+        self.values = col.values.to_numpy(zero_copy_only=False)
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return self.values[self.offsets[row]:self.offsets[row + 1]]
+
+
+def _column(batch: pa.RecordBatch, name: str) -> list:
+    return batch.column(batch.schema.get_field_index(name)).to_pylist()
+
+
+# --------------------------------------------------------------------------------------------
+# builders: record batch -> samples (module-level functions, bound with functools.partial)
+# --------------------------------------------------------------------------------------------
+
+
+def _user_rows(batch: pa.RecordBatch) -> Iterator[tuple]:
+    users, uhash = _column(batch, "user_id"), _column(batch, "uhash")
+    items, fb, ts = _Lists(batch, "items"), _Lists(batch, "fb"), _Lists(batch, "ts")
+    for r in range(batch.num_rows):
+        yield users[r], uhash[r], items[r], fb[r], ts[r]
+
+
+def build_slates(batch: pa.RecordBatch, split: str, cfg: EtlConfig) -> Iterator[Built]:
+    """Sequence rows -> SLATE samples of one split."""
+    for user, uhash, items, fb, ts in _user_rows(batch):
+        yield from slate_samples(user, uhash, items, fb, ts, split, cfg)
+
+
+def build_prefs(batch: pa.RecordBatch, cfg: EtlConfig) -> Iterator[Built]:
+    """Sequence rows -> PREF samples."""
+    for user, uhash, items, fb, ts in _user_rows(batch):
+        yield from pref_samples(user, uhash, items, fb, ts, cfg)
+
+
+def build_items(batch: pa.RecordBatch) -> Iterator[Built]:
+    """Item feature rows -> ITEM samples (key = zero-padded item_idx)."""
+    idx, ids = _column(batch, "item_idx"), _column(batch, "item_id")
+    cats, x = _Lists(batch, "categories"), _Lists(batch, "x")
+    for r in range(batch.num_rows):
+        yield idx[r], f"{idx[r]:010d}", {"item_idx": idx[r], "item_id": ids[r],
+                                         "categories": cats[r].tolist(), "x": x[r]}
+
+
+def build_pairs(batch: pa.RecordBatch) -> Iterator[Built]:
+    """Pair rows -> PAIR samples (key = anchor, rank)."""
+    anchor, pos = _column(batch, "anchor"), _column(batch, "positive")
+    weight, rank = _column(batch, "weight"), _column(batch, "rank")
+    xa, xp = _Lists(batch, "x_anchor"), _Lists(batch, "x_positive")
+    for r in range(batch.num_rows):
+        yield anchor[r], f"{anchor[r]:010d}_{rank[r]:04d}", {
+            "anchor": anchor[r], "positive": pos[r], "weight": weight[r],
+            "x_anchor": xa[r], "x_positive": xp[r]}
+
+
+# --------------------------------------------------------------------------------------------
+# the executor task
+# --------------------------------------------------------------------------------------------
+
+
+def _unique_keys(built: Iterable[Built], where: str) -> Iterator[tuple[str, dict]]:
+    seen: set[str] = set()
+    for _, key, sample in built:
+        if key in seen:
+            raise ValueError(f"{where}: duplicate sample key {key!r}")
+        seen.add(key)
+        yield key, sample
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """``mapInArrow`` function: the batches of partition p -> shard p + one metadata row."""
+
+    directory: str
+    """absolute path of the kind folder (shared by all executors)"""
+    kind: str
+    """sample kind (``higr_dist.schema.SCHEMAS`` key)"""
+    builder: Builder
+    """record batch -> (order, key, sample)"""
+    reorder: bool
+    """sort the shard's samples by ``order`` (user kinds) instead of streaming them"""
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        shard = TaskContext.get().partitionId()
+        path = Path(self.directory) / SHARD_PATTERN.format(shard)
+        built: Iterable[Built] = (s for b in batches for s in self.builder(b))
+        if self.reorder:
+            built = sorted(built, key=lambda s: (s[0], s[1]))
+        meta = write_shard(path, SCHEMAS[self.kind], _unique_keys(built, str(path)))
+        yield pa.RecordBatch.from_pydict({
+            "shard": pa.array([shard], pa.int32()), "name": [meta["name"]],
+            "samples": pa.array([meta["samples"]], pa.int64()),
+            "bytes": pa.array([meta["bytes"]], pa.int64()), "sha256": [meta["sha256"]]})
+
+
+def write_kind(df: DataFrame, out_dir: str | Path, kind_dir: str, kind: str, shards: int,
+               partition_by: list[str], sort_by: list[str], builder: Builder,
+               reorder: bool) -> dict:
+    """Write one kind folder with exactly ``shards`` shards; return its manifest entry."""
+    directory = Path(out_dir) / kind_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    task = ShardTask(str(directory.resolve()), kind, builder, reorder)
+    rows = (df.repartition(shards, *partition_by).sortWithinPartitions(*sort_by)
+            .mapInArrow(task, META_SCHEMA).collect())
+    got = sorted(r["shard"] for r in rows)
+    if got != list(range(shards)):
+        raise RuntimeError(f"{kind_dir}: expected shards 0..{shards - 1}, tasks reported {got}")
+    metas = [{k: r[k] for k in ("name", "samples", "bytes", "sha256")}
+             for r in sorted(rows, key=lambda r: r["shard"])]
+    write_listing(directory, metas)
+    tmp = directory / TMP_DIR
+    if tmp.is_dir():  # write_shard's staging folder: empty, or leftovers of killed attempts
+        shutil.rmtree(tmp)
+    return {"samples": sum(m["samples"] for m in metas), "shards": metas}
+
+
+def slate_builder(split: str, cfg: EtlConfig) -> Builder:
+    return functools.partial(build_slates, split=split, cfg=cfg)
+
+
+def pref_builder(cfg: EtlConfig) -> Builder:
+    return functools.partial(build_prefs, cfg=cfg)

@@ -1,0 +1,116 @@
+"""ETL logic that needs no Spark: split positions, sample builders, synthetic RNG, config."""
+
+import numpy as np
+import pytest
+
+from higr_dist.config import ConfigError, load
+from higr_dist.etl.config import EtlConfig
+from higr_dist.etl.sequences import (
+    pref_samples,
+    pref_window_starts,
+    slate_samples,
+    split_target_starts,
+    train_target_starts,
+)
+from higr_dist.etl.synthetic import SyntheticConfig, simulate_items, simulate_users, uniform
+from higr_dist.etl.writer import num_shards
+
+
+def _cfg(**kw) -> EtlConfig:
+    base = dict(history_len=6, min_history=2, stride=5, pref_window=10)
+    base.update(kw)
+    return EtlConfig(**base)
+
+
+def test_split_positions_tile_the_sequence():
+    cfg = _cfg()
+    # n = 22: E = 12; train targets end at 12 and 7; val at 12, test at 17
+    assert train_target_starts(22, cfg) == [2, 7]
+    assert split_target_starts(22, "val", cfg) == [12]
+    assert split_target_starts(22, "test", cfg) == [17]
+    assert pref_window_starts(22, cfg) == [2]
+    # exactly the minimum (2H + min_history): val and test only
+    assert split_target_starts(12, "train", cfg) == []
+    assert split_target_starts(12, "val", cfg) == [2]
+    # too short: nothing at all
+    assert all(split_target_starts(11, s, cfg) == [] for s in ("train", "val", "test"))
+    # stride 1: every end position down to min_history + N
+    assert train_target_starts(22, _cfg(stride=1)) == list(range(2, 8))
+
+
+def test_slate_samples_never_contain_their_targets():
+    cfg = _cfg()
+    n = 40
+    items = np.arange(100, 100 + n)
+    fb = np.linspace(0, 3, n).round(4)
+    ts = 1_600_000_000 + np.arange(n) * 10
+    for split in ("train", "val", "test"):
+        for _, key, s in slate_samples("u", 7, items, fb, ts, split, cfg):
+            assert "." not in key
+            assert len(s["target_items"]) == cfg.slate_size
+            assert 1 <= len(s["hist_items"]) <= cfg.history_len
+            first = s["target_items"][0]
+            assert s["hist_items"][-1] == first - 1  # history ends right before the targets
+            assert not set(s["hist_items"]) & set(s["target_items"])
+            assert s["ts"] == int(ts[first - 100])
+            if split == "train":  # training never reaches the val/test blocks
+                assert max(s["target_items"]) < 100 + n - 2 * cfg.holdout
+
+
+def test_pref_sample_orders_by_feedback_and_keeps_negatives():
+    cfg = _cfg(max_negatives=2)
+    n = 22
+    fb = np.full(n, 0.5)
+    fb[2:12] = [2.5, 0.1, 1.2, 3.0, 0.05, 1.0, 1.8, 0.15, 1.1, 2.5]
+    items = np.arange(n) + 50
+    ts = np.arange(n) + 1_600_000_000
+    (out,) = list(pref_samples("u", 1, items, fb, ts, cfg))
+    _, _, s = out
+    # top 5 engaged by feedback desc; the 2.5 tie keeps the earlier one first
+    assert s["pos_items"] == [55, 52, 61, 58, 54]
+    assert s["pos_fb"] == [3.0, 2.5, 2.5, 1.8, 1.2]
+    assert s["neg_items"] == [53, 56]  # earliest two of the three negatives
+    assert s["hist_items"] == [50, 51] and s["ts"] == 1_600_000_002
+    # fewer than N engaged items in the window: no sample
+    fb[2:12] = 0.5
+    assert list(pref_samples("u", 1, items, fb, ts, cfg)) == []
+
+
+def test_config_validation_lists_every_problem():
+    with pytest.raises(ConfigError) as e:
+        load(EtlConfig, None, ["holdout=3", "stride=0", "engaged_threshold=5.0"])
+    text = "\n".join(e.value.problems)
+    assert "holdout" in text and "stride" in text and "thresholds" in text
+    cfg = load(EtlConfig, None, ["samples_per_shard=10", "min_shards=3"])
+    assert num_shards(0, cfg) == 3 and num_shards(31, cfg) == 4
+
+
+def test_synthetic_users_depend_only_on_seed_and_id():
+    cfg = SyntheticConfig(users=50, items=60, interactions_per_user=25, top_categories=4,
+                          subtopics_per_top=3)
+    whole = simulate_users(np.arange(50), cfg)
+    part = simulate_users(np.array([17, 3]), cfg)
+    m = cfg.interactions_per_user
+    for col in ("item_id", "watch_ratio", "timestamp"):
+        np.testing.assert_array_equal(part[col][:m], whole[col][17 * m:18 * m])
+        np.testing.assert_array_equal(part[col][m:], whole[col][3 * m:4 * m])
+    assert np.all(np.diff(whole["timestamp"].reshape(50, m), axis=1) > 0)
+    other = simulate_users(np.arange(50), SyntheticConfig(**{**cfg.__dict__, "seed": 1}))
+    assert not np.array_equal(other["item_id"], whole["item_id"])
+    u = uniform(3, 5, np.arange(10_000))
+    assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.02
+
+
+def test_synthetic_structure_is_learnable():
+    """Next items come from the user's recent sub-topics far more than from the global head."""
+    cfg = SyntheticConfig(users=400, items=300, interactions_per_user=60)
+    rows = simulate_users(np.arange(cfg.users), cfg)
+    cats = simulate_items(np.arange(cfg.items), cfg)["category"]
+    sub = np.array([int(c.split("|")[1]) for c in cats])[rows["item_id"]].reshape(cfg.users, -1)
+    recent = np.mean([np.isin(sub[u, 50:], sub[u, 30:50]).mean() for u in range(cfg.users)])
+    head = np.argsort(-np.bincount(sub[:, :50].ravel()))[:3]
+    popular = np.isin(sub[:, 50:], head).mean()
+    assert recent > 0.6 and recent > 3 * popular
+    wr = rows["watch_ratio"]
+    assert 0.03 < (wr < 0.2).mean() < 0.3  # negative feedback exists
+    assert 0.1 < (wr >= 2.0).mean() < 0.5  # effective views exist
