@@ -1,0 +1,226 @@
+"""Checkpoints: DeepSpeed's sharded save/load plus the trainer's client state; fp32 export.
+
+Layout (``<out_dir>/checkpoints/``)::
+
+    global_step<N>/        one DeepSpeed tag (model states, ZeRO optimizer shards per rank)
+    latest                 tag of the newest *complete* checkpoint (DeepSpeed's pointer file)
+
+Design
+------
+- Model, optimizer (sharded under ZeRO), LR scheduler and the engine's step counters are saved by
+  ``engine.save_checkpoint``; we never write tensors ourselves.
+- Client state (rank 0 writes it into the model-states file, every rank reads it back):
+  ``step``, ``epoch``, the resolved config, and **per rank** the loader position, the RNG
+  states (python, numpy, torch CPU, CUDA) and the module's persistent buffers (DeepSpeed saves
+  rank 0's module state only; models may keep deliberate per-rank buffer state). Ranks gather theirs with ``all_gather_object``
+  before saving; on load each rank picks entry ``[rank]``. Resuming with a different world size
+  is refused (data positions are per rank).
+- Atomicity: DeepSpeed's own ``latest`` file is written by rank 0 before the final barrier,
+  while other ranks may still be writing their shards, so a kill in between could leave it
+  pointing at an incomplete tag. We save with ``save_latest=False`` and write ``latest``
+  ourselves (temp file + ``os.replace``) after a barrier, then prune: rank 0 deletes all but
+  the newest ``keep_last`` tags. A crash mid-save therefore leaves the previous pointer intact.
+- Export: :func:`consolidated_fp32_state_dict` assembles the full fp32 master weights with
+  ``deepspeed.utils.safe_get_full_fp32_param`` (ZeRO 1/2/3 and the bf16 optimizer; a
+  collective under ZeRO-3, so every rank calls it), ``GatheredParameters`` for frozen ZeRO-3
+  params, and the fp32 groups of DeepSpeed's fp16/bf16 optimizer at ZeRO-0.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest"
+_TAG = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    """DeepSpeed-style tag for an optimizer step."""
+    return f"global_step{step}"
+
+
+def list_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
+    """(step, tag) of every tag folder in ``ckpt_dir``, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    out = [(int(m.group(1)), p.name) for p in ckpt_dir.iterdir()
+           if p.is_dir() and (m := _TAG.match(p.name))]
+    return sorted(out)
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """Tag named by ``latest`` (None when no complete checkpoint exists)."""
+    pointer = ckpt_dir / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    if not (ckpt_dir / tag).is_dir():
+        raise FileNotFoundError(f"{pointer} names tag {tag!r} but {ckpt_dir / tag} is missing; "
+                                "delete the pointer to start over or restore the folder")
+    return tag
+
+
+def rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch CPU, CUDA when present)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def buffer_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's persistent buffers (CPU copies), i.e. ``state_dict()`` minus parameters."""
+    params = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    return {n: t.detach().cpu().clone() for n, t in module.state_dict().items() if n not in params}
+
+
+@torch.no_grad()
+def load_buffer_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy :func:`buffer_state` back into ``module``'s buffers (names must match)."""
+    buffers = dict(module.named_buffers(remove_duplicate=False))
+    missing = sorted(set(state) - set(buffers))
+    if missing:
+        raise KeyError(f"checkpoint has buffers the model lacks: {missing}")
+    for name, value in state.items():
+        buffers[name].copy_(value.to(buffers[name].device))
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``all_gather_object`` over the default group (a one-element list when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _write_pointer(ckpt_dir: Path, tag: str) -> None:
+    tmp = ckpt_dir / f".{LATEST}.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, ckpt_dir / LATEST)
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
+    """Delete all but the newest ``keep_last`` tags; returns the deleted tags."""
+    tags = list_tags(ckpt_dir)
+    doomed = [tag for _, tag in tags[:-keep_last]] if keep_last > 0 else []
+    for tag in doomed:
+        shutil.rmtree(ckpt_dir / tag)
+    return doomed
+
+
+def save(engine: Any, ckpt_dir: Path, step: int, rank_state: dict, shared_state: dict,
+         keep_last: int) -> str:
+    """Collective: save tag ``global_step<step>`` with client state, move ``latest``, prune.
+
+    ``rank_state`` is this rank's (loader position, RNG ...); ``shared_state`` is identical on
+    all ranks (step, epoch, config). Returns the tag.
+    """
+    tag = tag_for(step)
+    client = dict(shared_state)
+    client["ranks"] = gather_objects(rank_state)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+    dist.barrier()  # every rank's shards are on disk
+    if dist.get_rank() == 0:
+        _write_pointer(ckpt_dir, tag)
+        prune(ckpt_dir, keep_last)
+    dist.barrier()
+    return tag
+
+
+def load(engine: Any, ckpt_dir: Path) -> tuple[str, dict] | None:
+    """Load the latest complete checkpoint into ``engine``; (tag, client_state) or None."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    world = dist.get_world_size()
+    if len(client.get("ranks", [])) != world:
+        raise RuntimeError(f"checkpoint {ckpt_dir / tag} was written by "
+                           f"{len(client.get('ranks', []))} ranks, this run has {world}; resume "
+                           "with the same world size (data positions are per rank)")
+    return tag, client
+
+
+# --------------------------------------------------------------------------------------------
+# consolidated fp32 export
+# --------------------------------------------------------------------------------------------
+
+
+def _lowp_master_map(optimizer: Any) -> dict[int, torch.Tensor]:
+    """id(param) -> fp32 master copy for DeepSpeed's ZeRO-0 fp16/bf16 optimizers (else empty).
+
+    FP16_UnfusedOptimizer keeps ``fp32_groups`` (lists parallel to ``fp16_groups``);
+    FP16_Optimizer keeps one flat ``fp32_groups_flat`` tensor per group.
+    """
+    lowp = getattr(optimizer, "fp16_groups", None)
+    if not lowp:
+        return {}
+    out: dict[int, torch.Tensor] = {}
+    if getattr(optimizer, "fp32_groups", None):
+        for lp_group, hp_group in zip(lowp, optimizer.fp32_groups):
+            for lp, hp in zip(lp_group, hp_group):
+                out[id(lp)] = hp
+    elif getattr(optimizer, "fp32_groups_flat", None):
+        for lp_group, flat in zip(lowp, optimizer.fp32_groups_flat):
+            offset = 0
+            for lp in lp_group:
+                out[id(lp)] = flat[offset:offset + lp.numel()].view_as(lp)
+                offset += lp.numel()
+    return out
+
+
+def consolidated_fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """Collective: the full fp32 state dict of ``engine.module`` (every rank gets it, on CPU).
+
+    Parameters come from the optimizer's fp32 master weights whatever the ZeRO stage and
+    precision; buffers (replicated, never sharded) are taken as they are, floats cast to fp32.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module: nn.Module = engine.module
+    masters = _lowp_master_map(engine.optimizer)
+    out: dict[str, torch.Tensor] = {}
+    done: dict[int, torch.Tensor] = {}  # tied parameters are assembled once
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) not in done:
+            full = safe_get_full_fp32_param(p)
+            if full is None and hasattr(p, "ds_id"):  # frozen ZeRO-3 param: no fp32 master
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    full = p.data.detach().clone()
+            if full is None:
+                full = masters.get(id(p), p.detach())
+            done[id(p)] = full.detach().float().cpu().clone()
+        out[name] = done[id(p)]
+    params = set(out)
+    for name, b in module.state_dict().items():
+        if name in params:
+            continue
+        t = b.detach()
+        out[name] = (t.float() if t.is_floating_point() else t).cpu().clone()
+    return out

@@ -1,0 +1,129 @@
+"""TrainConfig -> DeepSpeed config dict, optimizer parameter groups, LR schedule, peak FLOP/s.
+
+Design
+------
+Everything DeepSpeed is told comes from :class:`~higr_dist.engine.config.TrainConfig` through
+:func:`build_ds_config`, a pure function (no DeepSpeed import), so it is unit-testable and the
+preflight can show it. ``deepspeed.initialize`` itself is called in exactly one place,
+``higr_dist/engine/trainer.py``.
+
+Choices
+-------
+- Optimizer: on CPU a client ``torch.optim.AdamW`` (DeepSpeed's CPU Adam op needs a JIT compile
+  of 30-50 s and buys little for small models); on CUDA DeepSpeed's fused AdamW from the
+  ``optimizer`` block. Either way ZeRO wraps it (``zero_allow_untested_optimizer`` for the torch
+  one) and its state is sharded and checkpointed by DeepSpeed.
+- LR schedule: a torch ``LambdaLR`` over :class:`WarmupCosine`, handed to DeepSpeed as a callable
+  so it wraps the optimizer DeepSpeed builds. DeepSpeed steps it at every gradient-accumulation
+  boundary and saves/restores it in checkpoints (verified: a resumed run continues with the same
+  LR). We do not use DeepSpeed's ``WarmupCosineLR``: it spends its first two steps at lr = 0
+  (``last_batch_iteration`` starts at -1, then 0 -> ratio 0).
+- No weight decay on 1-D tensors (biases, norm gains, codebook scalars), the usual AdamW recipe.
+- ``steps_per_print`` is effectively off: the trainer logs through TensorBoard and one console
+  line per ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from higr_dist.engine.config import TrainConfig
+
+#: Peak dense TFLOP/s per device and precision, for MFU. GPU figures are vendor datasheet dense
+#: (no sparsity) tensor-core numbers; fp32 is the non-tensor-core figure since torch leaves TF32
+#: off by default. CPU figures were measured on the 2-core development box (bench/engine.py).
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "cpu": {"fp32": 0.17, "bf16": 0.8, "fp16": 0.8},
+    "H100": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
+    "H200": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
+    "H800": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
+    "H20": {"fp32": 44.0, "bf16": 148.0, "fp16": 148.0},
+    "A100": {"fp32": 19.5, "bf16": 312.0, "fp16": 312.0},
+    "A800": {"fp32": 19.5, "bf16": 312.0, "fp16": 312.0},
+    "L20": {"fp32": 59.8, "bf16": 119.5, "fp16": 119.5},
+    "L40S": {"fp32": 91.6, "bf16": 362.0, "fp16": 362.0},
+}
+
+
+def peak_tflops(device_name: str, precision: str) -> float:
+    """Peak TFLOP/s for a device name (``cpu`` or a CUDA device name such as
+    ``NVIDIA H20``); 0.0 when the device is not in :data:`PEAK_TFLOPS` (MFU is then not logged)."""
+    if device_name == "cpu":
+        return PEAK_TFLOPS["cpu"][precision]
+    # longest key first so "H200" is not matched as "H20"
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key != "cpu" and key.lower() in device_name.lower():
+            return PEAK_TFLOPS[key][precision]
+    return 0.0
+
+
+def use_deepspeed_optimizer(train: TrainConfig, device_type: str) -> bool:
+    """True when the AdamW comes from the ds config (fused), False for torch.optim.AdamW."""
+    if train.optimizer == "auto":
+        return device_type == "cuda"
+    return train.optimizer == "deepspeed"
+
+
+def build_ds_config(train: TrainConfig, world_size: int, device_type: str) -> dict:
+    """The DeepSpeed config dict for ``train`` on ``world_size`` ranks of ``device_type``."""
+    gas = train.grad_accum(world_size)
+    cfg: dict = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0,
+                 "initial_scale_power": 16},
+    }
+    if use_deepspeed_optimizer(train, device_type):
+        cfg["optimizer"] = {"type": "AdamW", "params": {
+            "lr": train.lr, "betas": list(train.betas), "eps": train.eps,
+            "weight_decay": train.weight_decay}}
+    return cfg
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay for tensors with >= 2 dims, none for biases/norms/1-D tensors.
+
+    Only trainable parameters are included; empty groups are dropped.
+    """
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+@dataclass
+class WarmupCosine:
+    """LR multiplier for ``LambdaLR``: linear warmup, then cosine to ``min_ratio`` at ``total``.
+
+    ``step`` is the number of optimizer steps already taken, so the first step runs at
+    ``1 / warmup`` of the peak (never at 0) and step ``total`` (the last) at ``min_ratio``.
+    A callable object (not a lambda) so LambdaLR's state_dict records its fields.
+    """
+
+    warmup: int
+    """Warmup steps."""
+    total: int
+    """Total optimizer steps of the run (the schedule's end)."""
+    min_ratio: float
+    """Final LR as a fraction of the peak."""
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        span = max(1, self.total - 1 - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,176 @@
+"""Preflight: check a job (config, shards, batch sizes, hostfile, device) before launching it.
+
+``higr-preflight --config F [--hostfile H] [--world-size N] [key=value ...]`` prints one line per
+problem and exits 2, or prints a one-line OK and exits 0. ``launcher/train.py`` runs the same
+checks on every rank before it initialises anything, so a bad job fails in seconds with words,
+not after minutes of start-up with a traceback.
+
+Design
+------
+Every check appends human-readable strings to one list; nothing raises to the caller. The
+checks are independent where they can be (a bad hostfile does not hide a bad config), and a
+later check that needs an earlier result (the shard count needs a valid ``data`` section) is
+skipped when that result is missing, since its problem is already reported. An unexpected
+exception inside a check (a bug, an unreadable file) is reported as a problem naming the check
+and the exception, not swallowed and not shown as a traceback.
+
+World size: ``world_size`` argument, else the hostfile's total slots, else ``WORLD_SIZE`` (set
+by the launchers), else 1. When both a hostfile and ``WORLD_SIZE`` are present they must
+agree. Device checks (precision support) run against this machine's accelerator, i.e. they are
+meaningful on the training nodes (where the launcher runs them), not on a CPU login node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from higr_dist.config import ConfigError
+from higr_dist.engine.config import JobConfig, load_job
+from higr_dist.engine.hostfile import parse_hostfile
+from higr_dist.engine.hostfile import world_size as hostfile_world_size
+
+
+def _guard(name: str, problems: list[str], check: Callable[[], list[str]]) -> None:
+    """Run one check; an unexpected exception becomes a problem line naming the check."""
+    try:
+        problems.extend(check())
+    except Exception as e:  # reported, not swallowed: preflight output is the error channel
+        problems.append(f"{name}: check failed with {type(e).__name__}: {e}")
+
+
+def _env_world_size(problems: list[str]) -> int | None:
+    raw = os.environ.get("WORLD_SIZE")
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        problems.append(f"WORLD_SIZE={raw!r} is not a positive integer")
+        return None
+    return int(raw)
+
+
+def check_world(hostfile: str | None, world_size: int | None) -> tuple[int, list[str]]:
+    """Resolve the world size and check the hostfile against it -> (world, problems)."""
+    problems: list[str] = []
+    env_world = _env_world_size(problems)
+    implied = None
+    if hostfile:
+        hosts, host_problems = parse_hostfile(hostfile)
+        problems += host_problems
+        if hosts:
+            implied = hostfile_world_size(hosts)
+            if env_world is not None and env_world != implied:
+                problems.append(f"hostfile {hostfile}: {len(hosts)} host(s) with {implied} slots "
+                                f"in total, but WORLD_SIZE={env_world} (launch with all slots or "
+                                "fix the slots)")
+            if world_size is not None and world_size != implied:
+                problems.append(f"hostfile {hostfile}: {implied} slots in total, but "
+                                f"--world-size {world_size}")
+    if world_size is not None and world_size < 1:
+        problems.append(f"world size must be >= 1, got {world_size}")
+    world = world_size or implied or env_world or 1
+    return max(world, 1), problems
+
+
+def check_shards(job: JobConfig, sample_kind: str, world: int) -> list[str]:
+    """The stage's shard folder exists and has enough shards for ranks x workers."""
+    from higr_dist.data.shardio import list_shards
+
+    if not job.data.shards and not job.inputs.etl_dir:
+        return ["inputs.etl_dir: not set (or set data.shards to the shard folder)"]
+    folder = job.shard_dir(sample_kind)
+    if not folder.is_dir():
+        return [f"shard directory not found: {folder} (run the ETL first, or fix "
+                f"{'data.shards' if job.data.shards else 'inputs.etl_dir'})"]
+    try:
+        shards = list_shards(folder)
+    except FileNotFoundError as e:
+        return [str(e)]
+    missing = [s for s in shards if not Path(s).is_file()]
+    if missing:
+        return [f"{folder}/shards.json lists {len(missing)} shard(s) that do not exist, e.g. "
+                f"{missing[0]}"]
+    workers = max(1, job.data.num_workers)
+    readers = world * workers
+    if len(shards) < readers:
+        return [f"too few shards: {len(shards)} in {folder} for {world} rank(s) x {workers} "
+                f"worker(s) = {readers} readers (each reader streams whole shards); lower "
+                "data.num_workers or write more shards"]
+    if job.train.epochs and not job.train.max_steps and not (folder / "shards.json").is_file():
+        return [f"train.epochs without train.max_steps needs {folder / 'shards.json'} (sample "
+                "counts size the LR schedule); set train.max_steps"]
+    return []
+
+
+def check_precision(precision: str) -> list[str]:
+    """The precision is supported by this machine's accelerator."""
+    if precision == "fp32":
+        return []
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    ok = acc.is_bf16_supported() if precision == "bf16" else acc.is_fp16_supported()
+    if ok:
+        return []
+    return [f"train.precision: {precision} is not supported on this device "
+            f"({acc.device_name()}); use {'bf16 or ' if acc.is_bf16_supported() else ''}fp32"]
+
+
+def preflight(config_path: str | Path, overrides: list[str] | None = None,
+              hostfile: str | Path | None = None, world_size: int | None = None) -> list[str]:
+    """All problems with this job (empty list = OK to launch)."""
+    world, problems = check_world(str(hostfile) if hostfile else None, world_size)
+    try:
+        job = load_job(config_path, overrides)
+    except ConfigError as e:
+        return problems + e.problems
+    from higr_dist.stages.base import get_stage
+
+    stage = get_stage(job.stage)
+    _guard(f"stage {job.stage}", problems,
+           lambda: list(stage.validate(job.model, job.loss, job.inputs)))
+    problems += job.train.batch_problems(world)
+    _guard("shards", problems, lambda: check_shards(job, stage.sample_kind, world))
+    _guard("precision", problems, lambda: check_precision(job.train.precision))
+    return problems
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="higr-preflight", description=(
+        "Check a training job before launching it: config keys and types, stage inputs, shard "
+        "folder and count, batch sizes, hostfile, precision on this device. Exit 0 when OK, 2 "
+        "with one line per problem otherwise."))
+    p.add_argument("--config", required=True, help="job YAML (configs/<scale>/<stage>.yaml)")
+    p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile ('<host> slots=<N>')")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="ranks to check for (default: hostfile slots, else $WORLD_SIZE, else 1)")
+    p.add_argument("overrides", nargs="*", help="key.path=value config overrides")
+    return p
+
+
+def report(problems: list[str], stream=None, prefix: str = "") -> None:
+    """Print the problems (one line each) under a header."""
+    stream = stream or sys.stderr
+    print(f"{prefix}preflight: {len(problems)} problem(s):", file=stream)
+    for line in problems:
+        print(f"{prefix}  - {line}", file=stream)
+    stream.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``higr-preflight`` (wired in ``higr_dist.cli:preflight_main``): 0 OK, 2 problems."""
+    args = _parser().parse_args(argv)
+    problems = preflight(args.config, args.overrides, args.hostfile, args.world_size)
+    if problems:
+        report(problems)
+        return 2
+    world, _ = check_world(args.hostfile, args.world_size)
+    print(f"preflight: OK ({args.config}, world size {world})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

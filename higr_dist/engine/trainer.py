@@ -1,0 +1,693 @@
+"""The one training engine: any stage, any ZeRO stage, CPU (gloo) or GPU (NCCL), resumable.
+
+Design
+------
+Stages differ only in model, batch and loss (``higr_dist/stages/base.py``); everything else
+lives here: process group, DeepSpeed engine (``deepspeed.initialize`` is called only in
+:func:`build_engine`), the streaming loader, the step loop, checkpoints, logging and the final
+fp32 export + ``stage.finalize``.
+
+Process group. Under ``deepspeed``/``torchrun`` the launcher sets ``RANK``/``WORLD_SIZE``/...;
+without them (``higr run`` training in-process) we become a world of one ourselves, with
+``MASTER_ADDR``/``MASTER_PORT`` on loopback. The backend comes from
+``deepspeed.get_accelerator()`` (gloo on CPU, NCCL on CUDA), so the same code runs on both.
+
+The step loop, one optimizer step = one *window* of ``grad_accum`` micro-batches per rank:
+
+1. every rank pulls up to ``grad_accum`` micro-batches from its loader (``None`` once its share
+   of the epoch is exhausted; the time spent in ``next()`` is the data wait);
+2. one ``all_reduce`` sums (real micro-batches, samples, tokens) over ranks; zero real
+   micro-batches everywhere = the epoch is over for everybody (ranks may hold different numbers
+   of batches, so this is the only safe end-of-epoch test);
+3. each rank runs exactly ``grad_accum`` forward/backward/``engine.step`` calls, so DeepSpeed's
+   gradient-accumulation boundary and every collective inside ZeRO stay in lockstep. A slot
+   without a real batch runs a *filler* batch with loss weight 0 (no sample is seen twice,
+   nobody hangs). Real micro-batches are weighted ``grad_accum * world / n_real``, so the
+   update is the mean over the real micro-batches even in a short last window (weight 1 in
+   full windows).
+
+Trade-offs. A zero-weight step costs a full forward/backward on the ranks that ran out (at most
+one window per epoch). It also runs the model's forward side effects (usage counters, k-means
+surgery) on the filler; that is deliberate: models that synchronise such state with collectives
+inside ``forward`` (the tokenizer does) need every rank to run the same number of training
+forwards. The filler is the rank's first batch of the epoch re-read by a fresh in-process loader
+(one extra small read per epoch), a function of (epoch, rank) only, so a resumed run replays
+exactly the fillers of an uninterrupted one.
+
+Buffers. DeepSpeed broadcasts parameters at start-up but never buffers, and a model may keep
+per-rank buffer state (e.g. local code-usage counts summed over ranks only when needed). So the
+engine (a) broadcasts buffers from rank 0 once after ``deepspeed.initialize``, (b) saves every
+rank's own persistent buffers in the checkpoint's client state and restores them on resume
+(DeepSpeed's module state holds rank 0's only), and (c) optionally (``broadcast_buffers``)
+re-broadcasts rank 0's buffers before every step, torch-DDP style, for models that mutate
+buffers without synchronising them.
+
+Checkpoints, resume and export: see :mod:`higr_dist.engine.checkpoint`. A run restarts from the
+latest complete checkpoint of its folder automatically: same step, LR schedule position, RNG
+states and per-rank data position (a rank that had finished its share of the epoch stays
+finished until the epoch ends).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import socket
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from higr_dist.config import to_dict, write_run_metadata
+from higr_dist.data.loader import LoaderConfig, StreamingLoader
+from higr_dist.data.shardio import list_shards
+from higr_dist.engine import checkpoint as ckpt
+from higr_dist.engine.config import JobConfig, TrainConfig, ensure_resolved
+from higr_dist.engine.ds_config import (
+    WarmupCosine,
+    build_ds_config,
+    param_groups,
+    peak_tflops,
+    use_deepspeed_optimizer,
+)
+from higr_dist.engine.logging import RunLogger, metric_tag
+from higr_dist.schema import SCHEMAS, SampleSchema
+from higr_dist.stages.base import Stage, get_stage
+
+# --------------------------------------------------------------------------------------------
+# process group and device
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process runs in the job."""
+
+    rank: int
+    """Global rank."""
+    world_size: int
+    """Number of processes."""
+    local_rank: int
+    """Rank on this node (selects the GPU)."""
+    device: torch.device
+    """Device tensors and the model live on."""
+    device_name: str
+    """``cpu`` or the CUDA device name (for the peak-FLOP/s table)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistEnv:
+    """Join (or create) the default process group; a world of one without a launcher."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if acc.device_name() == "cuda":
+        acc.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), verbose=False)
+    if acc.device_name() == "cuda":
+        device = torch.device("cuda", local_rank)
+        name = torch.cuda.get_device_name(device)
+    else:
+        device, name = torch.device(acc.device_name()), acc.device_name()
+    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                   device=device, device_name=name)
+
+
+def shutdown() -> None:
+    """Destroy the default process group (launcher processes call this before exiting).
+
+    Also unlinks this rank's DeepSpeed CPU shared-memory all-reduce buffer
+    (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, ~66 MB, created when
+    the ``deepspeed`` launcher starts CPU ranks and never removed by DeepSpeed), after a barrier
+    so no peer still opens it; peers that mapped it keep their mapping.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr and port:
+        Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(
+            missing_ok=True)
+
+
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# engine
+# --------------------------------------------------------------------------------------------
+
+
+def float_dtype(precision: str) -> torch.dtype | None:
+    """dtype floating batch inputs are cast to (None = keep fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def build_engine(model: nn.Module, train: TrainConfig, world_size: int, device_type: str,
+                 total_steps: int) -> tuple[Any, Any, dict]:
+    """Wrap ``model`` in a DeepSpeed engine: (engine, lr_scheduler, ds_config).
+
+    The only call of ``deepspeed.initialize`` in the project.
+    """
+    import deepspeed
+
+    ds_cfg = build_ds_config(train, world_size, device_type)
+    groups = param_groups(model, train.weight_decay)
+    optimizer = None
+    if not use_deepspeed_optimizer(train, device_type):
+        optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas),
+                                      eps=train.eps, weight_decay=train.weight_decay)
+    schedule = WarmupCosine(warmup=train.warmup_steps, total=total_steps,
+                            min_ratio=train.min_lr_ratio)
+
+    def make_scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
+        lr_scheduler=make_scheduler, config=ds_cfg)
+    return engine, scheduler, ds_cfg
+
+
+def sync_buffers(module: nn.Module, src: int = 0) -> None:
+    """Broadcast every buffer of ``module`` from rank ``src`` (one flat tensor per dtype;
+    16-bit floats travel as float32, which gloo supports everywhere)."""
+    if dist.get_world_size() == 1:
+        return
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for b in module.buffers():
+        by_dtype.setdefault((b.dtype, b.device), []).append(b)
+    for (dtype, _), bufs in by_dtype.items():
+        flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+        if dtype in (torch.bfloat16, torch.float16):
+            flat = flat.float()
+        dist.broadcast(flat, src=src)
+        offset = 0
+        for b in bufs:
+            b.data.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
+def global_grad_norm(engine: Any) -> float | None:
+    """Pre-clip global gradient norm of the last optimizer step (None if unknown)."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+
+
+def schema_for(sample_kind: str) -> SampleSchema:
+    """ETL folder (``pairs``, ``slates/train``, ``prefs``) -> sample schema (``pair`` ...)."""
+    top = sample_kind.split("/")[0]
+    kind = top[:-1] if top.endswith("s") else top
+    if kind not in SCHEMAS:
+        raise KeyError(f"no sample schema for folder {sample_kind!r} (known kinds: "
+                       f"{', '.join(sorted(SCHEMAS))})")
+    return SCHEMAS[kind]
+
+
+def listed_samples(shard_dir: Path) -> int | None:
+    """Total samples from ``<shard_dir>/shards.json`` (None when there is no listing)."""
+    import json
+
+    listing = shard_dir / "shards.json"
+    if not listing.is_file():
+        return None
+    return int(json.loads(listing.read_text())["samples"])
+
+
+def total_steps_for(train: TrainConfig, shard_dir: Path) -> int:
+    """Optimizer steps the run will take (sizes the LR schedule and the progress bar).
+
+    With ``epochs`` the per-epoch count is estimated as ceil(samples / global batch) from the
+    shard listing; the real count can differ by a step or two (partial batches per worker).
+    """
+    if train.epochs == 0:
+        return train.max_steps
+    samples = listed_samples(shard_dir)
+    if samples is None:
+        raise FileNotFoundError(f"train.epochs needs {shard_dir / 'shards.json'} to size the LR "
+                                "schedule; set train.max_steps or write the listing")
+    per_epoch = max(1, math.ceil(samples / train.global_batch_size))
+    steps = per_epoch * train.epochs
+    return min(steps, train.max_steps) if train.max_steps else steps
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Window:
+    """What this rank saw since the last log point."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    """metric name -> sum over real micro-batches (on the device, no host sync per step)"""
+    counts: dict[str, float] = field(default_factory=dict)
+    """metric name -> real micro-batches summed"""
+    steps: int = 0
+    """optimizer steps in the window"""
+    samples: float = 0.0
+    """samples over all ranks"""
+    tokens: float = 0.0
+    """tokens over all ranks"""
+    wait_s: float = 0.0
+    """time this rank spent waiting for the loader"""
+    step_s: float = 0.0
+    """wall time of the window's steps"""
+    grad_norms: list[float] = field(default_factory=list)
+    """pre-clip global gradient norm per step (when the optimizer reports it)"""
+    lr: float = 0.0
+    """learning rate of the window's last step"""
+
+    def add(self, name: str, value: torch.Tensor | float, weight: float, device: torch.device):
+        v = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+        prev = self.sums.get(name)
+        v = v.to(device) * weight
+        self.sums[name] = v if prev is None else prev + v
+        self.counts[name] = self.counts.get(name, 0.0) + weight
+
+
+def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (for the resume note)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_changes(a, b, path + ".")
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out
+
+
+def _rss_gb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def _manual_grad_norm(module: nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.nn.utils.get_total_norm(grads).item())
+
+
+class Trainer:
+    """One training run of one stage: construct, then :meth:`run`."""
+
+    def __init__(self, job: JobConfig):
+        self.job = ensure_resolved(job)
+        self.cfg = self.job.train
+        self.env = init_distributed()
+        self.stage: Stage = get_stage(self.job.stage)
+        self.out_dir = self.job.out_path
+        self.ckpt_dir = self.out_dir / ckpt.CHECKPOINT_DIR
+        self.shard_dir = self.job.shard_dir(self.stage.sample_kind)
+        self.gas = self.cfg.grad_accum(self.env.world_size)
+        self.total_steps = total_steps_for(self.cfg, self.shard_dir)
+        self.dtype = float_dtype(self.cfg.precision)
+        self.is_main = self.env.rank == 0
+        peak = self.cfg.peak_tflops or peak_tflops(self.env.device_name, self.cfg.precision)
+        self.peak_flops = peak * 1e12
+        self.flops_per_sample = float(self.stage.flops_per_sample(self.job.model))
+        # progress; restored from the checkpoint when resuming
+        self.step = 0
+        self.epoch = 0
+        self.epoch_samples = 0.0
+        self.samples_per_epoch: list[float] = []
+        self.exhausted = False
+        self.first_log: dict[str, float] | None = None
+        # this process only
+        self.resumed_from: str | None = None
+        self.saved_step = -1
+        self.last_log: dict[str, float] = {}
+        self.step_times: list[float] = []
+        self.step_samples: list[float] = []
+        self.iterator: Any = iter(())
+        self.filler: Any = None
+        self.filler_epoch = -1
+        self.carry_s = self.carry_wait_s = 0.0  # time of an epoch-end probe, for the next step
+
+    # ---------------------------------------------------------------- setup
+
+    def _build_loader(self, cfg: LoaderConfig | None = None) -> StreamingLoader:
+        job, stage = self.job, self.stage
+        collate = stage.make_collate(job.model, job.loss, job.inputs)
+        return StreamingLoader(list_shards(self.shard_dir), schema_for(stage.sample_kind),
+                               collate, batch_size=self.cfg.micro_batch_size,
+                               cfg=cfg or job.data,
+                               rank=self.env.rank, world_size=self.env.world_size,
+                               seed=self.job.run.seed)
+
+    def _build_model(self) -> tuple[nn.Module, nn.Module]:
+        seed_all(self.job.run.seed)  # identical initial weights on every rank
+        model, loss_module = self.stage.build(self.job.model, self.job.loss, self.job.inputs)
+        if self.cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing"):
+            model.gradient_checkpointing = True
+        return model, loss_module
+
+    # ---------------------------------------------------------------- data
+
+    def _start_epoch(self) -> None:
+        self.loader.set_epoch(self.epoch)
+        self.iterator = iter(self.loader)
+        self.exhausted = False
+        self.epoch_samples = 0.0
+
+    def _next_batch(self) -> Any | None:
+        """Next micro-batch of this rank's share of the epoch, None once it is exhausted."""
+        if self.exhausted:
+            return None
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            self.exhausted = True
+            return None
+
+    def _filler(self) -> Any:
+        """Batch for a zero-weight step: this rank's first batch of the epoch, read by a fresh
+        in-process loader (cached per epoch). A function of (epoch, rank) only, so a resumed run
+        replays exactly the fillers (and their forward side effects) of an uninterrupted one."""
+        if self.filler_epoch != self.epoch:
+            cfg = dataclasses.replace(self.job.data, num_workers=0)
+            fresh = self._build_loader(cfg)
+            fresh.set_epoch(self.epoch)
+            batch = next(iter(fresh), None)
+            if batch is None:
+                raise RuntimeError(f"rank {self.env.rank} has no data in epoch {self.epoch} of "
+                                   f"{self.shard_dir}")
+            self.filler = batch.to(self.env.device, self.dtype)
+            self.filler_epoch = self.epoch
+        return self.filler
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _save(self) -> None:
+        shared = {"step": self.step, "epoch": self.epoch, "epoch_samples": self.epoch_samples,
+                  "samples_per_epoch": self.samples_per_epoch, "first_log": self.first_log,
+                  "config": to_dict(self.job)}
+        mine = {"loader": self.loader.state_dict(), "exhausted": self.exhausted,
+                "rng": ckpt.rng_state(), "buffers": ckpt.buffer_state(self.engine.module)}
+        tag = ckpt.save(self.engine, self.ckpt_dir, self.step, mine, shared, self.cfg.keep_last)
+        self.saved_step = self.step
+        self.log.message(f"saved checkpoint {self.ckpt_dir / tag}")
+
+    def _resume(self) -> None:
+        loaded = ckpt.load(self.engine, self.ckpt_dir)
+        if loaded is None:
+            raise RuntimeError(f"{self.ckpt_dir}: 'latest' vanished while starting")
+        tag, client = loaded
+        mine = client["ranks"][self.env.rank]
+        self.step, self.epoch = int(client["step"]), int(client["epoch"])
+        self.epoch_samples = float(client["epoch_samples"])
+        self.samples_per_epoch = list(client["samples_per_epoch"])
+        self.first_log = client["first_log"]
+        self.loader.load_state_dict(mine["loader"])
+        self.exhausted = bool(mine["exhausted"])
+        self.iterator = iter(()) if self.exhausted else iter(self.loader)
+        ckpt.set_rng_state(mine["rng"])
+        ckpt.load_buffer_state(self.engine.module, mine["buffers"])
+        self.resumed_from = tag
+        self.saved_step = self.step
+        for line in _config_changes(client["config"], to_dict(self.job)):
+            self.log.message(f"note: config changed since {tag}: {line}")
+        self.log.message(f"resumed from {self.ckpt_dir / tag}: step {self.step}, epoch "
+                         f"{self.epoch}, lr {self.scheduler.get_last_lr()[0]:.3e}")
+        self.log.advance(self.step)
+
+    # ---------------------------------------------------------------- one optimizer step
+
+    def _run_window(self, window: _Window) -> bool:
+        """One optimizer step over ``grad_accum`` micro-batches per rank; False at epoch end."""
+        t0 = time.perf_counter()
+        batches, wait = [], 0.0
+        for _ in range(self.gas):
+            tw = time.perf_counter()
+            batches.append(self._next_batch())
+            wait += time.perf_counter() - tw
+        real = [b for b in batches if b is not None]
+        counts = torch.tensor([len(real), sum(b.num_samples for b in real),
+                               sum(b.num_tokens for b in real)], dtype=torch.float64,
+                              device=self.env.device)
+        dist.all_reduce(counts)
+        n_real, samples, tokens = counts.tolist()
+        if n_real == 0:  # the time spent finding out is charged to the next step
+            self.carry_s += time.perf_counter() - t0
+            self.carry_wait_s += wait
+            return False
+        window.wait_s += wait + self.carry_wait_s
+        if self.cfg.broadcast_buffers:
+            sync_buffers(self.engine.module)
+        window.lr = self.scheduler.get_last_lr()[0]
+        scale = self.gas * self.env.world_size / n_real
+        for i, b in enumerate(batches):
+            if b is None:
+                weight, batch = 0.0, self._filler()
+            else:
+                weight, batch = scale, b.to(self.env.device, self.dtype)
+            out = self.stage.step(self.engine, self.loss_module, batch)
+            self.engine.backward(out.loss * weight)
+            if i == self.gas - 1 and self.manual_norm:
+                window.grad_norms.append(_manual_grad_norm(self.engine.module))
+            self.engine.step()
+            seen = 1.0 if b is not None else 0.0
+            window.add("total", out.loss, seen, self.env.device)
+            for name, value in out.metrics.items():
+                window.add(name, value, seen, self.env.device)
+        if not self.manual_norm:
+            norm = global_grad_norm(self.engine)
+            if norm is not None:
+                window.grad_norms.append(norm)
+        self.step += 1
+        self.epoch_samples += samples
+        step_s = time.perf_counter() - t0 + self.carry_s
+        self.carry_s = self.carry_wait_s = 0.0
+        self.step_times.append(step_s)
+        self.step_samples.append(samples)
+        window.steps += 1
+        window.samples += samples
+        window.tokens += tokens
+        window.step_s += step_s
+        return True
+
+    # ---------------------------------------------------------------- logging
+
+    def _log_window(self, window: _Window) -> None:
+        """Collective: reduce the window's metrics over ranks and log them on rank 0."""
+        names = sorted(set().union(*ckpt.gather_objects(sorted(window.sums))))
+        zero = torch.zeros((), device=self.env.device)
+        vec = torch.stack([window.sums.get(n, zero) for n in names]
+                          + [torch.tensor(window.counts.get(n, 0.0), device=self.env.device)
+                             for n in names]
+                          + [torch.tensor(window.wait_s / max(window.step_s, 1e-12),
+                                          device=self.env.device)]).double()
+        dist.all_reduce(vec)
+        values = vec.tolist()
+        k = len(names)
+        scalars = {metric_tag(n): values[i] / values[k + i]
+                   for i, n in enumerate(names) if values[k + i] > 0}
+        per_s = window.samples / max(window.step_s, 1e-12)
+        scalars.update({
+            "opt/lr": window.lr,
+            "perf/samples_per_s": per_s,
+            "perf/tokens_per_s": window.tokens / max(window.step_s, 1e-12),
+            "perf/step_time_s": window.step_s / max(window.steps, 1),
+            "perf/data_wait_share": values[2 * k] / self.env.world_size,
+            "mem/rss_gb": _rss_gb(),
+        })
+        if window.grad_norms:
+            scalars["opt/grad_norm"] = statistics.fmean(window.grad_norms)
+        if self.peak_flops > 0:
+            scalars["perf/mfu"] = (self.flops_per_sample * per_s
+                                   / (self.peak_flops * self.env.world_size))
+        if self.env.device.type == "cuda":
+            scalars["mem/device_max_alloc_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.first_log is None:
+            self.first_log = scalars
+        self.last_log = scalars
+        self.log.log(self.step, scalars)
+
+    # ---------------------------------------------------------------- the run
+
+    def _finished(self) -> bool:
+        return bool((self.cfg.max_steps and self.step >= self.cfg.max_steps)
+                    or (self.cfg.epochs and self.epoch >= self.cfg.epochs))
+
+    def _loop(self) -> None:
+        window = _Window()
+        while not self._finished():
+            if not self._run_window(window):
+                self.samples_per_epoch.append(self.epoch_samples)
+                self.epoch += 1
+                if not self._finished():
+                    self._start_epoch()
+                continue
+            self.log.advance()
+            if self.step % self.cfg.log_every == 0:
+                self._log_window(window)
+                window = _Window()
+            if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self._save()
+            if self.cfg.kill_at_step == self.step and self.resumed_from is None:
+                self.log.message(f"kill_at_step={self.step}: SIGKILL")
+                self.log.close()
+                os.kill(os.getpid(), signal.SIGKILL)
+        if window.steps:
+            self._log_window(window)
+
+    def _export(self) -> dict:
+        """Collective: consolidated fp32 weights -> final/model_fp32.pt; rank 0 finalizes."""
+        state = ckpt.consolidated_fp32_state_dict(self.engine)
+        result: dict = {}
+        if self.is_main:
+            final = self.out_dir / "final"
+            final.mkdir(parents=True, exist_ok=True)
+            torch.save(state, final / "model_fp32.pt")
+            fresh, _ = self.stage.build(self.job.model, self.job.loss, self.job.inputs)
+            fresh.load_state_dict(state, strict=True)
+            fresh.eval()
+            result = self.stage.finalize(fresh, self.job.model, self.job.loss, self.job.inputs,
+                                         self.out_dir / "export") or {}
+        return result
+
+    def _summary(self, export: dict, wall_s: float) -> dict:
+        rates = [s / t for s, t in zip(self.step_samples, self.step_times) if t > 0]
+        last, first = self.last_log, self.first_log or {}
+        return {
+            "stage": self.job.stage,
+            "final_step": self.step,
+            "epochs_completed": len(self.samples_per_epoch),
+            "samples_per_epoch": self.samples_per_epoch,
+            "world_size": self.env.world_size,
+            "zero_stage": self.cfg.zero_stage,
+            "precision": self.cfg.precision,
+            "device": self.env.device_name,
+            "resumed_from": self.resumed_from,
+            "losses": {"first": {k: v for k, v in first.items() if k.startswith("loss/")},
+                       "final": {k: v for k, v in last.items() if k.startswith("loss/")}},
+            "throughput": {
+                "median_step_time_s": statistics.median(self.step_times) if self.step_times
+                else None,
+                "median_samples_per_s": statistics.median(rates) if rates else None,
+                "tokens_per_s": last.get("perf/tokens_per_s"),
+                "data_wait_share": last.get("perf/data_wait_share"),
+                "mfu": last.get("perf/mfu"),
+            },
+            "wall_time_s": wall_s,
+            "export": export,
+        }
+
+    def run(self) -> dict:
+        """Train to the end (resuming if a checkpoint exists), export, finalize; the summary."""
+        t_start = time.perf_counter()
+        self.log = RunLogger(self.out_dir, enabled=self.is_main, total_steps=self.total_steps,
+                             start_step=0, progress_bar=self.cfg.progress_bar)
+        try:
+            return self._run(t_start)
+        finally:
+            self.log.close()
+
+    def _run_untrained(self, t_start: float) -> dict:
+        """A stage with nothing to train (``stage.needs_training(model_cfg)`` is False, e.g.
+        RQ-KMeans): rank 0 builds the model and calls ``finalize``; no DeepSpeed."""
+        export: dict = {}
+        if self.is_main:
+            write_run_metadata(self.out_dir, self.job, extra={
+                "world_size": self.env.world_size, "device": self.env.device_name,
+                "trained": False})
+            model, _ = self._build_model()
+            model.eval()
+            self.log.message(f"{self.job.stage}: nothing to train for this model config; "
+                             "finalizing directly")
+            export = self.stage.finalize(model, self.job.model, self.job.loss, self.job.inputs,
+                                         self.out_dir / "export") or {}
+        return self._finish(export, t_start)
+
+    def _finish(self, export: dict, t_start: float) -> dict:
+        """Write summary.json on rank 0 and hand the summary to every rank."""
+        summary = self._summary(export, time.perf_counter() - t_start)
+        if self.is_main:
+            import json
+
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.log.message(f"done: step {self.step}, summary {self.out_dir / 'summary.json'}")
+        box = [summary]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _run(self, t_start: float) -> dict:
+        needs_training = getattr(self.stage, "needs_training", None)
+        if needs_training is not None and not needs_training(self.job.model):
+            return self._run_untrained(t_start)
+        self.loader = self._build_loader()
+        model, self.loss_module = self._build_model()
+        resuming = ckpt.latest_tag(self.ckpt_dir) is not None
+        if not resuming:
+            self._start_epoch()
+        self.engine, self.scheduler, ds_cfg = build_engine(
+            model, self.cfg, self.env.world_size, self.env.device.type, self.total_steps)
+        self.manual_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
+        self.loss_module.to(self.env.device)
+        sync_buffers(self.engine.module)  # DeepSpeed broadcasts parameters, not buffers
+        if self.is_main:
+            write_run_metadata(self.out_dir, self.job, extra={
+                "world_size": self.env.world_size, "device": self.env.device_name,
+                "grad_accum": self.gas, "total_steps": self.total_steps, "ds_config": ds_cfg})
+        seed_all(self.job.run.seed + 1 + self.env.rank)  # per-rank randomness (dropout ...)
+        if resuming:
+            self._resume()
+        self.log.message(
+            f"{self.job.stage}: {self.env.world_size} rank(s) on {self.env.device_name}, ZeRO-"
+            f"{self.cfg.zero_stage}, {self.cfg.precision}, global batch "
+            f"{self.cfg.global_batch_size} = {self.cfg.micro_batch_size} x {self.gas} accum x "
+            f"{self.env.world_size} ranks, {self.total_steps} steps -> {self.out_dir}")
+        self.engine.train()
+        self.loss_module.train()
+        self._loop()
+        if self.saved_step != self.step:
+            self._save()
+        export = self._export()
+        self.engine.destroy()
+        return self._finish(export, t_start)
+
+
+def train(job: JobConfig) -> dict:
+    """Train ``job`` on this process's share of the world (a world of one without a launcher);
+    returns the run summary (also written to ``<out_dir>/summary.json``)."""
+    return Trainer(job).run()

@@ -1,0 +1,211 @@
+"""The engine for real: 2 CPU ranks (gloo) under torchrun, training the real tokenizer stage.
+
+Launches (each process imports torch + DeepSpeed, ~4 s; the whole file takes ~1.5 min on 2
+cores):
+
+1. reference: ``torchrun launcher/train.py --config configs/tiny/tokenizer.yaml`` (ZeRO-1,
+   fp32) -> loss falls, TensorBoard tags, run folder, fp32 export, stage export;
+2. killed: the same job with ``train.kill_at_step`` -> every rank SIGKILLs itself mid-run;
+3. resumed: the same command again -> resumes from the last checkpoint and must end with the
+   reference's weights, loss, LR and step;
+4. ZeRO-2, ZeRO-3 and bf16 jobs in one ``deepspeed --num_gpus 2`` launch (a driver calling
+   ``engine.train`` three times; on CPU the launcher starts CPU ranks);
+5. a world of one without any launcher (plain ``python``): ZeRO-0 training, then RQ-KMeans
+   (nothing to train) in the same process.
+
+The shards are uneven on purpose (56/56/56/24 pairs) so ranks hold different numbers of
+batches every epoch; every run checks each epoch saw every sample exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_engine import DIM, tiny_overrides, write_tiny_etl
+
+pytestmark = pytest.mark.dist
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny" / "tokenizer.yaml"
+PAIRS = 192
+#: short, fast-learning schedule on top of configs/tiny/tokenizer.yaml
+TRAIN = ["train.max_steps=24", "train.lr=0.01", "train.warmup_steps=2", "train.log_every=4",
+         "train.checkpoint_every=8", "train.keep_last=2", "model.restart_every=6"]
+TAGS = {"loss/total", "loss/rec", "loss/quant", "loss/con", "opt/lr", "opt/grad_norm",
+        "perf/samples_per_s", "perf/tokens_per_s", "perf/step_time_s", "perf/data_wait_share",
+        "perf/mfu", "mem/rss_gb"}
+
+DRIVER = """
+import sys
+from higr_dist.engine.config import load_job
+from higr_dist.engine.trainer import shutdown, train
+args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # deepspeed launcher
+config, runs = args[0], args[1:]
+for run in runs:
+    train(load_job(config, run.split(" ")))
+shutdown()
+"""
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(script: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", script, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def _assert_trained(run: Path, steps: int = 24, drop: float = 0.8) -> dict:
+    s = _summary(run)
+    assert s["final_step"] == steps
+    # uneven shards, 2 ranks: still every sample exactly once per epoch
+    assert s["epochs_completed"] >= 1 and set(s["samples_per_epoch"]) == {PAIRS}
+    first, final = s["losses"]["first"]["loss/total"], s["losses"]["final"]["loss/total"]
+    assert final < drop * first, (first, final)
+    return s
+
+
+@pytest.fixture(scope="module")
+def etl(tmp_path_factory) -> Path:
+    return write_tiny_etl(tmp_path_factory.mktemp("engine") / "etl")
+
+
+@pytest.fixture(scope="module")
+def reference(etl) -> Path:
+    run = etl.parent / "reference"
+    _ok(_torchrun("launcher/train.py",
+                  ["--config", str(TINY), *tiny_overrides(etl, run), *TRAIN]))
+    return run
+
+
+def test_launcher_trains_tokenizer_on_two_ranks(reference):
+    s = _assert_trained(reference)
+    assert (s["world_size"], s["zero_stage"], s["precision"]) == (2, 1, "fp32")
+    assert s["resumed_from"] is None and s["throughput"]["median_samples_per_s"] > 0
+    # run folder: metadata, the last M checkpoints, fp32 export, stage export
+    assert "git_sha" in json.loads((reference / "run_meta.json").read_text())
+    assert "zero_stage: 1" in (reference / "resolved_config.yaml").read_text()
+    tags = sorted(p.name for p in (reference / "checkpoints").glob("global_step*"))
+    assert tags == ["global_step16", "global_step24"]
+    assert (reference / "checkpoints" / "latest").read_text() == "global_step24"
+    from higr_dist.models.pcrq_vae import PCRQVAE, PCRQVAEConfig
+
+    state = torch.load(reference / "final" / "model_fp32.pt")
+    assert all(t.dtype in (torch.float32, torch.int64, torch.bool) for t in state.values())
+    model = PCRQVAE(PCRQVAEConfig(input_dim=DIM, hidden_dims=[32, 16], latent_dim=8, K=16, L=3))
+    model.load_state_dict(state)  # strict: the consolidated dict is complete
+    assert bool(model.quantizer.initialized)
+    sids = __import__("numpy").load(reference / "export" / "sid_table.npy")
+    assert sids.shape == (96, 3) and len({tuple(r) for r in sids}) == 96
+    assert s["export"]["num_items"] == 96
+
+
+def test_tensorboard_has_every_scalar(reference):
+    scalars = _scalars(reference)
+    assert TAGS <= set(scalars), TAGS - set(scalars)
+    assert [step for step, _ in scalars["loss/total"]] == [4, 8, 12, 16, 20, 24]
+    lrs = [v for _, v in scalars["opt/lr"]]
+    assert lrs[0] > lrs[-1] > 0  # cosine decay after the 2-step warmup
+    assert all(0 <= v <= 1 for _, v in scalars["perf/data_wait_share"])
+    assert all(v > 0 for _, v in scalars["perf/mfu"])
+
+
+def test_killed_run_resumes_to_identical_weights(reference, etl):
+    run = etl.parent / "killed"
+    args = ["--config", str(TINY), *tiny_overrides(etl, run), *TRAIN, "train.kill_at_step=13"]
+    killed = _torchrun("launcher/train.py", args)
+    assert killed.returncode != 0  # SIGKILLed at step 13, last checkpoint at step 8
+    assert not (run / "summary.json").exists()
+    assert (run / "checkpoints" / "latest").read_text() == "global_step8"
+    _ok(_torchrun("launcher/train.py", args))  # the same command again: resumes
+    s, ref = _summary(run), _summary(reference)
+    assert s["resumed_from"] == "global_step8" and s["final_step"] == ref["final_step"]
+    assert s["samples_per_epoch"] == ref["samples_per_epoch"]
+    a = torch.load(reference / "final" / "model_fp32.pt")
+    b = torch.load(run / "final" / "model_fp32.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        diff = (a[k].double() - b[k].double()).abs().max().item()
+        assert diff < 1e-6, (k, diff)
+    assert s["losses"]["final"]["loss/total"] == pytest.approx(
+        ref["losses"]["final"]["loss/total"], abs=1e-6)
+    lr_ref, lr_run = _scalars(reference)["opt/lr"], _scalars(run)["opt/lr"]
+    assert lr_run[-1] == pytest.approx(lr_ref[-1], rel=1e-9)
+
+
+def test_zero2_zero3_and_bf16_train_under_deepspeed_launcher(etl, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    runs = {"zero2": ["train.zero_stage=2"], "zero3": ["train.zero_stage=3"],
+            "bf16": ["train.zero_stage=2", "train.precision=bf16"]}
+    specs = [" ".join([*tiny_overrides(etl, tmp_path / name), *TRAIN, *extra,
+                       "data.num_workers=0", "train.progress_bar=false"])
+             for name, extra in runs.items()]
+    port = _free_port()
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2",
+           "--master_port", str(port), str(driver), str(TINY), *specs]
+    _ok(subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300))
+    # DeepSpeed's CPU shared-memory all-reduce buffers are removed by engine.shutdown()
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    for name in runs:
+        s = _assert_trained(tmp_path / name)
+        assert s["precision"] == ("bf16" if name == "bf16" else "fp32")
+        state = torch.load(tmp_path / name / "final" / "model_fp32.pt")
+        assert state["encoder.0.weight"].dtype == torch.float32
+        assert (tmp_path / name / "export" / "sid_table.npy").is_file()
+
+
+def test_world_of_one_in_process_twice(etl, tmp_path):
+    """No launcher env: ``engine.train`` makes a world of one; a second call in the same process
+    (what ``higr run`` does) reuses it; RQ-KMeans (nothing to train) goes straight to export."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    solo = " ".join([*tiny_overrides(etl, tmp_path / "solo"), *TRAIN, "train.zero_stage=0",
+                     "train.global_batch_size=32", "train.micro_batch_size=16",
+                     "train.max_steps=12"])
+    kmeans = " ".join([*tiny_overrides(etl, tmp_path / "kmeans"), "model.mode=rq_kmeans"])
+    proc = subprocess.run([sys.executable, str(driver), str(TINY), solo, kmeans], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    _ok(proc)
+    s = _assert_trained(tmp_path / "solo", steps=12, drop=1.0)
+    assert s["world_size"] == 1 and s["zero_stage"] == 0
+    assert "opt/grad_norm" in _scalars(tmp_path / "solo")  # computed by hand at ZeRO-0
+    k = _summary(tmp_path / "kmeans")
+    assert k["final_step"] == 0 and k["export"]["num_items"] == 96
+    assert (tmp_path / "kmeans" / "export" / "sid_table.npy").is_file()
