@@ -1,0 +1,360 @@
+"""Stages ``hsd`` (HiGR stage 2 pretraining) and its baselines ``flat`` and ``sasrec``.
+
+Design
+------
+All three stream slate samples (``slates/train``) through one picklable collate,
+:class:`SlateCollate`: it keeps each history's last ``history_len`` items (oldest first,
+**right-padded** with item 0 / code 0 and ``hist_mask`` False, the layout of
+:func:`higr_dist.data.pairs.pack_history` that ORPO uses too), takes the first N targets, and
+maps item_idx to SIDs through the tokenizer's memory-mapped ``sid_table.npy`` (opened lazily in
+each loader worker, never pickled). The result is a :class:`SlateBatch`.
+
+- ``hsd``: :class:`~higr_dist.models.hsd.HSD` + :class:`~higr_dist.models.hsd.HSDLoss`
+  (CE over N*L SID tokens + lambda_ild * ILD); logs ce, ild, token accuracy (all and per SID
+  layer).
+- ``flat``: :class:`~higr_dist.models.flat.Flat` built from the same ``HSDConfig`` (same width,
+  decoder depth planner_layers + gen_layers), CE over N*L tokens.
+- ``sasrec``: :class:`~higr_dist.models.sasrec.SASRec` on item_idx (history + targets),
+  next-item CE over the catalogue; ``model.num_items: 0`` is read from ``sid_meta.json``.
+
+Feedback values stay float32 in :meth:`SlateBatch.to` even under bf16: the model only
+bucketizes them, and bf16 rounding would move watch ratios across bucket edges (0.2 -> 0.2002).
+
+FLOPs per sample (for MFU) are 6 x (matmul parameters x the tokens they see): context blocks
+see 1+history_len tokens, planner blocks N, generator blocks N*L, cross-attention key/value
+projections 1+history_len per block; attention-score FLOPs are ignored (short sequences).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from higr_dist.data.pairs import pack_history
+from higr_dist.data.sids import load_sid_meta, load_sid_table, map_items
+from higr_dist.models.flat import Flat, FlatLoss, FlatLossConfig, flat_param_count
+from higr_dist.models.hsd import HSD, HSDConfig, HSDLoss, HSDLossConfig, param_count
+from higr_dist.models.layers import block_param_count
+from higr_dist.models.sasrec import (
+    SASRec,
+    SASRecConfig,
+    SASRecLoss,
+    SASRecLossConfig,
+    sasrec_param_count,
+)
+from higr_dist.stages.base import StageInputs, StepOutput, register
+
+__all__ = ["SlateBatch", "SlateCollate", "HSDStage", "FlatStage", "SASRecStage",
+           "hsd_flops_per_sample", "flat_flops_per_sample"]
+
+
+# --------------------------------------------------------------------------------------------
+# Batch + collate
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SlateBatch:
+    """One micro-batch of slate samples (history right-padded, oldest first)."""
+
+    hist_items: Tensor
+    """[B, H] long history item_idx (0 on padding)."""
+    hist_codes: Tensor
+    """[B, H, L] long history SIDs (0 on padding)."""
+    hist_mask: Tensor
+    """[B, H] bool: True for real history items."""
+    hist_fb: Tensor
+    """[B, H] float32 history watch ratios (0 on padding)."""
+    target_items: Tensor
+    """[B, N] long target item_idx in time order."""
+    target_codes: Tensor
+    """[B, N, L] long target SIDs."""
+    target_fb: Tensor
+    """[B, N] float32 target watch ratios."""
+
+    def to(self, device: torch.device | str, float_dtype: torch.dtype | None = None
+           ) -> SlateBatch:
+        """Move to ``device``. Feedback stays float32 (bucketized, see the module docstring),
+        so ``float_dtype`` changes nothing here; it is accepted for the Batch protocol."""
+        return SlateBatch(*(t.to(device) for t in (
+            self.hist_items, self.hist_codes, self.hist_mask, self.hist_fb, self.target_items,
+            self.target_codes, self.target_fb)))
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.target_items.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        """Target SID tokens predicted: B * N * L."""
+        return int(self.target_codes.numel())
+
+
+class SlateCollate:
+    """Picklable ``list[SLATE sample dict] -> SlateBatch`` for loader workers."""
+
+    def __init__(self, sid_dir: str | Path, slate_size: int, history_len: int):
+        if slate_size < 1 or history_len < 1:
+            raise ValueError(f"need slate_size >= 1 and history_len >= 1, got {slate_size}, "
+                             f"{history_len}")
+        self.sid_dir = str(sid_dir)
+        self.slate_size = int(slate_size)
+        self.history_len = int(history_len)
+        self._table: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_table"] = None
+        return state
+
+    @property
+    def sid_table(self) -> np.ndarray:
+        if self._table is None:
+            self._table = load_sid_table(self.sid_dir)
+        return self._table
+
+    def __call__(self, samples: list[dict]) -> SlateBatch:
+        if not samples:
+            raise ValueError("SlateCollate got an empty list of samples")
+        N = self.slate_size
+        targets, target_fb = [], []
+        for s in samples:
+            if len(s["target_items"]) < N or len(s["target_fb"]) < N:
+                raise ValueError(f"slate sample of user {s.get('user_id')!r} at ts {s.get('ts')} "
+                                 f"has {len(s['target_items'])} targets, the slate size is {N}")
+            targets.append(np.asarray(s["target_items"][:N], dtype=np.int64))
+            target_fb.append(np.asarray(s["target_fb"][:N], dtype=np.float32))
+        hist, mask, fb = pack_history([s["hist_items"] for s in samples],
+                                      [s["hist_fb"] for s in samples], self.history_len)
+        table = self.sid_table
+        tgt = np.stack(targets)  # [B, N]
+        return SlateBatch(
+            hist_items=torch.from_numpy(hist),
+            hist_codes=torch.from_numpy(map_items(table, hist) * mask[..., None]),
+            hist_mask=torch.from_numpy(mask),
+            hist_fb=torch.from_numpy(fb),
+            target_items=torch.from_numpy(tgt),
+            target_codes=torch.from_numpy(map_items(table, tgt)),
+            target_fb=torch.from_numpy(np.stack(target_fb)),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Shared checks and FLOPs
+# --------------------------------------------------------------------------------------------
+
+
+def _check_sid_dir(inputs: StageInputs, K: int | None = None, L: int | None = None) -> list[str]:
+    sid_dir = Path(inputs.sid_dir) if inputs.sid_dir else None
+    if sid_dir is None or not (sid_dir / "sid_table.npy").is_file() \
+            or not (sid_dir / "sid_meta.json").is_file():
+        return [f"inputs.sid_dir: no sid_table.npy/sid_meta.json in {inputs.sid_dir!r} "
+                "(run the tokenizer stage first)"]
+    meta = load_sid_meta(sid_dir)
+    if K is not None and (meta.K, meta.L) != (K, L):
+        return [f"model K={K}, L={L} but the SID table has K={meta.K}, L={meta.L}"]
+    return []
+
+
+def _check_etl_dir(inputs: StageInputs) -> list[str]:
+    if not inputs.etl_dir:
+        return ["inputs.etl_dir: required (slate shards under <etl_dir>/slates/train)"]
+    return []
+
+
+def _tokens_seen(cfg: HSDConfig) -> tuple[int, int, int]:
+    """(memory tokens 1+H, planner tokens N, generator tokens N*L) per sample."""
+    return 1 + cfg.history_len, cfg.N, cfg.N * cfg.L
+
+
+def hsd_flops_per_sample(cfg: HSDConfig) -> float:
+    """Training matmul FLOPs of one HSD sample (see the module docstring)."""
+    d = cfg.d_model
+    mem, n_plan, n_gen = _tokens_seen(cfg)
+    enc = block_param_count(cfg.block(cross=False, causal=False)) * mem
+    xblk = block_param_count(cfg.block(cross=True))
+    kv = 2 * d * d
+    planner = (xblk - kv) * n_plan + kv * mem
+    gen = (xblk - kv) * n_gen + kv * mem
+    heads = d * d * n_plan + cfg.K * d * n_gen
+    return 6.0 * (cfg.ctx_layers * enc + cfg.planner_layers * planner + cfg.gen_layers * gen
+                  + heads)
+
+
+def flat_flops_per_sample(cfg: HSDConfig) -> float:
+    """Training matmul FLOPs of one flat-decoder sample."""
+    d = cfg.d_model
+    mem, _, n_tok = _tokens_seen(cfg)
+    enc = block_param_count(cfg.block(cross=False, causal=False)) * mem
+    xblk = block_param_count(cfg.block(cross=True))
+    kv = 2 * d * d
+    dec = (xblk - kv) * n_tok + kv * mem
+    depth = cfg.planner_layers + cfg.gen_layers
+    return 6.0 * (cfg.ctx_layers * enc + depth * dec + cfg.K * d * n_tok)
+
+
+def _layer_acc(logits: Tensor, target_codes: Tensor) -> dict[str, Tensor]:
+    """Token accuracy per SID layer: logits [B, N, L, K], targets [B, N, L]."""
+    hit = (logits.detach().argmax(-1) == target_codes).float()  # [B, N, L]
+    return {f"acc_l{i + 1}": hit[..., i].mean() for i in range(hit.shape[-1])}
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+
+
+class HSDStage:
+    name = "hsd"
+    sample_kind = "slates/train"
+    model_config_cls = HSDConfig
+    loss_config_cls = HSDLossConfig
+
+    def validate(self, model_cfg: HSDConfig, loss_cfg: HSDLossConfig,
+                 inputs: StageInputs) -> list[str]:
+        return ([f"model: {p}" for p in model_cfg.validate()]
+                + [f"loss: {p}" for p in loss_cfg.validate()]
+                + _check_etl_dir(inputs) + _check_sid_dir(inputs, model_cfg.K, model_cfg.L))
+
+    def build(self, model_cfg: HSDConfig, loss_cfg: HSDLossConfig, inputs: StageInputs
+              ) -> tuple[nn.Module, nn.Module]:
+        return HSD(model_cfg), HSDLoss(loss_cfg)
+
+    def make_collate(self, model_cfg: HSDConfig, loss_cfg: HSDLossConfig, inputs: StageInputs
+                     ) -> Callable[[list[dict]], SlateBatch]:
+        return SlateCollate(inputs.sid_dir, model_cfg.N, model_cfg.history_len)
+
+    def step(self, model: nn.Module, loss_module: nn.Module, batch: SlateBatch) -> StepOutput:
+        out = model(batch.hist_codes, batch.hist_mask, batch.hist_fb, batch.target_codes)
+        terms = loss_module(out, batch.target_codes)
+        metrics: dict[str, Tensor | float] = {"ce": terms.ce.detach(), "ild": terms.ild.detach(),
+                                              "acc": terms.acc.detach()}
+        metrics.update(_layer_acc(out.logits, batch.target_codes))
+        return StepOutput(terms.total, metrics)
+
+    def flops_per_sample(self, model_cfg: HSDConfig) -> float:
+        return hsd_flops_per_sample(model_cfg)
+
+    def finalize(self, model: nn.Module, model_cfg: HSDConfig, loss_cfg: HSDLossConfig,
+                 inputs: StageInputs, out_dir: Path) -> dict:
+        return {"stage": self.name, "params": _n_params(model),
+                "params_formula": param_count(model_cfg)}
+
+
+class FlatStage:
+    name = "flat"
+    sample_kind = "slates/train"
+    model_config_cls = HSDConfig
+    loss_config_cls = FlatLossConfig
+
+    def validate(self, model_cfg: HSDConfig, loss_cfg: FlatLossConfig,
+                 inputs: StageInputs) -> list[str]:
+        return ([f"model: {p}" for p in model_cfg.validate()]
+                + [f"loss: {p}" for p in loss_cfg.validate()]
+                + _check_etl_dir(inputs) + _check_sid_dir(inputs, model_cfg.K, model_cfg.L))
+
+    def build(self, model_cfg: HSDConfig, loss_cfg: FlatLossConfig, inputs: StageInputs
+              ) -> tuple[nn.Module, nn.Module]:
+        return Flat(model_cfg), FlatLoss(loss_cfg)
+
+    def make_collate(self, model_cfg: HSDConfig, loss_cfg: FlatLossConfig, inputs: StageInputs
+                     ) -> Callable[[list[dict]], SlateBatch]:
+        return SlateCollate(inputs.sid_dir, model_cfg.N, model_cfg.history_len)
+
+    def step(self, model: nn.Module, loss_module: nn.Module, batch: SlateBatch) -> StepOutput:
+        out = model(batch.hist_codes, batch.hist_mask, batch.hist_fb, batch.target_codes)
+        terms = loss_module(out, batch.target_codes)
+        metrics: dict[str, Tensor | float] = {"ce": terms.total.detach(),
+                                              "acc": terms.acc.detach()}
+        metrics.update(_layer_acc(out.logits, batch.target_codes))
+        return StepOutput(terms.total, metrics)
+
+    def flops_per_sample(self, model_cfg: HSDConfig) -> float:
+        return flat_flops_per_sample(model_cfg)
+
+    def finalize(self, model: nn.Module, model_cfg: HSDConfig, loss_cfg: FlatLossConfig,
+                 inputs: StageInputs, out_dir: Path) -> dict:
+        return {"stage": self.name, "params": _n_params(model),
+                "params_formula": flat_param_count(model_cfg)}
+
+
+def resolve_num_items(cfg: SASRecConfig, inputs: StageInputs) -> int:
+    """``cfg.num_items``, or the catalogue size from ``sid_meta.json`` when it is 0."""
+    if cfg.num_items:
+        return cfg.num_items
+    return load_sid_meta(inputs.sid_dir).num_items
+
+
+class SASRecStage:
+    name = "sasrec"
+    sample_kind = "slates/train"
+    model_config_cls = SASRecConfig
+    loss_config_cls = SASRecLossConfig
+
+    def __init__(self) -> None:
+        self._num_items = 0
+        """Catalogue size seen by validate/build (flops_per_sample gets no inputs)."""
+
+    def validate(self, model_cfg: SASRecConfig, loss_cfg: SASRecLossConfig,
+                 inputs: StageInputs) -> list[str]:
+        problems = ([f"model: {p}" for p in model_cfg.validate()]
+                    + [f"loss: {p}" for p in loss_cfg.validate()]
+                    + _check_etl_dir(inputs) + _check_sid_dir(inputs))
+        if not problems:
+            meta = load_sid_meta(inputs.sid_dir)
+            self._num_items = meta.num_items
+            if model_cfg.num_items and model_cfg.num_items != meta.num_items:
+                problems.append(f"model.num_items={model_cfg.num_items} but the catalogue has "
+                                f"{meta.num_items} items (0 = take it from sid_meta.json)")
+        return problems
+
+    def build(self, model_cfg: SASRecConfig, loss_cfg: SASRecLossConfig,
+              inputs: StageInputs) -> tuple[nn.Module, nn.Module]:
+        self._num_items = resolve_num_items(model_cfg, inputs)
+        return SASRec(replace(model_cfg, num_items=self._num_items)), SASRecLoss(loss_cfg)
+
+    def make_collate(self, model_cfg: SASRecConfig, loss_cfg: SASRecLossConfig,
+                     inputs: StageInputs) -> Callable[[list[dict]], SlateBatch]:
+        return SlateCollate(inputs.sid_dir, model_cfg.N, model_cfg.history_len)
+
+    def step(self, model: nn.Module, loss_module: nn.Module, batch: SlateBatch) -> StepOutput:
+        out = model(batch.hist_items, batch.hist_mask, batch.target_items)
+        terms = loss_module(out)
+        return StepOutput(terms.total, {"ce": terms.total.detach(), "acc": terms.acc.detach()})
+
+    def flops_per_sample(self, model_cfg: SASRecConfig) -> float:
+        """6 x (block params x T + catalogue x D x T), T = history_len + N - 1 positions; the
+        softmax term is counted only once num_items is known (config, validate or build)."""
+        T = model_cfg.history_len + model_cfg.N - 1
+        blocks = sasrec_param_count(replace(model_cfg, num_items=0, max_len=0))
+        items = model_cfg.num_items or self._num_items
+        return 6.0 * T * (blocks + items * model_cfg.d_model)
+
+    def finalize(self, model: nn.Module, model_cfg: SASRecConfig,
+                 loss_cfg: SASRecLossConfig, inputs: StageInputs, out_dir: Path) -> dict:
+        return {"stage": self.name, "params": _n_params(model),
+                "num_items": resolve_num_items(model_cfg, inputs)}
+
+
+@register("hsd")
+def hsd_stage() -> HSDStage:
+    return HSDStage()
+
+
+@register("flat")
+def flat_stage() -> FlatStage:
+    return FlatStage()
+
+
+@register("sasrec")
+def sasrec_stage() -> SASRecStage:
+    return SASRecStage()
