@@ -1,0 +1,316 @@
+"""Offline evaluation, decode latency and slate generation for a finished pipeline run.
+
+Launch::
+
+    higr-eval --run-dir runs/demo                      # re-evaluate, rewrite report.json/.md
+    higr-generate --run-dir runs/demo --num-users 20 --out slates.jsonl
+
+Design
+------
+Every model is rebuilt from its own run folder (``resolved_config.yaml`` -> stage.build) and
+loaded from the consolidated fp32 export (``final/model_fp32.pt``), so evaluation sees exactly
+what serving would. All models answer the same question on the same test users (leave-five-out,
+full catalogue): a ranked slate of N = 5 items per user.
+
+- ``higr`` (ORPO-aligned HSD when the alignment stage ran) and ``higr_no_align`` (the pretrained
+  HSD): trie-constrained coarse-to-fine decoding;
+- ``higr_dpo``: the DPO-aligned HSD, when the optional ``dpo`` stage ran (comparison);
+- ``flat``: trie-constrained beam search over the flattened N*L codes;
+- ``sasrec``: top-5 next items;
+- ``popularity``: the 5 items most often in training targets (counted streaming).
+
+Test slates stream from the shards (never all in memory); metrics accumulate exact sums
+(``SlateMetrics``). Latency is measured on the same users with repeated timed calls after a
+warm-up; we report the median and p99 and the ratio of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from higr_dist.data.loader import iterate_samples
+from higr_dist.data.shardio import list_shards
+from higr_dist.data.sids import load_sid_meta, load_sid_table
+from higr_dist.eval.metrics import SlateMetrics
+from higr_dist.schema import SLATE
+
+Predict = Callable[[object], np.ndarray]  # SlateBatch -> [B, N] item_idx
+
+
+def _threads() -> None:
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def load_stage_model(stage_dir: Path):
+    """(job, model) for a trained stage folder, weights from ``final/model_fp32.pt``, eval mode."""
+    from higr_dist.engine.config import load_job
+    from higr_dist.stages.base import get_stage
+
+    job = load_job(stage_dir / "resolved_config.yaml")
+    stage = get_stage(job.stage)
+    model, _ = stage.build(job.model, job.loss, job.inputs)
+    state = torch.load(stage_dir / "final" / "model_fp32.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.eval()
+    return job, model
+
+
+def test_batches(etl_dir: Path, collate, batch_size: int, max_users: int = 0) -> Iterator:
+    """Stream the test split in batches of ``batch_size`` (at most ``max_users`` users)."""
+    buf, seen = [], 0
+    for s in iterate_samples(list_shards(etl_dir / "slates" / "test"), SLATE):
+        buf.append(s)
+        seen += 1
+        if len(buf) == batch_size:
+            yield collate(buf), buf
+            buf = []
+        if max_users and seen >= max_users:
+            break
+    if buf:
+        yield collate(buf), buf
+
+
+def popularity_top(etl_dir: Path, k: int = 5) -> np.ndarray:
+    """The k items most frequent among training target slates (streaming count)."""
+    counts: Counter[int] = Counter()
+    for s in iterate_samples(list_shards(etl_dir / "slates" / "train"), SLATE):
+        counts.update(s["target_items"])
+    return np.array([i for i, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]])
+
+
+def make_predictors(run_dir: Path, sid_dir: Path, beam: int) -> tuple[dict[str, Predict], dict]:
+    """name -> predictor for every trained model in the run, plus the models themselves."""
+    from higr_dist.decode.flat import flat_beam_decode
+    from higr_dist.decode.hier import coarse_to_fine_decode
+    from higr_dist.decode.trie import SidTrie
+
+    meta = load_sid_meta(sid_dir)
+    trie = SidTrie.from_table(np.array(load_sid_table(sid_dir)), meta.K)  # copy: mmap is read-only
+    preds: dict[str, Predict] = {}
+    models: dict = {"trie": trie}
+
+    def hier(model) -> Predict:
+        return lambda b: coarse_to_fine_decode(model, b.hist_codes, b.hist_mask, b.hist_fb, trie,
+                                               beam=beam).items.numpy()
+
+    if (run_dir / "orpo" / "final" / "model_fp32.pt").is_file():
+        _, m = load_stage_model(run_dir / "orpo")
+        preds["higr"], models["higr"] = hier(m), m
+        _, m0 = load_stage_model(run_dir / "hsd")
+        preds["higr_no_align"], models["higr_no_align"] = hier(m0), m0
+    else:
+        _, m = load_stage_model(run_dir / "hsd")
+        preds["higr"], models["higr"] = hier(m), m
+    if (run_dir / "dpo" / "final" / "model_fp32.pt").is_file():
+        _, md = load_stage_model(run_dir / "dpo")
+        preds["higr_dpo"], models["higr_dpo"] = hier(md), md
+    if (run_dir / "flat" / "final" / "model_fp32.pt").is_file():
+        _, f = load_stage_model(run_dir / "flat")
+        models["flat"] = f
+        preds["flat"] = lambda b: flat_beam_decode(f, b.hist_codes, b.hist_mask, b.hist_fb, trie,
+                                                   beam=beam).items.numpy()
+    if (run_dir / "sasrec" / "final" / "model_fp32.pt").is_file():
+        _, s = load_stage_model(run_dir / "sasrec")
+        preds["sasrec"] = lambda b: s.recommend(b.hist_items, b.hist_mask, k=5).numpy()
+    return preds, models
+
+
+def evaluate(preds: dict[str, Predict], etl_dir: Path, collate, item_emb: np.ndarray,
+             batch_size: int, max_users: int, effective_threshold: float) -> dict[str, dict]:
+    """One streaming pass over the test users, every model on every batch."""
+    from tqdm import tqdm
+
+    pop = popularity_top(etl_dir)
+    acc = {name: SlateMetrics(effective_threshold) for name in [*preds, "popularity"]}
+    spent = dict.fromkeys(preds, 0.0)
+    with torch.inference_mode(), tqdm(desc="eval", unit="user", total=max_users or None) as bar:
+        for batch, _ in test_batches(etl_dir, collate, batch_size, max_users):
+            tgt, fb = batch.target_items.numpy(), batch.target_fb.numpy()
+            for name, fn in preds.items():
+                t = time.perf_counter()
+                acc[name].update(fn(batch), tgt, fb, item_emb)
+                spent[name] += time.perf_counter() - t
+            acc["popularity"].update(np.tile(pop, (tgt.shape[0], 1)), tgt, fb, item_emb)
+            bar.update(tgt.shape[0])
+    out = {name: a.result() for name, a in acc.items()}
+    for name, sec in spent.items():
+        out[name]["eval_seconds"] = round(sec, 2)
+    return out
+
+
+def time_decode(fn: Callable[[], object], repeats: int) -> dict:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000.0)
+    arr = np.array(times)
+    return {"median_ms": float(np.median(arr)), "p99_ms": float(np.percentile(arr, 99)),
+            "repeats": repeats}
+
+
+def decode_latency(models: dict, etl_dir: Path, collate, beam: int, batch_sizes: list[int],
+                   repeats: int) -> dict:
+    """Median/p99 latency and slates/s of HiGR vs flat decoding on the same users."""
+    from higr_dist.decode.flat import flat_beam_decode
+    from higr_dist.decode.hier import coarse_to_fine_decode
+
+    trie = models["trie"]
+    out: dict = {"beam": beam, "by_batch": {}}
+    for bs in batch_sizes:
+        batch, _ = next(test_batches(etl_dir, collate, bs, bs))
+        n = batch.num_samples
+        args = (batch.hist_codes, batch.hist_mask, batch.hist_fb, trie)
+        row = {"higr": time_decode(partial(coarse_to_fine_decode, models["higr"], *args, beam=beam),
+                                   repeats)}
+        if "flat" in models:
+            row["flat"] = time_decode(partial(flat_beam_decode, models["flat"], *args, beam=beam),
+                                      repeats)
+        for r in row.values():
+            r["batch"] = n
+            r["slates_per_s"] = n / (r["median_ms"] / 1000.0)
+        if "flat" in row:
+            row["speedup"] = row["flat"]["median_ms"] / row["higr"]["median_ms"]
+        out["by_batch"][str(bs)] = row
+    head = out["by_batch"][str(max(batch_sizes))]
+    out.update({k: v for k, v in head.items()})
+    return out
+
+
+def item_ids(etl_dir: Path) -> np.ndarray:
+    """item_idx -> source item_id (strings), from the ETL's item_index (catalogue-sized)."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(etl_dir / "item_index", columns=["item_idx", "item_id"])
+    idx = t.column("item_idx").to_numpy()
+    ids = np.empty(idx.max() + 1, dtype=object)
+    ids[idx] = t.column("item_id").to_pylist()
+    return ids
+
+
+def generate_slates(predict: Predict, etl_dir: Path, collate, num_users: int, out: Path,
+                    batch_size: int = 64) -> int:
+    """Write one JSON line per test user: user_id, item_ids (ranked), item_idx."""
+    from tqdm import tqdm
+
+    ids = item_ids(etl_dir)
+    n = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as fh, tqdm(total=num_users, desc="slates", unit="user") as bar:
+        for batch, samples in test_batches(etl_dir, collate, batch_size, num_users):
+            items = predict(batch)
+            for s, row in zip(samples, items):
+                fh.write(json.dumps({"user_id": s["user_id"], "item_ids": [ids[i] for i in row],
+                                     "item_idx": [int(i) for i in row]}) + "\n")
+                n += 1
+            bar.update(len(samples))
+    return n
+
+
+def evaluate_run(cfg, manifest: dict, summaries: dict) -> dict:
+    """Everything after training for a pipeline run; returns the report dict."""
+    from higr_dist.stages.hsd import SlateCollate
+
+    _threads()
+    run_dir = Path(cfg.run_dir)
+    etl_dir, sid_dir = run_dir / "etl", run_dir / "tokenizer" / "export"
+    preds, models = make_predictors(run_dir, sid_dir, cfg.eval.beam)
+    hcfg = models["higr"].cfg
+    collate = SlateCollate(sid_dir, hcfg.N, hcfg.history_len)
+    item_emb = np.load(sid_dir / "item_features.npy", mmap_mode="r")
+    t = time.perf_counter()
+    evals = evaluate(preds, etl_dir, collate, item_emb, cfg.eval.batch_size, cfg.eval.max_users,
+                     cfg.eval.effective_threshold)
+    eval_s = time.perf_counter() - t
+    decode = decode_latency(models, etl_dir, collate, cfg.eval.beam, list(cfg.eval.latency_batches),
+                            cfg.eval.latency_repeats)
+    n_slates = generate_slates(preds["higr"], etl_dir, collate, cfg.eval.generate_users,
+                               run_dir / "slates.jsonl")
+    sid_report = json.loads((sid_dir / "sid_report.json").read_text())
+    return {
+        "name": cfg.name,
+        "etl": {k: manifest[k] for k in ("rows_in", "rows_out", "rows_quarantined",
+                                         "quarantine_by_reason", "num_items", "num_users")
+                if k in manifest},
+        "tokenizer": {k: sid_report[k] for k in ("collision", "concentration", "consistency")},
+        "eval": evals,
+        "eval_seconds": round(eval_s, 1),
+        "effective_threshold": cfg.eval.effective_threshold,
+        "decode": decode,
+        "slates": {"file": str(run_dir / "slates.jsonl"), "users": n_slates},
+        "stages": {s: {k: v for k, v in (summ or {}).items() if not isinstance(v, dict | list)}
+                   for s, summ in summaries.items()},
+        "tensorboard": str(run_dir),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIs
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_pipeline(run_dir: Path):
+    from higr_dist.config import load
+    from higr_dist.pipeline import PipelineConfig
+
+    return load(PipelineConfig, run_dir / "resolved_config.yaml")
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """``higr-eval --run-dir runs/demo``: re-run evaluation and rewrite the run's report."""
+    from higr_dist.eval.report import eval_table, write_report
+
+    p = argparse.ArgumentParser(prog="higr-eval", description=eval_main.__doc__)
+    p.add_argument("--run-dir", required=True)
+    args = p.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "resolved_config.yaml").is_file():
+        print(f"higr-eval: {run_dir} is not a pipeline run folder (no resolved_config.yaml)",
+              file=sys.stderr)
+        return 2
+    cfg = _load_pipeline(run_dir)
+    manifest = json.loads((run_dir / "etl" / "manifest.json").read_text())
+    summaries = {s: json.loads((run_dir / s / "summary.json").read_text())
+                 for s in cfg.stages if (run_dir / s / "summary.json").is_file()}
+    report = evaluate_run(cfg, manifest, summaries)
+    write_report(run_dir, report, {s: run_dir / s / "tb" for s in summaries})
+    print(eval_table(report["eval"]))
+    return 0
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    """``higr-generate --run-dir runs/demo --num-users 20 --out slates.jsonl``."""
+    from higr_dist.stages.hsd import SlateCollate
+
+    p = argparse.ArgumentParser(prog="higr-generate", description=generate_main.__doc__)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--num-users", type=int, default=100, help="test users to generate for")
+    p.add_argument("--model", default="higr", choices=["higr", "higr_no_align", "flat", "sasrec"])
+    p.add_argument("--beam", type=int, default=10)
+    p.add_argument("--out", default=None, help="output JSONL (default <run-dir>/slates.jsonl)")
+    args = p.parse_args(argv)
+    _threads()
+    run_dir = Path(args.run_dir)
+    sid_dir = run_dir / "tokenizer" / "export"
+    preds, models = make_predictors(run_dir, sid_dir, args.beam)
+    if args.model not in preds:
+        print(f"higr-generate: model {args.model!r} was not trained in {run_dir}", file=sys.stderr)
+        return 2
+    hcfg = models["higr"].cfg
+    out = Path(args.out) if args.out else run_dir / "slates.jsonl"
+    n = generate_slates(preds[args.model], run_dir / "etl",
+                        SlateCollate(sid_dir, hcfg.N, hcfg.history_len), args.num_users, out)
+    print(f"wrote {n} slates to {out}")
+    return 0

@@ -1,0 +1,322 @@
+"""``higr run``: the whole pipeline on one config, ETL -> tokenizer -> HSD -> ORPO -> eval -> slates.
+
+Launch::
+
+    higr run --config configs/tiny/run.yaml --name demo                 # embedded synthetic data
+    higr run --config configs/tiny/run.yaml --name mine \\
+        --interactions logs.parquet --items items.parquet               # your data, generic schema
+
+Design
+------
+The pipeline is an orchestrator, not a second trainer: every training stage runs through the one
+engine, launched as a real multi-process job (``torchrun`` by default, ``deepspeed`` or in-process
+on request), exactly as a user would launch it on a cluster; the stage configs are the shipped
+``configs/<scale>/<stage>.yaml`` files with the run's paths given as ``key=value`` overrides.
+
+Steps are idempotent: each one records its output (ETL ``manifest.json``, a stage's
+``summary.json``) and a re-run skips finished steps, so a killed pipeline continues where it
+stopped (and a killed stage resumes from its last checkpoint inside the engine).
+
+Baselines get the same data, the same budget (steps, batch, lr schedule) and the same care as
+HiGR: ``flat`` and ``sasrec`` train on the same slate shards with the same ``train:`` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from higr_dist.config import ConfigError, load, to_dict, write_run_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: stages trained by the pipeline, in order, with the stage each one's weights initialise from
+STAGE_ORDER = ("tokenizer", "hsd", "flat", "sasrec", "orpo", "dpo")
+
+
+@dataclass
+class SourceSpec:
+    """Where the pipeline's input data comes from (the ``source:`` section)."""
+
+    interactions: str = ""
+    """Interaction log (CSV/Parquet, any Hadoop-FS URI); empty = the embedded synthetic data."""
+    items: str = ""
+    """Items table (``item_id, category[, caption]``); required with ``interactions``."""
+    synthetic: dict = field(default_factory=dict)
+    """Overrides of the synthetic generator's config (``higr_dist.etl.synthetic.SyntheticConfig``)."""
+
+
+@dataclass
+class LaunchSpec:
+    """How training stages are launched (the ``launch:`` section)."""
+
+    mode: Literal["torchrun", "deepspeed", "inprocess"] = "torchrun"
+    """``torchrun --standalone`` / ``deepspeed --num_gpus`` with ``nproc`` ranks, or in this
+    process as a world of one (fastest start-up; for debugging)."""
+    nproc: int = 2
+    """Ranks per stage on this machine (CPU: gloo processes; GPU: one per device)."""
+    hostfile: str = ""
+    """With ``mode: deepspeed``: a DeepSpeed hostfile (``hostfile.example``) to launch across
+    nodes instead of ``--num_gpus nproc`` on this one."""
+
+
+@dataclass
+class EvalSpec:
+    """Evaluation and generation settings (the ``eval:`` section)."""
+
+    beam: int = 10
+    """Beam width for trie-constrained decoding (HiGR generator and flat baseline)."""
+    batch_size: int = 64
+    """Users per decoding batch."""
+    max_users: int = 0
+    """Evaluate on at most this many test users (0 = all)."""
+    effective_threshold: float = 2.0
+    """watch_ratio at or above which a held-out item counts as an effective view."""
+    latency_batches: list[int] = field(default_factory=lambda: [1, 64])
+    """Batch sizes for the decode-latency measurement in the report."""
+    latency_repeats: int = 20
+    """Timed decode calls per batch size (median and p99 over these)."""
+    generate_users: int = 100
+    """Users to write slates for (``slates.jsonl``)."""
+
+
+@dataclass
+class PipelineConfig:
+    """The whole pipeline (``configs/<scale>/run.yaml``)."""
+
+    name: str = "demo"
+    """Run name: outputs go to ``<out_root>/<name>/``."""
+    out_root: str = "runs"
+    """Parent folder of run folders."""
+    seed: int = 0
+    """Seed for data generation and every stage."""
+    source: SourceSpec = field(default_factory=SourceSpec)
+    """Input data."""
+    etl: str = "configs/tiny/etl.yaml"
+    """ETL config file."""
+    etl_overrides: list[str] = field(default_factory=list)
+    """``key=value`` overrides of the ETL config."""
+    spark_master: str = "local[*]"
+    """Spark master for the ETL (the pipeline runs Spark in-process)."""
+    stages: dict[str, str] = field(default_factory=lambda: {
+        s: f"configs/tiny/{s}.yaml" for s in STAGE_ORDER if s != "dpo"})
+    """Stage name -> job config file. A stage absent here is skipped (``dpo`` is off by
+    default: it is the comparison for ORPO, evaluated as ``higr_dpo``)."""
+    stage_overrides: dict[str, list[str]] = field(default_factory=dict)
+    """Stage name -> ``key=value`` overrides (e.g. ``{hsd: [train.max_steps=50]}``)."""
+    launch: LaunchSpec = field(default_factory=LaunchSpec)
+    """How stages are launched."""
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    """Evaluation."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if bool(self.source.interactions) != bool(self.source.items):
+            problems.append("source: give both interactions and items, or neither (synthetic)")
+        for s in self.stages:
+            if s not in STAGE_ORDER:
+                problems.append(f"stages: unknown stage {s!r}; known: {', '.join(STAGE_ORDER)}")
+        if "tokenizer" not in self.stages or "hsd" not in self.stages:
+            problems.append("stages: tokenizer and hsd are required")
+        return problems
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_root) / self.name
+
+
+def _log(msg: str) -> None:
+    print(f"[higr run {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+# ---------------------------------------------------------------------------------------------
+
+
+def step_data(cfg: PipelineConfig, spark) -> tuple[str, str]:
+    """The input paths: the user's, or the embedded synthetic data (generated once)."""
+    if cfg.source.interactions:
+        return cfg.source.interactions, cfg.source.items
+    from higr_dist.etl.synthetic import SyntheticConfig, generate
+
+    out = cfg.run_dir / "data"
+    syn = load(SyntheticConfig, None, [f"{k}={json.dumps(v)}" for k, v in cfg.source.synthetic.items()],
+               base={"seed": cfg.seed})
+    done = out / "_SUCCESS.json"
+    if done.is_file():
+        paths = json.loads(done.read_text())
+        if paths.get("config") == to_dict(syn):
+            _log(f"data: reusing synthetic data in {out}")
+            return paths["interactions"], paths["items"]
+    _log(f"data: generating synthetic interactions ({syn}) into {out}")
+    inter, items = generate(spark, syn, str(out.resolve()))
+    done.write_text(json.dumps({"interactions": str(inter), "items": str(items),
+                                "config": to_dict(syn)}))
+    return str(inter), str(items)
+
+
+def step_etl(cfg: PipelineConfig, spark, interactions: str, items: str) -> dict:
+    from higr_dist.config import config_hash
+    from higr_dist.etl.build import run_etl
+    from higr_dist.etl.config import EtlConfig
+
+    etl_cfg = load(EtlConfig, ROOT / cfg.etl if not Path(cfg.etl).is_absolute() else cfg.etl,
+                   [*cfg.etl_overrides])
+    out = cfg.run_dir / "etl"
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("config_hash") == config_hash(etl_cfg):
+            _log(f"etl: reusing {out}")
+            return manifest
+    _log(f"etl: {interactions} + {items} -> {out}")
+    return run_etl(spark, etl_cfg, interactions, items, out, overwrite=True)
+
+
+def stage_overrides(cfg: PipelineConfig, stage: str) -> list[str]:
+    """The run-specific paths of one stage, then the user's overrides for it."""
+    rd = cfg.run_dir.resolve()
+    ov = [f"run.name={cfg.name}-{stage}", f"run.out_dir={rd / stage}", f"run.seed={cfg.seed}",
+          f"inputs.etl_dir={rd / 'etl'}"]
+    if stage != "tokenizer":
+        ov.append(f"inputs.sid_dir={rd / 'tokenizer' / 'export'}")
+    if stage in ("orpo", "dpo"):
+        ov.append(f"inputs.init_from={rd / 'hsd' / 'final' / 'model_fp32.pt'}")
+    if stage == "dpo":
+        ov.append(f"inputs.reference_from={rd / 'hsd' / 'final' / 'model_fp32.pt'}")
+    return ov + list(cfg.stage_overrides.get(stage, []))
+
+
+def launch_command(cfg: PipelineConfig, config_path: str, overrides: list[str]) -> list[str]:
+    """The exact command a user would type to run this stage."""
+    script = str(ROOT / "launcher" / "train.py")
+    args = ["--config", config_path, *overrides]
+    if cfg.launch.mode == "deepspeed":
+        where = (["--hostfile", cfg.launch.hostfile] if cfg.launch.hostfile
+                 else ["--num_gpus", str(cfg.launch.nproc)])
+        return ["deepspeed", *where, script, *args]
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    return [exe, "--standalone", "--nproc_per_node", str(cfg.launch.nproc), script, *args]
+
+
+def step_stage(cfg: PipelineConfig, stage: str) -> dict:
+    """Train one stage (skipped when its summary exists); returns its summary."""
+    out = cfg.run_dir / stage
+    summary = out / "summary.json"
+    if summary.is_file() and (out / "final" / "model_fp32.pt").is_file():
+        _log(f"{stage}: reusing {out}")
+        return json.loads(summary.read_text())
+    config_path = str(ROOT / cfg.stages[stage]) if not Path(cfg.stages[stage]).is_absolute() \
+        else cfg.stages[stage]
+    overrides = stage_overrides(cfg, stage)
+    t0 = time.perf_counter()
+    if cfg.launch.mode == "inprocess":
+        from higr_dist.engine.config import load_job
+        from higr_dist.engine.trainer import train
+
+        _log(f"{stage}: training in-process ({config_path})")
+        result = train(load_job(config_path, overrides))
+    else:
+        cmd = launch_command(cfg, config_path, overrides)
+        _log(f"{stage}: {' '.join(cmd)}")
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run(cmd, env=env, cwd=str(ROOT))
+        if proc.returncode != 0:
+            raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); command: {' '.join(cmd)}")
+        result = json.loads(summary.read_text())
+    _log(f"{stage}: done in {time.perf_counter() - t0:.1f}s")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole run
+# ---------------------------------------------------------------------------------------------
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Run every step; write ``report.json``/``report.md`` into the run folder; return the report."""
+    problems = cfg.validate()
+    if problems:
+        raise ConfigError(problems)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_metadata(run_dir, cfg)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    from pyspark.sql import SparkSession
+
+    from higr_dist.etl.spark import get_spark
+
+    t = time.perf_counter()
+    owned = SparkSession.getActiveSession() is None  # never stop a caller's session
+    spark = get_spark(app_name=f"higr-{cfg.name}", master=cfg.spark_master)
+    try:
+        interactions, items = step_data(cfg, spark)
+        manifest = step_etl(cfg, spark, interactions, items)
+    finally:
+        if owned:
+            spark.stop()  # free the JVM's memory before training starts
+    timings["data+etl"] = time.perf_counter() - t
+
+    summaries = {}
+    for stage in STAGE_ORDER:
+        if stage in cfg.stages:
+            t = time.perf_counter()
+            summaries[stage] = step_stage(cfg, stage)
+            timings[stage] = time.perf_counter() - t
+
+    from higr_dist.eval.harness import evaluate_run
+
+    t = time.perf_counter()
+    report = evaluate_run(cfg, manifest, summaries)
+    timings["eval"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    report["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    from higr_dist.eval.report import write_report
+
+    tb = {s: run_dir / s / "tb" for s in summaries}
+    write_report(run_dir, report, tb)
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="higr run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "tiny" / "run.yaml"))
+    p.add_argument("--name", default=None, help="run name (outputs in runs/<name>/)")
+    p.add_argument("--interactions", default=None, help="interaction log (generic schema)")
+    p.add_argument("--items", default=None, help="items table (generic schema)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.name:
+        overrides.append(f"name={args.name}")
+    if args.interactions:
+        overrides.append(f"source.interactions={args.interactions}")
+    if args.items:
+        overrides.append(f"source.items={args.items}")
+    try:
+        cfg = load(PipelineConfig, args.config, overrides)
+    except ConfigError as e:
+        print(f"higr run: {e}", file=sys.stderr)
+        return 2
+    report = run_pipeline(cfg)
+    from higr_dist.eval.report import eval_table
+
+    print("\n" + eval_table(report.get("eval", {})))
+    print(f"\nreport: {cfg.run_dir / 'report.json'}  {cfg.run_dir / 'report.md'}")
+    return 0
