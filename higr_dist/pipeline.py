@@ -84,6 +84,9 @@ class EvalSpec:
     """Batch sizes for the decode-latency measurement in the report."""
     latency_repeats: int = 20
     """Timed decode calls per batch size (median and p99 over these)."""
+    latency_budget_s: float = 20.0
+    """Stop timing one decoder at one batch size after this many seconds (at least 3 calls;
+    0 = always ``latency_repeats``). bench/decode.py is the place for careful latency figures."""
     generate_users: int = 100
     """Users to write slates for (``slates.jsonl``)."""
 

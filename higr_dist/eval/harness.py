@@ -149,20 +149,26 @@ def evaluate(preds: dict[str, Predict], etl_dir: Path, collate, item_emb: np.nda
     return out
 
 
-def time_decode(fn: Callable[[], object], repeats: int) -> dict:
+def time_decode(fn: Callable[[], object], repeats: int, budget_s: float = 0.0) -> dict:
+    """Median/p99 of up to ``repeats`` timed calls after one warm-up; with ``budget_s`` > 0,
+    stop early once that much time is spent (never below 3 calls), so a slow baseline cannot
+    stall a report. The number of calls made is returned as ``repeats``."""
     fn()  # warm-up
-    times = []
+    times: list[float] = []
+    start = time.perf_counter()
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1000.0)
+        if budget_s > 0 and len(times) >= 3 and time.perf_counter() - start > budget_s:
+            break
     arr = np.array(times)
     return {"median_ms": float(np.median(arr)), "p99_ms": float(np.percentile(arr, 99)),
-            "repeats": repeats}
+            "repeats": len(times)}
 
 
 def decode_latency(models: dict, etl_dir: Path, collate, beam: int, batch_sizes: list[int],
-                   repeats: int) -> dict:
+                   repeats: int, budget_s: float = 0.0) -> dict:
     """Median/p99 latency and slates/s of HiGR vs flat decoding on the same users."""
     from higr_dist.decode.flat import flat_beam_decode
     from higr_dist.decode.hier import coarse_to_fine_decode
@@ -174,10 +180,10 @@ def decode_latency(models: dict, etl_dir: Path, collate, beam: int, batch_sizes:
         n = batch.num_samples
         args = (batch.hist_codes, batch.hist_mask, batch.hist_fb, trie)
         row = {"higr": time_decode(partial(coarse_to_fine_decode, models["higr"], *args, beam=beam),
-                                   repeats)}
+                                   repeats, budget_s)}
         if "flat" in models:
             row["flat"] = time_decode(partial(flat_beam_decode, models["flat"], *args, beam=beam),
-                                      repeats)
+                                      repeats, budget_s)
         for r in row.values():
             r["batch"] = n
             r["slates_per_s"] = n / (r["median_ms"] / 1000.0)
@@ -200,22 +206,48 @@ def item_ids(etl_dir: Path) -> np.ndarray:
     return ids
 
 
+def serving_samples(etl_dir: Path, users: set[str] | None = None) -> Iterator[dict]:
+    """Each user's whole log as a serving context: the test sample's history followed by its
+    held-out window (so the slate is "what to show next"), filtered to ``users`` when given."""
+    for s in iterate_samples(list_shards(etl_dir / "slates" / "test"), SLATE):
+        if users is not None and str(s["user_id"]) not in users:
+            continue
+        yield dict(s, hist_items=[*s["hist_items"], *s["target_items"]],
+                   hist_fb=[*s["hist_fb"], *s["target_fb"]])
+
+
 def generate_slates(predict: Predict, etl_dir: Path, collate, num_users: int, out: Path,
-                    batch_size: int = 64) -> int:
-    """Write one JSON line per test user: user_id, item_ids (ranked), item_idx."""
+                    batch_size: int = 64, users: set[str] | None = None) -> int:
+    """Write one JSON line per user: user_id, item_ids (ranked), item_idx. The context is the
+    user's whole log (:func:`serving_samples`); at most ``num_users`` users (0 = all)."""
     from tqdm import tqdm
 
     ids = item_ids(etl_dir)
     n = 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as fh, tqdm(total=num_users, desc="slates", unit="user") as bar:
-        for batch, samples in test_batches(etl_dir, collate, batch_size, num_users):
-            items = predict(batch)
-            for s, row in zip(samples, items):
-                fh.write(json.dumps({"user_id": s["user_id"], "item_ids": [ids[i] for i in row],
-                                     "item_idx": [int(i) for i in row]}) + "\n")
-                n += 1
-            bar.update(len(samples))
+    total = len(users) if users is not None else (num_users or None)
+
+    def flush(buf: list[dict], fh) -> int:
+        items = predict(collate(buf))
+        for smp, row in zip(buf, items):
+            fh.write(json.dumps({"user_id": smp["user_id"], "item_ids": [ids[i] for i in row],
+                                 "item_idx": [int(i) for i in row]}) + "\n")
+        return len(buf)
+
+    with open(out, "w") as fh, tqdm(total=total, desc="slates", unit="user") as bar:
+        buf: list[dict] = []
+        for smp in serving_samples(etl_dir, users):
+            buf.append(smp)
+            if len(buf) == batch_size or (num_users and n + len(buf) >= num_users):
+                k = flush(buf, fh)
+                n, buf = n + k, []
+                bar.update(k)
+                if num_users and n >= num_users:
+                    break
+        if buf:
+            k = flush(buf, fh)
+            n += k
+            bar.update(k)
     return n
 
 
@@ -235,7 +267,7 @@ def evaluate_run(cfg, manifest: dict, summaries: dict) -> dict:
                      cfg.eval.effective_threshold)
     eval_s = time.perf_counter() - t
     decode = decode_latency(models, etl_dir, collate, cfg.eval.beam, list(cfg.eval.latency_batches),
-                            cfg.eval.latency_repeats)
+                            cfg.eval.latency_repeats, cfg.eval.latency_budget_s)
     n_slates = generate_slates(preds["higr"], etl_dir, collate, cfg.eval.generate_users,
                                run_dir / "slates.jsonl")
     sid_report = json.loads((sid_dir / "sid_report.json").read_text())
@@ -291,12 +323,16 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def generate_main(argv: list[str] | None = None) -> int:
-    """``higr-generate --run-dir runs/demo --num-users 20 --out slates.jsonl``."""
+    """``higr-generate --run-dir runs/demo [--users users.txt | --num-users 20] --out slates.jsonl``.
+
+    Slates for users of the run's data, from each user's whole log (history and held-out window);
+    ``--users`` is a file with one user_id per line."""
     from higr_dist.stages.hsd import SlateCollate
 
     p = argparse.ArgumentParser(prog="higr-generate", description=generate_main.__doc__)
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--num-users", type=int, default=100, help="test users to generate for")
+    p.add_argument("--num-users", type=int, default=100, help="users to generate for (0 = all)")
+    p.add_argument("--users", default=None, help="file with one user_id per line")
     p.add_argument("--model", default="higr", choices=["higr", "higr_no_align", "flat", "sasrec"])
     p.add_argument("--beam", type=int, default=10)
     p.add_argument("--out", default=None, help="output JSONL (default <run-dir>/slates.jsonl)")
@@ -308,9 +344,16 @@ def generate_main(argv: list[str] | None = None) -> int:
     if args.model not in preds:
         print(f"higr-generate: model {args.model!r} was not trained in {run_dir}", file=sys.stderr)
         return 2
+    users = None
+    if args.users:
+        users = {ln.strip() for ln in Path(args.users).read_text().splitlines() if ln.strip()}
     hcfg = models["higr"].cfg
     out = Path(args.out) if args.out else run_dir / "slates.jsonl"
     n = generate_slates(preds[args.model], run_dir / "etl",
-                        SlateCollate(sid_dir, hcfg.N, hcfg.history_len), args.num_users, out)
+                        SlateCollate(sid_dir, hcfg.N, hcfg.history_len),
+                        args.num_users if users is None else 0, out, users=users)
     print(f"wrote {n} slates to {out}")
+    if users is not None and n < len(users):
+        print(f"higr-generate: {len(users) - n} of {len(users)} requested users are not in "
+              f"{run_dir / 'etl'}", file=sys.stderr)
     return 0
