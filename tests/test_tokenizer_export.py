@@ -46,9 +46,21 @@ def test_resolution_without_residuals_keeps_lowest_item():
     assert res.sids.tolist() == [[2, 0], [2, 2], [2, 3], [2, 1]]
 
 
-def test_resolution_fails_clearly_when_a_prefix_group_exceeds_k():
+def test_resolution_fails_clearly_only_when_the_catalogue_exceeds_k_to_the_l():
     with pytest.raises(CollisionError, match="increase K or L"):
-        resolve_collisions(np.zeros((3, 2), dtype=np.int64), K=2)
+        resolve_collisions(np.zeros((5, 2), dtype=np.int64), K=2)
+
+
+def test_overfull_prefix_spills_to_the_nearest_sibling_with_room():
+    # 3 identical items, K=2, L=2: prefix [0] can hold 2, the third spills to prefix [1]
+    res = resolve_collisions(np.zeros((3, 2), dtype=np.int64), K=2)
+    assert res.sids.tolist() == [[0, 0], [0, 1], [1, 0]]
+    assert (res.spilled, res.collisions_before) == (1, 3)
+    # a sibling that is itself full is skipped: codes 0 and 1 full (K=3, cap 3), 2 has room
+    codes = np.array([[0, 0]] * 4 + [[1, 0], [1, 1], [1, 2]])
+    res = resolve_collisions(codes, K=3)
+    assert len(np.unique(res.sids, axis=0)) == 7 and res.spilled == 1
+    assert res.sids[3, 0] == 2  # cyclic distance: 0 -> 2 is 1 step, like 0 -> 1 (full)
 
 
 @settings(max_examples=60, deadline=None)
@@ -58,18 +70,23 @@ def test_resolution_properties(K, L, n, seed):
     codes = rng.integers(0, K, size=(n, L))
     codes[:, : L - 1] = rng.integers(0, 2, size=(n, L - 1))  # few prefixes: many collisions
     resid, book = rng.normal(size=(n, 3)), rng.normal(size=(K, 3))
-    prefix_sizes = np.unique(codes[:, : L - 1], axis=0, return_counts=True)[1]
-    if prefix_sizes.max() > K:
+    if n > K ** L:
         with pytest.raises(CollisionError):
             resolve_collisions(codes, K, resid, book)
         return
+    prefix_sizes = np.unique(codes[:, : L - 1], axis=0, return_counts=True)[1]
     res = resolve_collisions(codes, K, resid, book)
     again = resolve_collisions(codes.copy(), K, resid.copy(), book.copy())
     assert np.array_equal(res.sids, again.sids)  # deterministic
     assert len(np.unique(res.sids, axis=0)) == n  # unique
-    assert np.array_equal(res.sids[:, : L - 1], codes[:, : L - 1])  # prefixes untouched
+    if prefix_sizes.max() <= K:  # nothing to spill: prefixes untouched
+        assert res.spilled == 0
+        assert np.array_equal(res.sids[:, : L - 1], codes[:, : L - 1])
+    else:
+        assert res.spilled == int((res.sids[:, : L - 1] != codes[:, : L - 1]).any(1).sum()) > 0
     untouched = ~colliding_mask(codes)
-    assert np.array_equal(res.sids[untouched], codes[untouched])  # non-colliding unchanged
+    if res.spilled == 0:  # a spilled item may take a code a unique item held; else none move
+        assert np.array_equal(res.sids[untouched], codes[untouched])  # non-colliding unchanged
     assert res.sids.min() >= 0 and res.sids.max() < K
 
 

@@ -18,10 +18,16 @@ a fixed depth). Within each (L-1)-prefix group that holds a collision:
 2. the other colliding items, in item_idx order, take the nearest *free* last-layer code of
    their group (distance of r^{L-1} to each layer-L codeword; ties: lowest code).
 
-Only colliding items move, the (L-1)-prefixes never change (so prefix metrics are unaffected),
-and equal inputs give equal outputs. A group with more than K items cannot be made unique with
-L codes: that raises a :class:`CollisionError` suggesting a larger K or L. Without residuals
+Only colliding items move and equal inputs give equal outputs. Without residuals
 (``last_residual=None``), step 1 keeps the lowest item_idx and step 2 takes the lowest free code.
+
+A group larger than its capacity (an (L-1)-prefix holding more than K items; real catalogues
+have them: KuaiRec has 277 items with identical, empty text in one prefix) cannot be made unique
+by the last code alone. Before the steps above, :func:`spill_overfull` walks the layers top-down
+and moves the excess of every over-full prefix (the highest item_idx first) to the nearest
+sibling code (cyclic code distance) whose subtree has room. Only those items change a prefix
+code; their count is reported as ``spilled``. Only a catalogue larger than K^L raises a
+:class:`CollisionError` (increase K or L).
 """
 
 from __future__ import annotations
@@ -107,6 +113,9 @@ class Resolution:
     """collisions_before / N."""
     moved: int
     """Items that received a new last code."""
+    spilled: int = 0
+    """Items moved to another prefix because their prefix held more items than it can
+    separate (see :func:`spill_overfull`)."""
 
 
 def resolve_collisions(codes: np.ndarray, K: int, last_residual: np.ndarray | None = None,
@@ -120,10 +129,15 @@ def resolve_collisions(codes: np.ndarray, K: int, last_residual: np.ndarray | No
     N, L = codes.shape
     if (last_residual is None) != (last_codebook is None):
         raise ValueError("give both last_residual and last_codebook, or neither")
-    mask = colliding_mask(codes)
+    raw_mask = colliding_mask(codes)
+    before, rate = int(raw_mask.sum()), float(raw_mask.mean())
+    if not raw_mask.any():
+        return Resolution(codes.copy(), 0, 0.0, 0)
+    codes, spilled = spill_overfull(codes, K)  # every (L-1)-prefix now holds <= K items
     out = codes.copy()
+    mask = colliding_mask(codes)
     if not mask.any():
-        return Resolution(out, 0, 0.0, 0)
+        return Resolution(out, before, rate, 0, spilled)
     prefix = pack_codes(codes[:, : L - 1], K)  # [N]
     order = np.lexsort((np.arange(N), prefix))  # items by (prefix, item_idx)
     starts = np.searchsorted(prefix[order], np.unique(prefix[mask]))
@@ -131,12 +145,47 @@ def resolve_collisions(codes: np.ndarray, K: int, last_residual: np.ndarray | No
     moved = 0
     for lo, hi in zip(starts, ends):
         members = order[lo:hi]  # item_idx ascending
-        if len(members) > K:
-            raise CollisionError(
-                f"SID prefix {codes[members[0], : L - 1].tolist()} holds {len(members)} items but "
-                f"the last layer has only K={K} codes: increase K or L")
+        if len(members) > K:  # pragma: no cover - spill_overfull caps every group at K
+            raise CollisionError(f"SID prefix {codes[members[0], : L - 1].tolist()} still holds "
+                                 f"{len(members)} > K={K} items after spilling (bug)")
         moved += _resolve_group(out, members, last_residual, last_codebook, K)
-    return Resolution(out, int(mask.sum()), float(mask.mean()), moved)
+    return Resolution(out, before, rate, moved, spilled)
+
+
+def spill_overfull(codes: np.ndarray, K: int) -> tuple[np.ndarray, int]:
+    """Move the excess of over-full prefixes to sibling codes with room (module doc).
+
+    codes [N, L] -> (codes' [N, L], number of items whose prefix changed). Level j (0-based
+    code column, j < L-1) caps every group of items sharing codes[:, :j+1] at K^(L-1-j) items;
+    levels are fixed top-down, so the parent of every group already fits when it is visited.
+    """
+    codes = np.asarray(codes, dtype=np.int64).copy()
+    N, L = codes.shape
+    if N > K ** L:
+        raise CollisionError(f"{N} items cannot have unique SIDs with K={K}, L={L} "
+                             f"(K^L = {K ** L}): increase K or L")
+    changed = np.zeros(N, dtype=bool)
+    for j in range(L - 1):
+        cap = K ** (L - 1 - j)
+        parent = pack_codes(codes[:, :j], K) if j else np.zeros(N, dtype=np.int64)
+        for p in np.unique(parent):
+            members = np.nonzero(parent == p)[0]  # item_idx ascending
+            counts = np.bincount(codes[members, j], minlength=K)
+            if counts.max() <= cap:
+                continue
+            for code in np.nonzero(counts > cap)[0]:
+                holders = members[codes[members, j] == code]
+                for item in holders[cap:]:  # the highest item_idx spill
+                    dist = (np.arange(K) - code) % K
+                    dist = np.minimum(dist, K - dist)
+                    for alt in np.lexsort((np.arange(K), dist)):
+                        if counts[alt] < cap:
+                            counts[alt] += 1
+                            counts[code] -= 1
+                            codes[item, j] = alt
+                            changed[item] = True
+                            break
+    return codes, int(changed.sum())
 
 
 def _resolve_group(out: np.ndarray, members: np.ndarray, last_residual: np.ndarray | None,
@@ -218,12 +267,12 @@ def export_tokenizer(model: PCRQVAE, items: ItemTable, out_dir: str | Path,
     res = resolve_collisions(codes, K, last_res, last_book)
     report = sid_report(codes, items.categories, K)
     report.update({"collision_after": float(colliding_mask(res.sids).mean()),
-                   "moved_by_resolution": res.moved})
+                   "moved_by_resolution": res.moved, "spilled_by_resolution": res.spilled})
     meta = {"K": K, "L": L, "num_items": items.num_items,
             "collisions_before": res.collisions_before,
             "collision_rate_before": res.collision_rate_before,
             "resolution": "nearest free last-layer code within the (L-1)-prefix group",
-            "moved": res.moved, "emb_dim": int(z_q.shape[1]),
+            "moved": res.moved, "spilled": res.spilled, "emb_dim": int(z_q.shape[1]),
             "feature_dim": int(items.x.shape[1]), **(extra_meta or {})}
     keys, index_items = build_sid_index(res.sids, K)
     _save_npy(out / "sid_table.npy", res.sids.astype(np.int64))
