@@ -1,36 +1,50 @@
-"""Paper Table 2 on real items: RQ-KMeans vs RQ-VAE vs PCRQ-VAE on KuaiRec's 10,728 videos.
+"""Paper Table 2 on real items: RQ-KMeans vs RQ-VAE vs PCRQ-VAE on KuaiRec's 10,728 videos
+(or on any ETL output folder, e.g. the synthetic generator's).
 
-    python bench/tokenizer_kuairec.py --kuairec-dir /path/to/kuairec --out bench/results/tokenizer_kuairec.json
+    python bench/tokenizer_kuairec.py --kuairec-dir /path/to/kuairec \
+        --out bench/results/tokenizer_kuairec.json --jobs 2 --threads 1
+    python bench/tokenizer_kuairec.py --etl-dir /path/to/etl_out \
+        --out bench/results/tokenizer_synthetic.json --jobs 2 --threads 1
 
 Design
 ------
-- Items: ``kuairec_caption_category.csv[.zst]`` + ``item_categories.csv[.zst]`` read with
-  :func:`higr_dist.etl.kuairec_captions.read_items`; item_idx = item_id sorted as a string (the
-  ETL's convention).
-- Tokenizer input ``x = [text | tags]``: the caption/cover-text/topic-tag LSA embedding of
+- Input, KuaiRec mode (``--kuairec-dir``): ``kuairec_caption_category.csv[.zst]`` +
+  ``item_categories.csv[.zst]`` read with :func:`higr_dist.etl.kuairec_captions.read_items`;
+  item_idx = item_id sorted as a string (the ETL's convention). Tokenizer input
+  ``x = [text | tags]``: the cover-text/caption/topic-tag LSA embedding of
   :mod:`higr_dist.text_features` (``--text-dim``) and the multi-hot of the item's
   ``item_categories.csv`` tag ids, each L2-normalised (the ITEM schema's "concat of normalised
   parts"). The caption file's category levels are *not* in x: they are what the SIDs are
-  evaluated against (consistency/concentration vs the first level, and the second level).
-- Positives (the PAIR stream): each item's ``--top-p`` cosine neighbours in the text embedding,
-  plus co-watch pairs (same user, watch_ratio >= 2) from ``small_subset_watch_ratio.csv[.zst]``
-  when that file is present (``--no-cowatch`` to skip); items without a pair get a weight-0
-  self pair, as the ETL writes them.
-- Training: a single-process torch loop around the shipped stage's ``step()``
-  (``higr_dist.stages.tokenizer``: model forward over ``[anchors; positives]``, eq. 4 loss,
-  k-means init on the first batch, dead-code restarts), AdamW. Every trained method gets the
-  same budget (steps, batch, lr, widths, K, L) and the same batch sequence (one generator per
-  seed). RQ-KMeans is fitted by ``higr_dist.tokenizer.rq_kmeans.RQKMeans`` on x (no training).
+  evaluated against (level 1 headline, level 2 alongside). Positives: each item's ``--top-p``
+  cosine neighbours in x (``--pair-space text``: in the caption embedding only), plus co-watch
+  pairs (same user, watch_ratio >= 2) from ``small_subset_watch_ratio.csv[.zst]`` when present
+  (``--no-cowatch`` to skip); items without a pair get a weight-0 self pair, as the ETL writes.
+- Input, ETL mode (``--etl-dir``, docs/DESIGN.md): x from ``items/`` shards, positives exactly
+  as the ETL wrote them in ``pairs/`` (co-occurrence partners), the item's first category id
+  as level 1 and its second (synthetic ``top|sub``) as level 2.
+- Training: a torch loop around the shipped stage's ``step()`` (``higr_dist.stages.tokenizer``:
+  model forward over ``[anchors; positives]``, eq. 4 loss, k-means init on the first batch,
+  dead-code restarts), AdamW with a linear warm-up. Every trained method gets the same budget
+  (steps, batch, lr, widths, K, L) and the same batch sequence (one generator per seed).
+  RQ-KMeans is fitted by ``higr_dist.tokenizer.rq_kmeans.RQKMeans`` on x (no training).
+  ``--jobs N`` runs N (method, seed) jobs at once in spawned processes of ``--threads``
+  threads: on 2 cores, 2 x 1 thread beats 1 x 2 threads for these small matrices.
+- PCRQ-VAE-only settings (the baselines never see them): ``lambda_c`` 0.03 and the cumulative
+  ``prefix`` view were picked by a sweep on KuaiRec (docs/RESULTS_kuairec_tokenizer.md,
+  bench/results/tokenizer_kuairec_sweep.json); tau stays at the paper's 0.1.
 - Metrics: ``higr_dist.tokenizer.metrics.sid_report`` on the codes *before* collision
   resolution (collision, concentration and consistency at prefix 1 = headline, all prefixes,
-  usage/perplexity per layer), the same against the second-level category, the duplicate-input
-  floor (items whose x equals another item's x: no tokenizer can separate them), the share of
-  positive pairs sharing the layer-1 code, and the collision resolution outcome.
+  usage/perplexity per layer), the same against the level-2 category, the duplicate-input
+  floor (items whose x equals another item's x: no tokenizer can separate them), collisions
+  beyond that floor, the share of positive pairs sharing the layer-1 code / 2-prefix, the
+  collision resolution outcome, the last-100-step loss terms and the wall time.
 
 Methods: ``rq_kmeans``, ``rq_vae``, ``pcrq_vae_nocon`` (global quantisation loss, no
 contrastive term: isolates eq. 2 from eq. 3), ``pcrq_vae_prefix1`` / ``prefix2`` / ``prefix3``
 (contrastive on layers {1}, {1,2}, {1,2,3}). With ``--seeds S > 1`` every number is the mean
-over seeds (``<key>_std`` the standard deviation, ``per_seed`` the raw values).
+over seeds (``<key>_std`` the standard deviation, ``per_seed`` the raw values). The JSON is
+keyed by method, plus ``meta`` (config, data statistics, the issue's acceptance checks, paper
+Table 2, machine, load average at start and end, total wall time).
 """
 
 from __future__ import annotations
@@ -114,16 +128,23 @@ class BenchConfig:
     """Encoder widths (decoder mirrors)."""
     latent_dim: int = 32
     """Quantised latent size d."""
-    lambda_c: float = 0.1
-    """Contrastive weight (eq. 4; paper 0.1)."""
+    lambda_c: float = 0.03
+    """Contrastive weight (eq. 4; paper 0.1). PCRQ-VAE only. 0.03: best consistency of the sweep
+    {0.03, 0.1, 0.3, 1.0} on KuaiRec (docs/RESULTS_kuairec_tokenizer.md); larger weights
+    lowered consistency."""
     tau: float = 0.1
-    """InfoNCE temperature (paper 0.1)."""
-    contrastive_target: str = "codeword"
-    """q^l of eq. 3 (``codeword`` or ``prefix``)."""
+    """InfoNCE temperature (paper 0.1). PCRQ-VAE only."""
+    contrastive_target: str = "prefix"
+    """q^l of eq. 3 (``codeword`` or ``prefix``). PCRQ-VAE only. ``prefix`` (e^1+..+e^l):
+    with ``codeword`` the layer >= 2 views are short residual codewords, the cosine's 1/|q|
+    gradient blows up and layer 1 collapsed (collision 0.56-0.75) at every weight tried."""
     kmeans_iters: int = 20
     """Lloyd iterations (codebook init; RQ-KMeans passes)."""
     restart_every: int = 50
     """Dead-code restart window (training forwards)."""
+    codebook_init: str = "first_batch"
+    """``first_batch``: the stage's own k-means initialisation from the first training batch's
+    anchors; ``catalogue``: :meth:`PCRQVAE.init_codebooks` on every item before step 1."""
     text_dim: int = 64
     """LSA embedding size of the caption text."""
     top_p: int = 5
@@ -162,8 +183,8 @@ def find_file(kuairec_dir: Path, stem: str, required: bool = True) -> Path | Non
 class BenchData:
     x: np.ndarray
     """float32 [N, D] tokenizer input."""
-    text: np.ndarray
-    """float32 [N, text_dim] text embedding (zero rows: no text)."""
+    text: np.ndarray | None
+    """float32 [N, text_dim] caption embedding (zero rows: no text); None for ETL input."""
     cat1: np.ndarray
     """int64 [N] first-level category (0 = unknown)."""
     cat2: np.ndarray
@@ -176,7 +197,8 @@ class BenchData:
     """Data statistics for the report."""
 
 
-def load_data(kuairec_dir: Path, cfg: BenchConfig) -> BenchData:
+def load_kuairec_data(kuairec_dir: Path, cfg: BenchConfig) -> BenchData:
+    """KuaiRec side files -> x = [caption LSA | tag multi-hot], semantic (+ co-watch) pairs."""
     t0 = time.perf_counter()
     items = read_items(find_file(kuairec_dir, "kuairec_caption_category.csv"),
                        find_file(kuairec_dir, "item_categories.csv"))
@@ -216,14 +238,64 @@ def load_data(kuairec_dir: Path, cfg: BenchConfig) -> BenchData:
     stats["pairs_s"] = round(time.perf_counter() - t0, 2)
     cat1 = items["cat1"].to_numpy(np.int64)
     cat2 = items["cat2"].to_numpy(np.int64)
+    stats["source"] = "kuairec"
+    return finish_data(x, text, cat1, cat2, pairs, stats)
+
+
+def load_etl_data(etl_dir: Path, cfg: BenchConfig) -> BenchData:
+    """An ETL output folder (DESIGN.md) -> x from ``items/``, positives from ``pairs/``.
+
+    Categories: an item's first category id is level 1, its second (when it has one, e.g. the
+    synthetic generator's ``top|sub``) level 2, else level 1 again. The ETL's pairs are used
+    as written (co-occurrence partners plus weight-0 fill-ins); nothing is recomputed.
+    """
+    from higr_dist.data.loader import iterate_samples
+    from higr_dist.data.shardio import list_shards
+    from higr_dist.schema.items import ITEM
+    from higr_dist.schema.pairs import PAIR
+
+    t0 = time.perf_counter()
+    idx, xs, c1, c2 = [], [], [], []
+    for s in iterate_samples(list_shards(etl_dir / "items"), ITEM):
+        cats = list(s["categories"]) or [-1]
+        idx.append(int(s["item_idx"]))
+        xs.append(np.asarray(s["x"], dtype=np.float32))
+        c1.append(int(cats[0]))
+        c2.append(int(cats[1]) if len(cats) > 1 else int(cats[0]))
+    order = np.argsort(np.asarray(idx, dtype=np.int64), kind="stable")
+    n = len(idx)
+    if not np.array_equal(np.asarray(idx)[order], np.arange(n)):
+        raise ValueError(f"{etl_dir}/items: item_idx is not 0..N-1 exactly once")
+    x = np.ascontiguousarray(np.stack(xs)[order], dtype=np.float32)  # [N, D]
+    cat1 = np.asarray(c1, dtype=np.int64)[order]
+    cat2 = np.asarray(c2, dtype=np.int64)[order]
+    a, p, w = [], [], []
+    for s in iterate_samples(list_shards(etl_dir / "pairs"), PAIR):
+        a.append(int(s["anchor"]))
+        p.append(int(s["positive"]))
+        w.append(float(s["weight"]))
+    pairs = complete_pairs(n, Pairs(np.asarray(a, np.int64), np.asarray(p, np.int64),
+                                    np.asarray(w, np.float32)))
+    stats = {"source": "etl", "num_items": n, "input_dim": int(x.shape[1]),
+             "read_s": round(time.perf_counter() - t0, 2), "etl_pairs": len(a)}
+    return finish_data(x, None, cat1, cat2, pairs, stats)
+
+
+def finish_data(x: np.ndarray, text: np.ndarray | None, cat1: np.ndarray, cat2: np.ndarray,
+                pairs: Pairs, stats: dict) -> BenchData:
+    """Shared statistics (pair/category agreement, duplicate-input floor) + the BenchData."""
+    n = len(x)
     real = pairs.weight > 0
     stats.update({
-        "pairs": len(pairs), "items_without_pair": int((~real).sum()),
-        "pair_cat1_agreement": float((cat1[pairs.anchor[real]] == cat1[pairs.positive[real]]).mean()),
+        "pairs": len(pairs), "items_without_pair": int(n - len(np.unique(pairs.anchor[real]))),
+        "pair_cat1_agreement": float((cat1[pairs.anchor[real]] == cat1[pairs.positive[real]]).mean())
+        if real.any() else None,
+        "pair_cat2_agreement": float((cat2[pairs.anchor[real]] == cat2[pairs.positive[real]]).mean())
+        if real.any() else None,
         "duplicate_x_floor": float(colliding_mask(x.round(6)).mean()),
         "cat1_classes": int(len(np.unique(cat1))), "cat2_classes": int(len(np.unique(cat2))),
-        "random_pair_cat1_agreement": float(((np.bincount(cat1) / n) ** 2).sum()),
-        "random_pair_cat2_agreement": float(((np.bincount(cat2) / n) ** 2).sum()),
+        "random_pair_cat1_agreement": float(((np.unique(cat1, return_counts=True)[1] / n) ** 2).sum()),
+        "random_pair_cat2_agreement": float(((np.unique(cat2, return_counts=True)[1] / n) ** 2).sum()),
     })
     _, x_group = np.unique(x.round(6), axis=0, return_inverse=True)
     return BenchData(x, text, cat1, cat2, x_group.reshape(-1).astype(np.int64), pairs, stats)
@@ -256,20 +328,26 @@ def model_config(cfg: BenchConfig, method: str, input_dim: int, seed: int) -> PC
                          seed=seed, **METHODS[method])
 
 
-def train(data: BenchData, cfg: BenchConfig, mcfg: PCRQVAEConfig, seed: int
-          ) -> tuple[PCRQVAE, dict]:
+def train(data: BenchData, cfg: BenchConfig, mcfg: PCRQVAEConfig, seed: int,
+          device: str = "cpu") -> tuple[PCRQVAE, dict]:
     """The shipped stage's step() in a plain AdamW loop; returns the model and final terms."""
     torch.manual_seed(seed)
     stage = TokenizerStage()
     model, loss_module = stage.build(mcfg, PCRQVAELossConfig(lambda_c=cfg.lambda_c),
                                      StageInputs())
+    model.to(device)
+    x = torch.from_numpy(data.x).to(device)
+    if cfg.codebook_init == "catalogue":
+        model.init_codebooks(x)
+    elif cfg.codebook_init != "first_batch":
+        raise ValueError(f"codebook_init must be first_batch or catalogue, got {cfg.codebook_init!r}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
-    x = torch.from_numpy(data.x)
     p = data.pairs
-    anchor, positive = torch.from_numpy(p.anchor), torch.from_numpy(p.positive)
-    weight = torch.from_numpy(p.weight)
+    anchor = torch.from_numpy(p.anchor).to(device)
+    positive = torch.from_numpy(p.positive).to(device)
+    weight = torch.from_numpy(p.weight).to(device)
     g = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(len(p), generator=g), 0
     model.train()
@@ -277,7 +355,7 @@ def train(data: BenchData, cfg: BenchConfig, mcfg: PCRQVAEConfig, seed: int
     for step in range(cfg.steps):
         if pos + cfg.batch_size > len(order):
             order, pos = torch.randperm(len(p), generator=g), 0
-        idx = order[pos:pos + cfg.batch_size]
+        idx = order[pos:pos + cfg.batch_size].to(device)
         pos += cfg.batch_size
         batch = PairBatch(x[anchor[idx]], x[positive[idx]], weight[idx], anchor[idx],
                           positive[idx])
@@ -290,7 +368,7 @@ def train(data: BenchData, cfg: BenchConfig, mcfg: PCRQVAEConfig, seed: int
             raise FloatingPointError(f"{mcfg.mode}: loss {float(out.loss.detach())} at step {step}")
         if step >= cfg.steps - 100:  # average the last 100 steps' terms
             for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
-                tail.setdefault(k, []).append(float(v))
+                tail.setdefault(k, []).append(float(torch.as_tensor(v).detach()))
     return model.eval(), {k: float(np.mean(v)) for k, v in tail.items()}
 
 
@@ -340,7 +418,8 @@ def distinct_input_collision(codes: np.ndarray, x_group: np.ndarray) -> float:
     return float((inputs_per_sid[sid] > 1).mean())
 
 
-def run_method(method: str, data: BenchData, cfg: BenchConfig, seed: int) -> dict:
+def run_method(method: str, data: BenchData, cfg: BenchConfig, seed: int,
+               device: str = "cpu") -> dict:
     t0 = time.perf_counter()
     mcfg = model_config(cfg, method, data.x.shape[1], seed)
     if mcfg.mode == "rq_kmeans":
@@ -348,11 +427,46 @@ def run_method(method: str, data: BenchData, cfg: BenchConfig, seed: int) -> dic
         rq.fit(tensor_chunks(torch.from_numpy(data.x), 8192))
         model, terms = rq.to_model(data.x.shape[1], seed=seed), {}
     else:
-        model, terms = train(data, cfg, mcfg, seed)
+        model, terms = train(data, cfg, mcfg, seed, device)
     result = evaluate(model, data, cfg.K)
     result["train_terms"] = terms
     result["wall_s"] = time.perf_counter() - t0
     return result
+
+
+def _job(method: str, data: BenchData, cfg: BenchConfig, seed: int, device: str,
+         threads: int) -> dict:
+    """One (method, seed) in a worker process (``--jobs > 1``)."""
+    torch.set_num_threads(threads)
+    return run_method(method, data, cfg, seed, device)
+
+
+def run_all(methods: list[str], data: BenchData, cfg: BenchConfig, device: str, threads: int,
+            jobs: int) -> dict[str, list[dict]]:
+    """Every (method, seed), ``jobs`` at a time (spawned processes of ``threads`` threads each);
+    results in method order whatever the completion order."""
+    todo = [(m, cfg.seed + s) for m in methods for s in range(cfg.seeds)]
+    done: dict[tuple[str, int], dict] = {}
+
+    def report(key: tuple[str, int], r: dict) -> None:
+        done[key] = r
+        print(f"{key[0]} seed {key[1]}: collision {r['collision']:.4f} consistency "
+              f"{fmt(r['consistency'])} concentration {r['concentration']:.3f} "
+              f"({r['wall_s']:.1f} s)", flush=True)
+
+    if jobs <= 1:
+        for m, seed in todo:
+            report((m, seed), run_method(m, data, cfg, seed, device))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_job, m, data, cfg, seed, device, threads): (m, seed)
+                       for m, seed in todo}
+            for fut in as_completed(futures):
+                report(futures[fut], fut.result())
+    return {m: [done[(m, cfg.seed + s)] for s in range(cfg.seeds)] for m in methods}
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -414,11 +528,20 @@ def checks(results: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kuairec-dir", required=True, type=Path)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--kuairec-dir", type=Path,
+                     help="folder with kuairec_caption_category.csv[.zst], item_categories.csv[.zst]"
+                          " (and optionally small_subset_watch_ratio.csv[.zst])")
+    src.add_argument("--etl-dir", type=Path,
+                     help="an ETL output folder (items/ and pairs/ shards, docs/DESIGN.md)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--methods", default=",".join(METHODS),
                     help=f"comma-separated subset of {', '.join(METHODS)}")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
+    ap.add_argument("--device", default="cpu", help="torch device of the trained methods")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="(method, seed) runs at a time, each in its own process of --threads "
+                         "threads (2 x 1 thread is the fastest use of 2 idle cores)")
     for f, default in asdict(BenchConfig()).items():
         kind = type(default)
         if kind is bool:
@@ -438,27 +561,26 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     t_all = time.perf_counter()
-    data = load_data(args.kuairec_dir, cfg)
+    load_start = os.getloadavg()
+    if args.kuairec_dir is not None:
+        data = load_kuairec_data(args.kuairec_dir, cfg)
+    else:
+        data = load_etl_data(args.etl_dir, cfg)
     print(json.dumps(data.stats), flush=True)
-    results: dict[str, dict] = {}
-    for method in methods:
-        runs = []
-        for s in range(cfg.seeds):
-            r = run_method(method, data, cfg, cfg.seed + s)
-            runs.append(r)
-            print(f"{method} seed {cfg.seed + s}: collision {r['collision']:.4f} consistency "
-                  f"{fmt(r['consistency'])} concentration {r['concentration']:.3f} "
-                  f"({r['wall_s']:.1f} s)", flush=True)
-        results[method] = aggregate(runs)
+    runs = run_all(methods, data, cfg, args.device, args.threads, args.jobs)
+    results = {m: aggregate(r) for m, r in runs.items()}
     print()
     print(table(results))
     check = checks(results)
     print(json.dumps(check, indent=1))
     payload = dict(results)
     payload["meta"] = {"config": asdict(cfg), "data": data.stats, "checks": check,
-                       "paper_table2": PAPER_TABLE2, "threads": args.threads,
+                       "paper_table2": PAPER_TABLE2, "threads": args.threads, "jobs": args.jobs,
                        "torch": torch.__version__, "python": platform.python_version(),
-                       "machine": platform.machine(), "total_wall_s":
+                       "machine": platform.machine(), "cpus": os.cpu_count(),
+                       "loadavg_start": [round(v, 2) for v in load_start],
+                       "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+                       "argv": sys.argv[1:], "total_wall_s":
                        round(time.perf_counter() - t_all, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=1))
