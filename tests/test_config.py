@@ -64,3 +64,17 @@ def test_bad_override_and_missing_file(tmp_path):
         load(Outer, None, ["steps"])
     with pytest.raises(ConfigError, match="config file not found"):
         load(Outer, tmp_path / "nope.yaml")
+
+
+def test_float_written_without_a_dot_is_a_number():
+    from dataclasses import dataclass
+
+    from higr_dist.config import from_dict
+
+    @dataclass
+    class C:
+        lr: float = 1.0
+
+    assert from_dict(C, {"lr": "3e-4"}).lr == 3e-4
+    with pytest.raises(ConfigError, match="expected a number"):
+        from_dict(C, {"lr": "fast"})
