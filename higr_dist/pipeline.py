@@ -24,6 +24,7 @@ HiGR: ``flat`` and ``sasrec`` train on the same slate shards with the same ``tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -211,6 +212,37 @@ def launch_command(cfg: PipelineConfig, config_path: str, overrides: list[str]) 
     return [exe, "--standalone", "--nproc_per_node", str(cfg.launch.nproc), script, *args]
 
 
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def _in_process_world():
+    """Let in-process stages share one world of one, and leave the process as it was found.
+
+    The engine creates the default process group (and sets the launcher variables) when none
+    exists. DeepSpeed caches its groups process-wide, so the group must live for all stages of
+    the run rather than be rebuilt per stage; afterwards it is destroyed (when this run created
+    it), because a caller that did not own it (a notebook, a test session that later forks
+    gloo workers) must not inherit it.
+    """
+    import torch.distributed as dist
+
+    from higr_dist.engine.trainer import shutdown
+
+    owned = not (dist.is_available() and dist.is_initialized())
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    try:
+        yield
+    finally:
+        if owned:
+            shutdown()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
 def step_stage(cfg: PipelineConfig, stage: str) -> dict:
     """Train one stage (skipped when its summary exists); returns its summary."""
     out = cfg.run_dir / stage
@@ -273,11 +305,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     timings["data+etl"] = time.perf_counter() - t
 
     summaries = {}
-    for stage in STAGE_ORDER:
-        if stage in cfg.stages:
-            t = time.perf_counter()
-            summaries[stage] = step_stage(cfg, stage)
-            timings[stage] = time.perf_counter() - t
+    world = _in_process_world() if cfg.launch.mode == "inprocess" else contextlib.nullcontext()
+    with world:
+        for stage in STAGE_ORDER:
+            if stage in cfg.stages:
+                t = time.perf_counter()
+                summaries[stage] = step_stage(cfg, stage)
+                timings[stage] = time.perf_counter() - t
 
     from higr_dist.eval.harness import evaluate_run
 

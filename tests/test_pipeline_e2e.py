@@ -70,6 +70,16 @@ def test_report_contract(report):
     assert list(run_dir.glob("*.png")) or list((run_dir / "plots").glob("*.png"))
 
 
+def test_in_process_run_leaves_no_process_group(report):
+    # later tests fork gloo workers: an inherited default group breaks their init
+    import os
+
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+
+
 def test_hsd_beats_popularity(report):
     _, rep = report
     hsd = rep["eval"]["higr_no_align"]["effective"]["ndcg5"]
