@@ -19,14 +19,16 @@ from higr_dist.data.shardio import write_listing, write_shard
 from higr_dist.engine import checkpoint as ckpt
 from higr_dist.engine.config import JobConfig, TrainConfig, ensure_resolved, load_job
 from higr_dist.engine.ds_config import (
+    CPU_ZERO_OPTIONS,
     WarmupCosine,
     build_ds_config,
     param_groups,
     peak_tflops,
+    trainer_clips_gradients,
     use_deepspeed_optimizer,
 )
 from higr_dist.engine.logging import format_line, metric_tag
-from higr_dist.engine.trainer import schema_for, total_steps_for
+from higr_dist.engine.trainer import clip_gradients, schema_for, total_steps_for
 from higr_dist.schema import ITEM, PAIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,16 +38,18 @@ TINY = ROOT / "configs" / "tiny" / "tokenizer.yaml"
 N_ITEMS, DIM, CLUSTERS = 96, 16, 8
 
 
-def write_tiny_etl(out: Path, pair_shards: tuple[int, ...] = (56, 56, 56, 24)) -> Path:
+def write_tiny_etl(out: Path, pair_shards: tuple[int, ...] = (56, 56, 56, 24),
+                   dim: int = DIM) -> Path:
     """An ETL-shaped folder: ``items/`` (one shard) and ``pairs/`` (shards of the given sizes,
     deliberately uneven so ranks get different batch counts), with ``shards.json`` listings.
 
-    Items are noisy copies of CLUSTERS centres; each item gets two positives from its cluster.
+    Items are noisy copies of CLUSTERS centres in ``dim`` features; each item gets two
+    positives from its cluster. Deterministic (fixed seed): the golden-loss test relies on it.
     """
     rng = np.random.default_rng(0)
-    centers = rng.normal(size=(CLUSTERS, DIM)).astype(np.float32)
+    centers = rng.normal(size=(CLUSTERS, dim)).astype(np.float32)
     cat = np.arange(N_ITEMS) % CLUSTERS
-    x = (centers[cat] + 0.2 * rng.normal(size=(N_ITEMS, DIM))).astype(np.float32)
+    x = (centers[cat] + 0.2 * rng.normal(size=(N_ITEMS, dim))).astype(np.float32)
     items = out / "items"
     items.mkdir(parents=True, exist_ok=True)
     write_listing(items, [write_shard(items / "shard-000000.tar", ITEM, (
@@ -143,13 +147,42 @@ def test_ds_config_from_train_config():
     cfg = build_ds_config(t, world_size=2, device_type="cpu")
     assert cfg["train_batch_size"] == 64 and cfg["train_micro_batch_size_per_gpu"] == 8
     assert cfg["gradient_accumulation_steps"] == 4
-    assert cfg["zero_optimization"] == {"stage": 3}
+    assert cfg["zero_optimization"] == {"stage": 3, **CPU_ZERO_OPTIONS}
+    t.zero_options = {"overlap_comm": True, "reduce_bucket_size": 5}  # the config wins
+    assert build_ds_config(t, world_size=2, device_type="cpu")["zero_optimization"] == {
+        "stage": 3, "contiguous_gradients": False, "reduce_bucket_size": 5,
+        "allgather_bucket_size": 2_000_000, "overlap_comm": True}
+    assert build_ds_config(t, world_size=2, device_type="cuda")["zero_optimization"] == {
+        "stage": 3, "overlap_comm": True, "reduce_bucket_size": 5}  # DeepSpeed's defaults
+    t.zero_options = {}
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
     assert cfg["gradient_clipping"] == 0.5 and cfg["zero_allow_untested_optimizer"]
-    assert "optimizer" not in cfg and "scheduler" not in cfg  # torch AdamW + LambdaLR on CPU
+    # ZeRO-0 fp32 (also any stage in a world of one): the trainer clips, DeepSpeed does not
+    fp32 = TrainConfig(zero_stage=2, global_batch_size=64, micro_batch_size=8, grad_clip=0.5)
+    assert trainer_clips_gradients(fp32, 1) and not trainer_clips_gradients(fp32, 2)
+    assert build_ds_config(fp32, 1, "cpu")["gradient_clipping"] == 0.0
+    assert build_ds_config(fp32, 2, "cpu")["gradient_clipping"] == 0.5
+    assert not trainer_clips_gradients(t, 1)  # bf16: DeepSpeed's bf16 optimizer clips
+    # one rank has nothing to partition: DeepSpeed gets stage 0 (same math, no ZeRO copies)
+    assert build_ds_config(t, world_size=1, device_type="cuda")["zero_optimization"] == {
+        "stage": 0}
+    assert "optimizer" not in cfg and "scheduler" not in cfg  # client AdamW + LambdaLR
+    # auto = torch's fused AdamW as client optimizer everywhere (no JIT-compiled op on GPUs)
+    assert "optimizer" not in build_ds_config(t, world_size=2, device_type="cuda")
+    assert use_deepspeed_optimizer(TrainConfig(optimizer="auto"), "cuda") is False
+    t.optimizer = "deepspeed"  # DeepSpeed's FusedAdam from the ds config's optimizer block
     gpu = build_ds_config(t, world_size=2, device_type="cuda")
     assert gpu["optimizer"]["type"] == "AdamW" and gpu["optimizer"]["params"]["lr"] == t.lr
-    assert use_deepspeed_optimizer(TrainConfig(optimizer="torch"), "cuda") is False
+    assert gpu["optimizer"]["params"]["betas"] == list(t.betas)
+
+
+def test_clip_gradients_returns_the_pre_clip_norm():
+    model = torch.nn.Linear(3, 2)
+    model.weight.grad = torch.full((2, 3), 2.0)  # norm sqrt(24)
+    model.bias.grad = torch.zeros(2)
+    assert clip_gradients(model, 1.0) == pytest.approx(24 ** 0.5)
+    assert torch.linalg.vector_norm(model.weight.grad).item() == pytest.approx(1.0, rel=1e-5)
+    assert clip_gradients(model, 0.0) == pytest.approx(1.0, rel=1e-5)  # 0: measure only
 
 
 def test_param_groups_skip_decay_on_vectors():

@@ -10,8 +10,10 @@ cores):
    reference's weights, loss, LR and step;
 4. ZeRO-2, ZeRO-3 and bf16 jobs in one ``deepspeed --num_gpus 2`` launch (a driver calling
    ``engine.train`` three times; on CPU the launcher starts CPU ranks);
-5. a world of one without any launcher (plain ``python``): ZeRO-0 training, then RQ-KMeans
-   (nothing to train) in the same process.
+5. a world of one without any launcher (plain ``python``), three runs in one process: the
+   golden run (``tests/golden_regen.py``: the tiny config as shipped, 10 steps, losses must
+   match ``tests/golden/tokenizer_tiny.json``), ZeRO-0 training, then RQ-KMeans (nothing to
+   train).
 
 The shards are uneven on purpose (56/56/56/24 pairs) so ranks hold different numbers of
 batches every epoch; every run checks each epoch saw every sample exactly once.
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden_regen import GOLDEN, golden_overrides, read_losses, write_golden_etl
 from test_engine import DIM, tiny_overrides, write_tiny_etl
 
 pytestmark = pytest.mark.dist
@@ -118,6 +121,7 @@ def test_launcher_trains_tokenizer_on_two_ranks(reference):
     s = _assert_trained(reference)
     assert (s["world_size"], s["zero_stage"], s["precision"]) == (2, 1, "fp32")
     assert s["resumed_from"] is None and s["throughput"]["median_samples_per_s"] > 0
+    assert 0 <= s["throughput"]["data_wait_share"] < 1  # whole run, rank 0
     # run folder: metadata, the last M checkpoints, fp32 export, stage export
     assert "git_sha" in json.loads((reference / "run_meta.json").read_text())
     assert "zero_stage: 1" in (reference / "resolved_config.yaml").read_text()
@@ -169,7 +173,19 @@ def test_killed_run_resumes_to_identical_weights(reference, etl):
     assert lr_run[-1] == pytest.approx(lr_ref[-1], rel=1e-9)
 
 
-def test_zero2_zero3_and_bf16_train_under_deepspeed_launcher(etl, tmp_path):
+@pytest.fixture
+def deepspeed_port():
+    """A free master port for one ``deepspeed`` launch; afterwards removes the CPU all-reduce
+    shared-memory files (~66 MB each, ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_
+    <port>_<rank>``) that launch may have left, whether or not the test passed. Only this
+    port's files: other jobs on the machine keep theirs."""
+    port = _free_port()
+    yield port
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        path.unlink(missing_ok=True)
+
+
+def test_zero2_zero3_and_bf16_train_under_deepspeed_launcher(etl, tmp_path, deepspeed_port):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     runs = {"zero2": ["train.zero_stage=2"], "zero3": ["train.zero_stage=3"],
@@ -177,7 +193,7 @@ def test_zero2_zero3_and_bf16_train_under_deepspeed_launcher(etl, tmp_path):
     specs = [" ".join([*tiny_overrides(etl, tmp_path / name), *TRAIN, *extra,
                        "data.num_workers=0", "train.progress_bar=false"])
              for name, extra in runs.items()]
-    port = _free_port()
+    port = deepspeed_port
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2",
            "--master_port", str(port), str(driver), str(TINY), *specs]
     _ok(subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300))
@@ -191,21 +207,47 @@ def test_zero2_zero3_and_bf16_train_under_deepspeed_launcher(etl, tmp_path):
         assert (tmp_path / name / "export" / "sid_table.npy").is_file()
 
 
-def test_world_of_one_in_process_twice(etl, tmp_path):
-    """No launcher env: ``engine.train`` makes a world of one; a second call in the same process
-    (what ``higr run`` does) reuses it; RQ-KMeans (nothing to train) goes straight to export."""
-    driver = tmp_path / "driver.py"
+@pytest.fixture(scope="module")
+def solo(etl, tmp_path_factory) -> Path:
+    """One plain ``python`` process (no launcher env), three runs in it: golden, ZeRO-0, RQ-KMeans.
+
+    The golden run goes first, as in ``tests/golden_regen.py`` (its own process)."""
+    root = tmp_path_factory.mktemp("solo")
+    driver = root / "driver.py"
     driver.write_text(DRIVER)
-    solo = " ".join([*tiny_overrides(etl, tmp_path / "solo"), *TRAIN, "train.zero_stage=0",
-                     "train.global_batch_size=32", "train.micro_batch_size=16",
-                     "train.max_steps=12"])
-    kmeans = " ".join([*tiny_overrides(etl, tmp_path / "kmeans"), "model.mode=rq_kmeans"])
-    proc = subprocess.run([sys.executable, str(driver), str(TINY), solo, kmeans], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=300)
-    _ok(proc)
-    s = _assert_trained(tmp_path / "solo", steps=12, drop=1.0)
+    golden = " ".join(golden_overrides(write_golden_etl(root / "golden_etl"), root / "golden"))
+    zero0 = " ".join([*tiny_overrides(etl, root / "zero0"), *TRAIN, "train.zero_stage=0",
+                      "train.global_batch_size=32", "train.micro_batch_size=16",
+                      "train.max_steps=12"])
+    kmeans = " ".join([*tiny_overrides(etl, root / "kmeans"), "model.mode=rq_kmeans"])
+    _ok(subprocess.run([sys.executable, str(driver), str(TINY), golden, zero0, kmeans],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300))
+    return root
+
+
+def test_golden_losses(solo):
+    """The tiny tokenizer config's first 10 losses (fp32, seed 0, world 1) are reproduced.
+
+    On a deliberate change of numerics regenerate with ``.venv/bin/python tests/golden_regen.py``.
+    """
+    golden = json.loads(GOLDEN.read_text())
+    got = read_losses(solo / "golden")
+    assert set(got) == set(golden["losses"])
+    for tag, expected in golden["losses"].items():
+        assert got[tag] == pytest.approx(expected, rel=golden["rtol"]), (
+            f"{tag} drifted from {GOLDEN}; if the change is deliberate run "
+            f"{golden['regenerate']}")
+    s = _summary(solo / "golden")
+    assert (s["world_size"], s["zero_stage"], s["precision"], s["final_step"]) == (1, 1, "fp32", 10)
+    assert s["zero_stage_effective"] == 0  # one rank: nothing to partition
+
+
+def test_world_of_one_in_process_three_runs(solo):
+    """No launcher env: ``engine.train`` makes a world of one; later calls in the same process
+    (what ``higr run`` does) reuse it; RQ-KMeans (nothing to train) goes straight to export."""
+    s = _assert_trained(solo / "zero0", steps=12, drop=1.0)
     assert s["world_size"] == 1 and s["zero_stage"] == 0
-    assert "opt/grad_norm" in _scalars(tmp_path / "solo")  # computed by hand at ZeRO-0
-    k = _summary(tmp_path / "kmeans")
+    assert "opt/grad_norm" in _scalars(solo / "zero0")  # computed by hand at ZeRO-0
+    k = _summary(solo / "kmeans")
     assert k["final_step"] == 0 and k["export"]["num_items"] == 96
-    assert (tmp_path / "kmeans" / "export" / "sid_table.npy").is_file()
+    assert (solo / "kmeans" / "export" / "sid_table.npy").is_file()

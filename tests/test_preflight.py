@@ -151,7 +151,7 @@ def test_hostfile_parser_and_example():
                                                           "like 'node1 slots=8')"]
 
 
-def test_launcher_fails_fast_with_exit_code_2(ok):
+def test_launcher_fails_fast_with_exit_code_2(ok, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "launcher/train.py", "--config", str(TINY), *ok,
@@ -162,3 +162,34 @@ def test_launcher_fails_fast_with_exit_code_2(ok):
     assert "  - model.input_dim: 32 but the items in" in proc.stderr
     assert "shard directory not found: /no/such/dir" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # nothing was initialised: no process group, no DeepSpeed engine, no run folder
+    assert not (tmp_path / "run").exists()
+    assert "deepspeed" not in (proc.stdout + proc.stderr).lower()
+
+
+def test_launcher_accepts_the_deepspeed_local_rank_argument():
+    """``deepspeed`` starts ``launcher/train.py --local_rank=<n> <user args>``; torchrun does not
+    pass it. Both spellings parse, before or after the options."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launcher_train", ROOT / "launcher" / "train.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    a = launcher.parse_args(["--local_rank=1", "--config", "c.yaml", "train.zero_stage=2"])
+    assert (a.local_rank, a.config, a.overrides) == (1, "c.yaml", ["train.zero_stage=2"])
+    b = launcher.parse_args(["--config", "c.yaml", "--local-rank", "3"])
+    assert (b.local_rank, b.overrides) == (3, [])
+    assert launcher.parse_args(["--config", "c.yaml"]).local_rank is None
+
+
+def test_zero_options_checked_against_deepspeed_schema(ok):
+    problems = preflight(TINY, [*ok, "train.zero_options={overlap_com: true, "
+                                     "reduce_bucket_size: big}"])
+    assert sorted(problems) == [
+        "train.zero_options.overlap_com: Extra inputs are not permitted",
+        "train.zero_options.reduce_bucket_size: Input should be a valid integer, unable to parse "
+        "string as an integer"]
+    assert preflight(TINY, [*ok, "train.zero_options={stage: 2}"]) == [
+        "train: zero_options.stage: set train.zero_stage instead"]
+    assert preflight(TINY, [*ok, "train.zero_options={overlap_comm: true, "
+                                 "reduce_bucket_size: 2000000}"]) == []

@@ -64,7 +64,13 @@ class TrainConfig:
 
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer state sharded),
-    2 (+ gradients), 3 (+ parameters)."""
+    2 (+ gradients), 3 (+ parameters). A world of one runs stage 0 whatever is set here (one
+    rank has nothing to partition; see ``higr_dist.engine.ds_config.effective_zero_stage``)."""
+    zero_options: dict[str, Any] = field(default_factory=dict)
+    """Extra keys for DeepSpeed's ``zero_optimization`` section (``stage`` comes from
+    ``zero_stage``), for tuning a cluster without code changes, e.g. ``{overlap_comm: true,
+    reduce_bucket_size: 50000000, contiguous_gradients: false}``. Checked by the preflight
+    against DeepSpeed's own schema. Empty = DeepSpeed's defaults."""
     precision: Precision = "fp32"
     """Training precision. bf16/fp16 keep fp32 master weights in the DeepSpeed optimizer; fp16 also
     uses dynamic loss scaling. fp16 needs a GPU (CPU kernels are bf16/fp32 only)."""
@@ -105,8 +111,11 @@ class TrainConfig:
     """Peak dense TFLOP/s of one device at this precision, for MFU; 0 = derived from the device
     (see ``higr_dist.engine.ds_config.PEAK_TFLOPS``)."""
     optimizer: Literal["auto", "torch", "deepspeed"] = "auto"
-    """AdamW implementation: ``torch`` (torch.optim.AdamW passed as client optimizer), ``deepspeed``
-    (DeepSpeed's fused AdamW from the ds config); ``auto`` = torch on CPU, deepspeed on GPU."""
+    """AdamW implementation. ``torch``: ``torch.optim.AdamW(fused=True)`` passed to DeepSpeed as
+    client optimizer (one fused kernel per step on CPU and CUDA, nothing to compile).
+    ``deepspeed``: DeepSpeed's FusedAdam from the ds config ``optimizer`` block (CUDA; DeepSpeed
+    JIT-compiles the op on first use, which needs nvcc and ~1 min once). ``auto`` = ``torch``
+    on every device."""
     broadcast_buffers: bool = False
     """Broadcast module buffers from rank 0 before every optimizer step (torch DDP's default),
     for models that mutate buffers (e.g. EMA statistics) without synchronising them. Off by
@@ -130,6 +139,8 @@ class TrainConfig:
         out = []
         if num("zero_stage") and self.zero_stage not in (0, 1, 2, 3):
             out.append(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if isinstance(self.zero_options, dict) and "stage" in self.zero_options:
+            out.append("zero_options.stage: set train.zero_stage instead")
         for name in ("global_batch_size", "micro_batch_size", "log_every", "keep_last"):
             if num(name) and getattr(self, name) < 1:
                 out.append(f"{name}: must be >= 1, got {getattr(self, name)}")

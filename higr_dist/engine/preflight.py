@@ -119,6 +119,21 @@ def check_precision(precision: str) -> list[str]:
             f"({acc.device_name()}); use {'bf16 or ' if acc.is_bf16_supported() else ''}fp32"]
 
 
+def check_zero_options(options: dict) -> list[str]:
+    """``train.zero_options`` against DeepSpeed's own ``zero_optimization`` schema."""
+    if not options:
+        return []
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**{**options, "stage": 0})
+    except ValidationError as e:
+        return [f"train.zero_options.{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                for err in e.errors()]
+    return []
+
+
 def preflight(config_path: str | Path, overrides: list[str] | None = None,
               hostfile: str | Path | None = None, world_size: int | None = None) -> list[str]:
     """All problems with this job (empty list = OK to launch)."""
@@ -135,6 +150,7 @@ def preflight(config_path: str | Path, overrides: list[str] | None = None,
     problems += job.train.batch_problems(world)
     _guard("shards", problems, lambda: check_shards(job, stage.sample_kind, world))
     _guard("precision", problems, lambda: check_precision(job.train.precision))
+    _guard("zero_options", problems, lambda: check_zero_options(job.train.zero_options))
     return problems
 
 
