@@ -1,10 +1,15 @@
 """ETL logic that needs no Spark: split positions, sample builders, synthetic RNG, config."""
 
+from collections import Counter
+
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from higr_dist.config import ConfigError, load
+from higr_dist.etl import features
 from higr_dist.etl.config import EtlConfig
+from higr_dist.etl.features import ProjectTask, cooc_counts, sign_matrix
 from higr_dist.etl.sequences import (
     pref_samples,
     pref_window_starts,
@@ -114,3 +119,60 @@ def test_synthetic_structure_is_learnable():
     wr = rows["watch_ratio"]
     assert 0.03 < (wr < 0.2).mean() < 0.3  # negative feedback exists
     assert 0.1 < (wr >= 2.0).mean() < 0.5  # effective views exist
+
+
+def test_cooc_counts_match_a_naive_count():
+    rng = np.random.default_rng(0)
+    cfg = _cfg(cooc_window=3)
+    seqs = [rng.integers(0, 12, n) for n in (30, 11, 25, 12)]  # 11 < min: no training region
+    fbs = [rng.choice([0.1, 0.5, 1.5], len(s)) for s in seqs]
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])])
+    a, b, w = cooc_counts(offsets, np.concatenate(seqs), np.concatenate(fbs), cfg.holdout,
+                          cfg.min_user_interactions, cfg.negative_threshold, cfg.cooc_window)
+    want = Counter()
+    for s, f in zip(seqs, fbs):
+        if len(s) < cfg.min_user_interactions:
+            continue
+        kept = [i for i, x in zip(s[:len(s) - 2 * cfg.holdout], f) if x >= cfg.negative_threshold]
+        for p, i in enumerate(kept):
+            for j in kept[p + 1:p + 1 + cfg.cooc_window]:
+                if i != j:
+                    want[(i, j)] += 1
+                    want[(j, i)] += 1
+    assert dict(zip(zip(a.tolist(), b.tolist()), w.tolist())) == dict(want)
+
+
+def test_projection_is_split_invariant_and_normalised(monkeypatch):
+    """Feature rows split across Arrow batches (and projection chunks) give the same vectors."""
+    rng = np.random.default_rng(1)
+    n = 300
+    item = np.sort(rng.integers(0, 20, n))
+    part = rng.integers(0, 3, n)
+    order = np.lexsort((part, item))
+    item, part = item[order], part[order]
+    part[np.searchsorted(item, np.unique(item))] = 0  # every item has a content row
+    order = np.lexsort((part, item))
+    item, part = item[order], part[order]
+    h = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
+    w = rng.integers(1, 4, n).astype(np.int64)
+    task = ProjectTask(content_dim=8, collab_dim=70, caption_weight=0.5)
+    whole = task._emit([item, part, h, w])
+
+    def batch(lo, hi):
+        return pa.RecordBatch.from_pydict({"item_idx": item[lo:hi], "part": part[lo:hi],
+                                           "h": h[lo:hi], "w": w[lo:hi]})
+
+    cuts = [0, 1, 57, 58, 150, 299, n]
+    parts = list(task([batch(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]))
+    assert pa.Table.from_batches(parts).equals(pa.Table.from_batches([whole]))
+    monkeypatch.setattr(features, "_CHUNK", 7)  # groups straddle projection chunks
+    assert task._emit([item, part, h, w]).equals(whole)
+    x = np.stack([np.frombuffer(b, "<f4") for b in whole.column(1).to_pylist()])
+    assert x.shape == (len(np.unique(item)), 78)
+    np.testing.assert_allclose(np.linalg.norm(x[:, :8], axis=1), 1, rtol=1e-6)
+    collab = np.linalg.norm(x[:, 8:], axis=1)
+    has = np.isin(np.unique(item), item[part == 2])
+    np.testing.assert_allclose(collab[has], 1, rtol=1e-6)
+    assert np.all(collab[~has] == 0)
+    signs = sign_matrix(h[:5], 70)
+    assert signs.shape == (5, 70) and set(np.unique(signs)) == {-1, 1}

@@ -25,6 +25,7 @@ written by the executors with atomic renames.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -38,7 +39,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from higr_dist.config import config_hash, load, to_dict
+from higr_dist.config import ConfigError, config_hash, load, to_dict
 from higr_dist.etl import features
 from higr_dist.etl.catalog import build_catalog
 from higr_dist.etl.config import INTERACTION_REASONS, EtlConfig, SourceConfig
@@ -130,8 +131,8 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str,
     """Run the whole ETL into ``out_dir``; return the manifest (also written as manifest.json)."""
     problems = cfg.validate()
     if problems:
-        raise ValueError("invalid EtlConfig: " + "; ".join(problems))
-    out = Path(out_dir).resolve()
+        raise ConfigError(problems)
+    out = Path(check_output_path(str(out_dir))).resolve()
     _prepare_output(out, overwrite)
     timer = _Timer()
     persisted: list[DataFrame] = []
@@ -159,10 +160,15 @@ def _run(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str, out
                                 cfg)
         catalog.index.write.mode("overwrite").parquet(str(out / "item_index"))
         catalog.quarantine.write.mode("overwrite").parquet(str(out / "quarantine_items"))
+        # downstream reads the written index back: a file relation, unlike the checkpointed
+        # frame (whose recorded range partitioning keeps old attribute ids), stays equal to
+        # itself when a plan uses it twice, so Spark's cache matching keeps working (without
+        # this, features and pairs recomputed validation and sequences from the raw log)
+        index = spark.read.parquet(str(out / "item_index"))
 
     with timer.phase("validate"):
         source = read_interactions(spark, interactions, cfg.source)
-        classified = keep(classify_interactions(source, catalog.index, catalog.num_items, cfg))
+        classified = keep(classify_interactions(source, index, catalog.num_items, cfg))
         rows_out, by_reason = _reason_counts(classified)
         rows_in = source.df.count()
         quarantined = sum(by_reason.values())
@@ -178,8 +184,8 @@ def _run(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str, out
         classified.unpersist()
 
     with timer.phase("features"):
-        cooc = keep(features.cooccurrence(seq, cfg))
-        feats = materialise(features.item_features(catalog.index, cooc, cfg))
+        cooc = keep(features.cooccurrence(seq, cfg, catalog.num_items))
+        feats = materialise(features.item_features(index, cooc, cfg))
 
     kinds: dict[str, dict] = {}
     with timer.phase("write_items"):
@@ -187,7 +193,7 @@ def _run(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str, out
                                     num_shards(catalog.num_items, cfg), ["item_idx"],
                                     ["item_idx"], build_items, reorder=False)
     with timer.phase("write_pairs"):
-        pairs = materialise(features.top_pairs(cooc, catalog.index, cfg))
+        pairs = materialise(features.top_pairs(cooc, index, cfg))
         num_pairs = pairs.count()
         dim = cfg.content_dim + cfg.collab_dim
         small = catalog.num_items * dim * 4 <= _BROADCAST_FEATURE_BYTES
@@ -256,18 +262,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _one_line(exc: BaseException) -> str:
+    """A user error as one line: a config's problems joined, else the message's first line."""
+    if isinstance(exc, ConfigError):
+        return "invalid config: " + "; ".join(exc.problems)
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def check_input_path(path: str, what: str) -> None:
+    """Fail early, before Spark starts, when a local input path (or glob) matches nothing.
+
+    URIs with another scheme (hdfs://, s3a://, ...) are left to Spark, which names them.
+    """
+    scheme, sep, rest = path.partition("://")
+    if sep and scheme != "file":
+        return
+    local = rest if sep else path
+    found = glob.glob(local) if any(c in local for c in "*?[") else os.path.exists(local)
+    if not found:
+        raise FileNotFoundError(f"{what} not found: {path}")
+
+
+def check_output_path(path: str) -> str:
+    """``out_dir`` as a POSIX path (``file://`` stripped); other URIs are refused."""
+    scheme, sep, rest = str(path).partition("://")
+    if sep and scheme != "file":
+        raise ValueError(f"--output must be a POSIX path every executor sees (a shared file "
+                         f"system on a cluster), got the URI {path}")
+    return rest if sep else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Command line entry: user errors (config, paths, input columns) print one line, exit 2."""
+    from pyspark.errors import AnalysisException
+
     from higr_dist.etl.spark import get_spark
 
     args = parse_args(argv)
     overrides = list(args.overrides)
     if args.format:
         overrides.append(f"source.format={args.format}")
-    cfg = load(EtlConfig, args.config, overrides)
-    spark = get_spark(app_name="higr-etl", master=args.master,
-                      shuffle_partitions=cfg.shuffle_partitions)
-    manifest = run_etl(spark, cfg, args.interactions, args.items, args.output,
-                       overwrite=args.overwrite)
+    try:
+        cfg = load(EtlConfig, args.config, overrides)
+        problems = cfg.validate()
+        if problems:
+            raise ConfigError(problems)
+        check_input_path(args.interactions, "--interactions")
+        check_input_path(args.items, "--items")
+        out = check_output_path(args.output)
+        spark = get_spark(app_name="higr-etl", master=args.master,
+                          shuffle_partitions=cfg.shuffle_partitions)
+        manifest = run_etl(spark, cfg, args.interactions, args.items, out,
+                           overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, AnalysisException) as e:
+        print(f"build_shards.py: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     summary = {k: manifest[k] for k in ("rows_in", "rows_out", "rows_quarantined",
                                         "quarantine_by_reason", "num_items", "num_users")}
     summary["samples"] = {k: v["samples"] for k, v in manifest["kinds"].items()}

@@ -1,61 +1,251 @@
-"""Item feature vectors ``x`` and positive pairs, computed in Spark SQL (no Python UDF).
+"""Item feature vectors ``x`` and positive pairs: Spark for the data flow, numpy for the maths.
 
 Design
 ------
 ``x = [content (L2-normed, content_dim) | collaborative (L2-normed, collab_dim)]``.
 
 Both parts are *signed random projections of sparse count vectors* (the hashing trick and a
-fixed random projection in one step): feature ``f`` with count ``w`` contributes
-``w * r_f`` where ``r_f in {-1, +1}^d`` is read off the bits of ``xxhash64(seed, block, f)``
-(64 dimensions per hash). This is an Achlioptas/JL projection: inner products of the sparse
-vectors are preserved in expectation, no projection matrix is stored anywhere, and the sums are
-sums of integers, exact in float64, so ``x`` is bit-identical whatever the summation order.
-Trade-off: +-1 entries instead of Gaussian ones, which costs nothing measurable for JL
-embeddings and keeps everything in the JVM (d aggregate columns).
+fixed random projection in one step): feature ``f`` with count ``w`` contributes ``w * r_f``,
+where ``r_f in {-1, +1}^d`` are the bits of ``h_f = xxhash64(seed, part, f)`` (dimensions
+0..63) and of ``splitmix64(h_f + k * golden)`` for the k-th further block of 64 dimensions. This
+is an Achlioptas/JL projection: inner products of the sparse vectors are preserved in
+expectation and no projection matrix is stored anywhere. The sums are integer sums (exact in
+int64), so ``x`` is bit-identical whatever the partitioning or summation order.
 
-- content: features of an item are its category ids (``c:<id>``, the primary one counted
+Work split: Spark builds one row per (item, part, feature) with its 64-bit hash and count
+(``_feature_rows``: category ids, caption n-grams, co-occurring items), shuffles them by item
+and sorts them; :class:`ProjectTask` (``mapInArrow``) then expands the hashes into signs and
+sums them per (item, part) with numpy (``np.add.reduceat``), ~100 ns per row instead of the
+~d aggregate expressions per row a pure-SQL projection costs. Trade-off: one Python pass over
+the feature rows (vectorised per Arrow batch, never per row).
+
+- content: an item's category ids (``c:<id>``, the primary one counted
   ``primary_category_weight`` times) and the character n-grams of its caption (``g<n>:<text>``,
   lower-cased, whitespace collapsed; characters, so Chinese captions work). The category block
   and the caption block are L2-normalised separately, the caption block weighted by
   ``caption_weight``, summed and normalised again.
-- collaborative: co-occurrence of items within ``cooc_window`` positions in a user's
-  *training* region (val/test blocks excluded, so nothing about held-out targets leaks into the
-  tokenizer), negative-feedback interactions left out. The projection of an item's
-  co-occurrence row is ``sum_j count_ij * r_j``. Items without co-occurrence get zeros.
+- collaborative: co-occurrence of items within ``cooc_window`` positions in a user's *training*
+  region (val/test blocks excluded, so nothing about held-out targets leaks into the tokenizer),
+  negative-feedback interactions left out. The projection of an item's co-occurrence row is
+  ``sum_j count_ij * r_j``. Items without co-occurrence get zeros.
+- co-occurrence counts (:class:`CoocTask`): per Arrow batch of user sequences, the pairs at
+  distance 1..W are formed with vectorised numpy and pre-aggregated (``np.unique`` on packed
+  keys), so the shuffle carries distinct (a, b) counts, not every pair occurrence.
 - pairs: the top ``pairs_per_item`` partners per item by count (ties: smaller item_idx), and
   ``(i, i, weight 0)`` for an item without partner, so every item is an anchor at least once.
 """
 
 from __future__ import annotations
 
-from pyspark.sql import Column, DataFrame, Window
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from higr_dist.etl.config import EtlConfig
 
 _CONTENT, _CAPTION, _COLLAB = 0, 1, 2  # hash streams of the three projections
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+#: item_idx must fit 32 bits to pack a pair into one uint64 key
+_MAX_ITEMS = 1 << 32
+#: feature rows projected at once (bounds the [rows, dim] sign temporaries to a few MiB)
+_CHUNK = 8192
+
+COOC_SCHEMA = "a long, b long, w long"
+#: ``x`` travels as little-endian float32 bytes: one buffer per row through joins and Arrow,
+#: where an array<float> costs an element-wise copy at every JVM <-> Arrow crossing
+VECTOR_SCHEMA = "item_idx long, x binary"
 
 
-def _zeros(dim: int) -> Column:
-    return F.array_repeat(F.lit(0.0), dim)
+# --------------------------------------------------------------------------------------------
+# numpy kernels
+# --------------------------------------------------------------------------------------------
 
 
-def _normalise(v: Column, scale: float | Column = 1.0) -> Column:
-    """scale * v / ||v||; a zero vector stays zero."""
-    norm = F.sqrt(F.aggregate(v, F.lit(0.0), lambda acc, x: acc + x * x))
-    return F.transform(v, lambda x: F.when(norm > 0, x / norm * scale).otherwise(0.0))
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser over uint64 arrays (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
 
-def _ngram_at(text: Column, n: int):
+def sign_matrix(h: np.ndarray, dim: int) -> np.ndarray:
+    """64-bit hashes ``[n]`` -> random signs ``[n, dim]`` (int8, -1/+1), a pure function of h."""
+    h = np.ascontiguousarray(h).view(np.uint64) if h.dtype == np.int64 else h.astype(np.uint64)
+    blocks = (dim + 63) // 64
+    with np.errstate(over="ignore"):
+        words = np.stack([h if k == 0 else _mix64(h + np.uint64(k) * _GOLDEN)
+                          for k in range(blocks)], axis=1)  # [n, blocks]
+    raw = np.ascontiguousarray(words.astype("<u8")).view(np.uint8)  # [n, blocks * 8]
+    bits = np.unpackbits(raw, axis=1, bitorder="little")[:, :dim]  # [n, dim] in {0, 1}
+    return bits.astype(np.int8) * 2 - 1
+
+
+def _normalise(v: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Rows of ``v`` [G, d] scaled to norm ``scale``; zero rows stay zero."""
+    norm = np.sqrt(np.einsum("ij,ij->i", v, v))[:, None]  # [G, 1]
+    return np.divide(v * scale, norm, out=np.zeros_like(v), where=norm > 0)
+
+
+def project(item: np.ndarray, part: np.ndarray, h: np.ndarray, w: np.ndarray, content_dim: int,
+            collab_dim: int, caption_weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Feature rows sorted by (item, part) -> (items [U], x [U, content_dim + collab_dim]).
+
+    Every item's rows must be present (callers never split an item between calls).
+    """
+    dim = max(content_dim, collab_dim)
+    new = np.ones(len(item), dtype=bool)
+    new[1:] = (item[1:] != item[:-1]) | (part[1:] != part[:-1])
+    starts = np.flatnonzero(new)  # [G] first row of each (item, part) group
+    group = np.cumsum(new) - 1  # [n] group of each row
+    w = w.astype(np.int64)
+    sums = np.zeros((len(starts), dim), dtype=np.int64)  # [G, dim] exact integer sums
+    for lo in range(0, len(item), _CHUNK):  # chunks keep the [rows, dim] temporaries small
+        hi = min(lo + _CHUNK, len(item))
+        first = np.flatnonzero(new[lo:hi])
+        local = np.concatenate([[0], first[first > 0]])  # chunk-local group starts
+        signed = sign_matrix(h[lo:hi], dim) * w[lo:hi, None]  # [rows, dim] int64
+        sums[group[lo + local]] += np.add.reduceat(signed, local, axis=0)  # distinct groups
+    sums = sums.astype(np.float64)
+    g_item, g_part = item[starts], part[starts]
+    items = np.unique(g_item)  # [U]
+    row = np.searchsorted(items, g_item)  # [G] item row of each group
+    content = np.zeros((len(items), content_dim))
+    collab = np.zeros((len(items), collab_dim))
+    for p, out, d, scale in ((_CONTENT, content, content_dim, 1.0),
+                             (_CAPTION, content, content_dim, caption_weight),
+                             (_COLLAB, collab, collab_dim, 1.0)):
+        sel = g_part == p
+        out[row[sel]] += _normalise(sums[sel, :d], scale)  # one group per (item, part)
+    x = np.concatenate([_normalise(content), collab], axis=1).astype(np.float32)
+    return items, x  # [U], [U, content_dim + collab_dim]
+
+
+def cooc_counts(offsets: np.ndarray, items: np.ndarray, fb: np.ndarray, holdout: int,
+                min_user: int, negative_threshold: float, window: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """User sequences (list-column offsets/values) -> distinct (a, b, count), both directions.
+
+    Only each user's training region (all but the last ``2 * holdout``) of users with at least
+    ``min_user`` interactions counts, negative-feedback interactions removed first; a and b
+    co-occur when at most ``window`` positions apart in what remains.
+    """
+    n = np.diff(offsets)  # [users]
+    user = np.repeat(np.arange(len(n)), n)  # [rows]
+    pos = np.arange(len(items)) - np.repeat(offsets[:-1], n)
+    keep = ((pos < np.repeat(n - 2 * holdout, n)) & np.repeat(n >= min_user, n)
+            & (fb >= negative_threshold))
+    s, u = items[keep].astype(np.uint64), user[keep]
+    keys = []
+    for d in range(1, window + 1):
+        same = (u[:-d] == u[d:]) & (s[:-d] != s[d:])
+        a, b = s[:-d][same], s[d:][same]
+        keys += [(a << np.uint64(32)) | b, (b << np.uint64(32)) | a]
+    if not keys:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    uniq, count = np.unique(np.concatenate(keys), return_counts=True)
+    return ((uniq >> np.uint64(32)).astype(np.int64),
+            (uniq & np.uint64(0xFFFFFFFF)).astype(np.int64), count.astype(np.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# mapInArrow tasks
+# --------------------------------------------------------------------------------------------
+
+
+def _values(batch: pa.RecordBatch, name: str) -> np.ndarray:
+    return batch.column(batch.schema.get_field_index(name)).to_numpy(zero_copy_only=False)
+
+
+@dataclass(frozen=True)
+class CoocTask:
+    """``mapInArrow``: sequence rows (``items``, ``fb``) -> pre-aggregated (a, b, w) rows."""
+
+    holdout: int
+    """val/test block size (excluded at the end of each sequence)"""
+    min_user: int
+    """fewest interactions of a user that has samples"""
+    negative_threshold: float
+    """feedback below this is left out"""
+    window: int
+    """co-occurrence distance"""
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            items = batch.column(batch.schema.get_field_index("items"))
+            fb = batch.column(batch.schema.get_field_index("fb"))
+            a, b, w = cooc_counts(items.offsets.to_numpy(), items.values.to_numpy(),
+                                  fb.values.to_numpy(), self.holdout, self.min_user,
+                                  self.negative_threshold, self.window)
+            yield pa.RecordBatch.from_pydict({"a": pa.array(a, pa.int64()),
+                                              "b": pa.array(b, pa.int64()),
+                                              "w": pa.array(w, pa.int64())})
+
+
+@dataclass(frozen=True)
+class ProjectTask:
+    """``mapInArrow``: feature rows sorted by (item_idx, part) -> (item_idx, x) per item.
+
+    An item's rows may straddle two Arrow batches: the rows of a batch's last item are held
+    back and prepended to the next batch, so :func:`project` always sees whole items.
+    """
+
+    content_dim: int
+    """content part size"""
+    collab_dim: int
+    """collaborative part size"""
+    caption_weight: float
+    """weight of the caption block against the category block"""
+
+    def _emit(self, cols: list[np.ndarray]) -> pa.RecordBatch:
+        items, x = project(*cols, self.content_dim, self.collab_dim, self.caption_weight)
+        row_bytes = 4 * (self.content_dim + self.collab_dim)
+        offsets = pa.array(np.arange(len(items) + 1, dtype=np.int32) * row_bytes, pa.int32())
+        data = pa.py_buffer(np.ascontiguousarray(x.astype("<f4")).tobytes())
+        vectors = pa.BinaryArray.from_buffers(pa.binary(), len(items), [None, offsets.buffers()[1],
+                                                                        data])
+        return pa.RecordBatch.from_arrays([pa.array(items, pa.int64()), vectors],
+                                          names=["item_idx", "x"])
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        held: list[np.ndarray] | None = None
+        for batch in batches:
+            cols = [_values(batch, c) for c in ("item_idx", "part", "h", "w")]
+            if held is not None:
+                cols = [np.concatenate([x, y]) for x, y in zip(held, cols)]
+            if len(cols[0]) == 0:
+                continue
+            cut = int(np.searchsorted(cols[0], cols[0][-1], side="left"))
+            held = [c[cut:] for c in cols]
+            if cut:
+                yield self._emit([c[:cut] for c in cols])
+        if held is not None and len(held[0]):
+            yield self._emit(held)
+
+
+# --------------------------------------------------------------------------------------------
+# Spark plans
+# --------------------------------------------------------------------------------------------
+
+
+def _ngram_at(text, n: int):
     """The lambda ``i -> "g<n>:" + text[i : i + n]`` (1-based) for ``F.transform``."""
     return lambda i: F.concat(F.lit(f"g{n}:"), F.substring(text, i, n))
 
 
 def _feature_rows(index: DataFrame, cooc: DataFrame, cfg: EtlConfig) -> DataFrame:
-    """(item_idx, part, f, w): category ids, caption n-grams and co-occurring items as features."""
+    """(item_idx, part, h, w): hashed category ids, caption n-grams and co-occurring items."""
+    def hashed(part: int, feature) -> F.Column:
+        return F.xxhash64(F.lit(cfg.seed), F.lit(part), feature).alias("h")
+
     cats = index.select("item_idx", F.posexplode("categories").alias("p", "c")).select(
         "item_idx", F.lit(_CONTENT).alias("part"),
-        F.concat(F.lit("c:"), F.col("c").cast("string")).alias("f"),
+        hashed(_CONTENT, F.concat(F.lit("c:"), F.col("c").cast("string"))),
         F.when(F.col("p") == 0, cfg.primary_category_weight).otherwise(1).cast("long").alias("w"))
     text = F.trim(F.regexp_replace(F.lower(F.coalesce("caption", F.lit(""))), r"\s+", " "))
     grams = []
@@ -64,61 +254,32 @@ def _feature_rows(index: DataFrame, cooc: DataFrame, cfg: EtlConfig) -> DataFram
             F.sequence(F.lit(1), F.length(text) - n + 1), _ngram_at(text, n)))
         grams.append(F.coalesce(g, F.array().cast("array<string>")))
     caps = index.select("item_idx", F.explode(F.concat(*grams)).alias("f")).select(
-        "item_idx", F.lit(_CAPTION).alias("part"), "f", F.lit(1).cast("long").alias("w"))
+        "item_idx", F.lit(_CAPTION).alias("part"), hashed(_CAPTION, F.col("f")),
+        F.lit(1).cast("long").alias("w"))
     collab = cooc.select(F.col("a").alias("item_idx"), F.lit(_COLLAB).alias("part"),
-                         F.concat(F.lit("i:"), F.col("b").cast("string")).alias("f"), "w")
+                         hashed(_COLLAB, F.col("b")), "w")
     return cats.unionByName(caps).unionByName(collab)
 
 
 def item_features(index: DataFrame, cooc: DataFrame, cfg: EtlConfig) -> DataFrame:
-    """(item_idx, item_id, categories, x array<float>) for every catalogue item.
-
-    One shuffle (by item_idx) for all three projections: per (item, part) the signed sums,
-    normalised per part; per item the parts are assembled into x.
-    """
-    dc, dk = cfg.content_dim, cfg.collab_dim
-    dim = max(dc, dk)
-    blocks = (dim + 63) // 64
-    rows = _feature_rows(index, cooc, cfg).repartition(cfg.shuffle_partitions, "item_idx")
-    # bit k % 64 of xxhash64(seed, part, k // 64, feature): +1 / -1 for dimension k
-    hashed = rows.select("item_idx", "part", F.col("w").cast("double").alias("w"), *[
-        F.xxhash64(F.lit(cfg.seed), F.col("part"), F.lit(b), F.col("f")).alias(f"h{b}")
-        for b in range(blocks)])
-    sums = [F.sum(F.col("w") * (F.shiftright(F.col(f"h{k // 64}"), k % 64).bitwiseAND(1) * 2 - 1))
-            for k in range(dim)]
-    per_part = hashed.groupBy("item_idx", "part").agg(F.array(*sums).alias("v"))
-    size = F.when(F.col("part") == _COLLAB, dk).otherwise(dc)
-    scale = F.when(F.col("part") == _CAPTION, F.lit(cfg.caption_weight)).otherwise(F.lit(1.0))
-    per_part = per_part.select("item_idx", "part",
-                               _normalise(F.slice("v", 1, size), scale).alias("v"))
-    parts = per_part.groupBy("item_idx").agg(F.collect_list(F.struct("part", "v")).alias("ps"))
-
-    def total(which: tuple[int, ...], d: int) -> Column:
-        # sum of <= 2 vectors: commutative, so bit-identical whatever the collect order
-        chosen = F.filter("ps", lambda p: p["part"].isin(*which))
-        return F.aggregate(chosen, _zeros(d), lambda acc, p: F.zip_with(
-            acc, p["v"], lambda a, b: a + b))
-
-    x = F.concat(_normalise(total((_CONTENT, _CAPTION), dc)), total((_COLLAB,), dk))
-    vectors = parts.select("item_idx", x.cast("array<float>").alias("x"))
+    """(item_idx, item_id, categories, x) for every catalogue item; ``x`` is binary:
+    little-endian float32 bytes (``np.frombuffer(x, "<f4")``)."""
+    task = ProjectTask(cfg.content_dim, cfg.collab_dim, cfg.caption_weight)
+    vectors = (_feature_rows(index, cooc, cfg).repartition(cfg.shuffle_partitions, "item_idx")
+               .sortWithinPartitions("item_idx", "part").mapInArrow(task, VECTOR_SCHEMA))
+    zeros = F.lit(bytes(4 * (cfg.content_dim + cfg.collab_dim)))
     return index.join(vectors, "item_idx", "left").select(
-        "item_idx", "item_id", "categories",
-        F.coalesce("x", _zeros(dc + dk).cast("array<float>")).alias("x"))
+        "item_idx", "item_id", "categories", F.coalesce("x", zeros).alias("x"))
 
 
-def cooccurrence(seq: DataFrame, cfg: EtlConfig) -> DataFrame:
+def cooccurrence(seq: DataFrame, cfg: EtlConfig, num_items: int | None = None) -> DataFrame:
     """User sequences -> (a, b, w): co-occurrence counts in training regions (both directions)."""
-    n = F.size("items")
-    end = n - 2 * cfg.holdout
-    kept = seq.where(n >= cfg.min_user_interactions).select(
-        F.filter(F.arrays_zip(F.slice("items", 1, end).alias("i"), F.slice("fb", 1, end).alias("w")),
-                 lambda z: z["w"] >= cfg.negative_threshold)["i"].alias("seq"))
-    pairs = kept.select("seq", F.posexplode("seq").alias("p", "a")).select(
-        "a", F.explode(F.slice("seq", F.col("p") + 2, cfg.cooc_window)).alias("b"))
-    both = pairs.where(F.col("a") != F.col("b")).select(F.explode(F.array(
-        F.struct(F.col("a").alias("a"), F.col("b").alias("b")),
-        F.struct(F.col("b").alias("a"), F.col("a").alias("b")))).alias("e")).select("e.a", "e.b")
-    return both.groupBy("a", "b").agg(F.count("*").alias("w"))
+    if num_items is not None and num_items > _MAX_ITEMS:
+        raise ValueError(f"co-occurrence packs item pairs into 64 bits: {num_items} items > 2^32")
+    task = CoocTask(cfg.holdout, cfg.min_user_interactions, cfg.negative_threshold,
+                    cfg.cooc_window)
+    partial = seq.select("items", "fb").mapInArrow(task, COOC_SCHEMA)
+    return partial.groupBy("a", "b").agg(F.sum("w").alias("w"))
 
 
 def top_pairs(cooc: DataFrame, index: DataFrame, cfg: EtlConfig) -> DataFrame:

@@ -50,7 +50,8 @@ def get_spark(app_name: str = "higr-etl", master: str | None = None, shuffle_par
         .config("spark.driver.memory", driver_memory)
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.sql.adaptive.enabled", "false")  # stable partitioning => deterministic shards
+        # AQE off: stable partitioning => deterministic shards
+        .config("spark.sql.adaptive.enabled", "false")
         .config("spark.python.worker.reuse", "true")
     )
     if master:

@@ -399,7 +399,7 @@ def generate(spark, cfg: SyntheticConfig, out_dir: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from higr_dist.config import load
+    from higr_dist.config import ConfigError, load
     from higr_dist.etl.spark import get_spark
 
     p = argparse.ArgumentParser(prog="synthetic.py", description="Synthetic HiGR interaction log")
@@ -418,9 +418,18 @@ def main(argv: list[str] | None = None) -> int:
                        ("seed", args.seed)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg = load(SyntheticConfig, args.config, overrides)
-    spark = get_spark(app_name="higr-synthetic", master=args.master)
-    inter, items = generate(spark, cfg, args.output)
+    try:
+        cfg = load(SyntheticConfig, args.config, overrides)
+        problems = cfg.validate()
+        if problems:
+            raise ConfigError(problems)
+        spark = get_spark(app_name="higr-synthetic", master=args.master)
+        inter, items = generate(spark, cfg, args.output)
+    except ValueError as e:  # ConfigError included: one line, exit status 2
+        msg = ("invalid config: " + "; ".join(e.problems) if isinstance(e, ConfigError)
+               else str(e).strip().splitlines()[0])
+        print(f"synthetic.py: error: {msg}", file=sys.stderr)
+        return 2
     print(json.dumps({"interactions": inter, "items": items,
                       "rows": cfg.users * cfg.interactions_per_user}))
     return 0

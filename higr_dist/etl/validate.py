@@ -18,9 +18,10 @@ partitioning and adds no further exchange of the interaction rows.
   user with fewer than ``2 * holdout + min_history`` valid rows: valid but unusable, so
   quarantined, never dropped.
 
-The output keeps the source columns (strings, for the quarantine) and typed columns for the
-valid path: ``_idx`` (item_idx), ``_ts`` (long epoch seconds, floored), ``_wr`` (watch ratio
-rounded to ``feedback_decimals``).
+The output keeps the source columns (strings, for the quarantine) on quarantined rows only:
+they are null on kept rows, which never read them, so the persisted frame stays small (the
+valid path is most of the log). Typed columns for the valid path: ``_idx`` (item_idx), ``_ts``
+(long epoch seconds, floored), ``_wr`` (watch ratio rounded to ``feedback_decimals``).
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def classify_interactions(src: Source, item_ids: DataFrame, num_items: int,
     """Every input row once, with ``reason`` (null = valid) and the typed columns.
 
     ``item_ids`` has ``item_id`` and ``item_idx`` (the catalogue). Output columns: the source
-    columns, ``_user``, ``_idx``, ``_ts``, ``_wr``, ``reason``; hash-partitioned by ``_user``
-    into ``cfg.shuffle_partitions`` partitions.
+    columns (null on valid rows), ``_user``, ``_idx``, ``_ts``, ``_wr``, ``reason``;
+    hash-partitioned by ``_user`` into ``cfg.shuffle_partitions`` partitions.
     """
     cols = list(src.columns)
     canon = ["_user", "_item", "_ts", "_wr", "_xbad"]
@@ -70,9 +71,11 @@ def classify_interactions(src: Source, item_ids: DataFrame, num_items: int,
     valid_count = F.sum(F.when(F.col("_r1").isNull(), 1).otherwise(0)).over(per_user)
     short = F.when(F.col("_r1").isNull() & (valid_count < cfg.min_user_interactions),
                    F.lit("short_user"))
+    rows = rows.withColumn("reason", F.coalesce(F.col("_r1"), short))
+    bad = F.col("reason").isNotNull()
     return rows.select(
-        *cols, "_user", "_idx",
+        *[F.when(bad, F.col(c)).alias(c) for c in cols], "_user", "_idx",
         F.when(F.col("_r1").isNull(), F.floor("_ts")).cast("long").alias("_ts"),
         F.when(F.col("_r1").isNull(), F.round("_wr", cfg.feedback_decimals)).alias("_wr"),
-        F.coalesce(F.col("_r1"), short).alias("reason"),
+        "reason",
     )

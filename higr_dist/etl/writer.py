@@ -68,6 +68,11 @@ def _column(batch: pa.RecordBatch, name: str) -> list:
     return batch.column(batch.schema.get_field_index(name)).to_pylist()
 
 
+def _vectors(batch: pa.RecordBatch, name: str) -> list[np.ndarray]:
+    """A binary column of little-endian float32 bytes as float32 arrays (zero-copy views)."""
+    return [np.frombuffer(b, dtype="<f4") for b in _column(batch, name)]
+
+
 # --------------------------------------------------------------------------------------------
 # builders: record batch -> samples (module-level functions, bound with functools.partial)
 # --------------------------------------------------------------------------------------------
@@ -95,7 +100,7 @@ def build_prefs(batch: pa.RecordBatch, cfg: EtlConfig) -> Iterator[Built]:
 def build_items(batch: pa.RecordBatch) -> Iterator[Built]:
     """Item feature rows -> ITEM samples (key = zero-padded item_idx)."""
     idx, ids = _column(batch, "item_idx"), _column(batch, "item_id")
-    cats, x = _Lists(batch, "categories"), _Lists(batch, "x")
+    cats, x = _Lists(batch, "categories"), _vectors(batch, "x")
     for r in range(batch.num_rows):
         yield idx[r], f"{idx[r]:010d}", {"item_idx": idx[r], "item_id": ids[r],
                                          "categories": cats[r].tolist(), "x": x[r]}
@@ -105,7 +110,7 @@ def build_pairs(batch: pa.RecordBatch) -> Iterator[Built]:
     """Pair rows -> PAIR samples (key = anchor, rank)."""
     anchor, pos = _column(batch, "anchor"), _column(batch, "positive")
     weight, rank = _column(batch, "weight"), _column(batch, "rank")
-    xa, xp = _Lists(batch, "x_anchor"), _Lists(batch, "x_positive")
+    xa, xp = _vectors(batch, "x_anchor"), _vectors(batch, "x_positive")
     for r in range(batch.num_rows):
         yield anchor[r], f"{anchor[r]:010d}_{rank[r]:04d}", {
             "anchor": anchor[r], "positive": pos[r], "weight": weight[r],
