@@ -1,8 +1,9 @@
 """Decoding latency: HiGR coarse-to-fine vs flat beam search at the same model size.
 
-    python bench/decode.py                                   # 25m preset, batches 1 and 64
+    python bench/decode.py --threads 1                       # 25m preset, batches 1 and 64
     python bench/decode.py --preset tiny --repeats 50        # quick
-    python bench/decode.py --run-dir runs/demo               # + Recall@5 of trained models
+    python bench/decode.py --run-dir runs/demo --threads 1   # + the trained models: latency
+                                                             #   on real users, Recall@5, NDCG@5
 
 Design
 ------
@@ -12,16 +13,27 @@ Design
   number of steps), eval mode, ``--dtype`` fp32 or bf16, ``--device`` cpu or cuda.
 - Catalogue: ``--num-items`` random unique SIDs of K^L (default 10,000 of 256^3); histories
   of ``--history`` items with ~10% padding. Both decoders get the same trie and the same users.
-- Timing: per batch size, ``--warmup`` untimed calls, then ``--repeats`` timed calls of the
-  whole decode (context encoding included, CUDA synchronised); median and p99 latency and
-  slates/s = batch / median. Speedup = flat median / HiGR median. The context encoding alone
-  (history encoder + cross-attention keys/values of every decoder block; the same work for
-  both models) is timed too, and ``speedup_decode_only`` compares the decoders without it.
-- Quality (``--run-dir``): :func:`slate_metrics` decodes the same test users with each trained
-  model and scores them with :class:`higr_dist.eval.metrics.SlateMetrics` (Recall@5 etc.);
-  :func:`load_run` reads the run layout of DESIGN.md (``<run>/<stage>/resolved_config.yaml``,
-  ``final/model_fp32.pt``, ``<run>/tokenizer/export``, ``<run>/etl/slates/test``).
-- Output: a table on stdout and a JSON file (``--out``).
+- Timing (:func:`time_models`): per batch size, ``--warmup`` untimed calls, then ``--repeats``
+  rounds that time one call of every decoder each, interleaved, so load from other processes
+  on a shared machine hits both alike. Each call is the whole decode (context encoding
+  included, CUDA synchronised). Reported: median and p99 wall latency, slates/s = batch /
+  median, and on CPU the median *process CPU time* of a call (``cpu_ms``: robust to other
+  processes' load when the process runs one thread, ``--threads 1``). Speedups = flat / HiGR
+  of the medians (wall and CPU). The context encoding alone (history encoder + every decoder
+  block's cross-attention memory; the same encoder in both models) is timed too, and
+  ``speedup_decode_only`` compares the decoders without it.
+- Quality and trained latency (``--run-dir``): :func:`load_run` reads the run layout of
+  DESIGN.md (``<run>/<stage>/resolved_config.yaml``, ``final/model_fp32.pt``,
+  ``<run>/tokenizer/export``, ``<run>/etl/slates/test``): HiGR after pretraining (``higr``,
+  stage hsd), after ORPO (``higr_orpo``) and flat. :func:`time_models` times HiGR vs flat on
+  the first 1 / 64 test users; :func:`slate_metrics` decodes the same test users with every
+  model and scores them with :class:`higr_dist.eval.metrics.SlateMetrics` (Recall@5, NDCG@5..).
+- Output: tables on stdout and a JSON file (``--out``) with the machine, threads and load
+  average (``os.getloadavg``) before and after.
+
+On a CPU shared with other jobs use ``--threads 1``: with several OpenMP threads per process
+on oversubscribed cores, every parallel region waits for a descheduled thread and latencies
+inflate 10-40x (seen on the 2-core development machine).
 """
 
 from __future__ import annotations
@@ -79,12 +91,14 @@ def random_histories(table: np.ndarray, B: int, H: int, seed: int = 0
 
 
 def decode_flops(cfg: HSDConfig, beam: int) -> dict[str, float]:
-    """Matmul FLOPs per slate of each decoder's steps (context encoding excluded)."""
+    """Matmul FLOPs per slate of each decoder's steps (context encoding and cross-attention
+    memory excluded): rows per step follow the beam (one row before the first expansion)."""
     x = block_param_count(cfg.block(True)) - 2 * cfg.d_model ** 2  # no memory projection
-    steps = cfg.N * cfg.L
-    higr = 2 * (cfg.N * cfg.planner_layers * x + steps * beam * cfg.gen_layers * x
-                + steps * beam * cfg.K * cfg.d_model)
-    flat = 2 * steps * beam * ((cfg.planner_layers + cfg.gen_layers) * x + cfg.K * cfg.d_model)
+    head = cfg.K * cfg.d_model
+    gen_rows = cfg.N * (1 + (cfg.L - 1) * beam)  # per item: P_j row, then beam rows
+    flat_rows = 1 + (cfg.N * cfg.L - 1) * beam
+    higr = 2 * (cfg.N * cfg.planner_layers * x + gen_rows * (cfg.gen_layers * x + head))
+    flat = 2 * flat_rows * ((cfg.planner_layers + cfg.gen_layers) * x + head)
     return {"higr": float(higr), "flat": float(flat), "ratio": flat / higr}
 
 
@@ -98,53 +112,67 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int
-              ) -> list[float]:
-    """Wall times (s) of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall s, process CPU s) of one call."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+    return time.perf_counter() - w, time.process_time() - c
 
 
-def time_decoder(decode: Decoder, model: nn.Module, inputs: tuple[torch.Tensor, ...],
-                 trie: SidTrie, beam: int, repeats: int, warmup: int) -> dict[str, float]:
-    """Median/p99 latency (ms) and slates/s of ``decode(model, *inputs, trie, beam=beam)``,
-    plus the median of the context encoding alone (``encode_ms``, included in the latency)."""
+def _summary(wall: list[float], cpu: list[float], B: int) -> dict[str, float]:
+    med = statistics.median(wall)
+    return {"batch": B, "median_ms": med * 1e3, "p99_ms": float(np.percentile(wall, 99)) * 1e3,
+            "cpu_ms": statistics.median(cpu) * 1e3, "slates_per_s": B / med,
+            "repeats": len(wall)}
+
+
+def time_models(models: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...], trie: SidTrie,
+                beam: int, repeats: int, warmup: int) -> dict:
+    """Interleaved timing of ``DECODERS[name](model, *inputs, trie, beam=beam)`` for every
+    ``name -> model`` (keys must be DECODERS keys), plus each model's context encoding alone.
+    Returns name -> summary (median/p99 wall ms, median CPU ms, slates/s, ``encode_ms``) and,
+    with both ``higr`` and ``flat``, the speedups (flat / HiGR)."""
     device = inputs[0].device
     trie = trie.to(device)
-    times = time_call(lambda: decode(model, *inputs, trie, beam=beam), device, repeats, warmup)
-    with torch.inference_mode():
-        enc = time_call(lambda: model.encode_context(*inputs), device, repeats, warmup)
-    med = statistics.median(times)
     B = inputs[0].shape[0]
-    return {"batch": B, "median_ms": med * 1e3, "p99_ms": float(np.percentile(times, 99)) * 1e3,
-            "slates_per_s": B / med, "encode_ms": statistics.median(enc) * 1e3,
-            "repeats": repeats}
+    calls = {name: (lambda m=m, d=DECODERS[name]: d(m, *inputs, trie, beam=beam))
+             for name, m in models.items()}
+    encs = {name: (lambda m=m: m.encode_context(*inputs, beam=beam)) for name, m in models.items()}
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    wall = {name: [] for name in models}
+    cpu = {name: [] for name in models}
+    enc = {name: [] for name in models}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name in models:
+                w, c = _timed(calls[name], device)
+                wall[name].append(w)
+                cpu[name].append(c)
+                enc[name].append(_timed(encs[name], device)[0])
+    row: dict = {name: {**_summary(wall[name], cpu[name], B),
+                        "encode_ms": statistics.median(enc[name]) * 1e3} for name in models}
+    if "higr" in row and "flat" in row:
+        h, f = row["higr"], row["flat"]
+        row["speedup"] = f["median_ms"] / h["median_ms"]
+        row["speedup_cpu"] = f["cpu_ms"] / h["cpu_ms"]
+        row["speedup_decode_only"] = ((f["median_ms"] - f["encode_ms"])
+                                      / (h["median_ms"] - h["encode_ms"]))
+    return row
 
 
 def compare_latency(models: dict[str, nn.Module], table: np.ndarray, batch_sizes: Iterable[int],
                     history: int, beam: int, repeats: int, warmup: int,
                     device: torch.device) -> dict:
-    """Time every model on the same users per batch size; ``models`` keys are DECODERS keys."""
+    """:func:`time_models` on random users per batch size (same users for every model)."""
     trie = SidTrie.from_table(table, models["higr"].cfg.K).to(device)
     out: dict = {}
     for B in batch_sizes:
         inputs = tuple(t.to(device) for t in random_histories(table, B, history, seed=B))
-        row = {name: time_decoder(DECODERS[name], m, inputs, trie, beam, repeats, warmup)
-               for name, m in models.items()}
-        if "higr" in row and "flat" in row:
-            h, f = row["higr"], row["flat"]
-            row["speedup"] = f["median_ms"] / h["median_ms"]
-            row["speedup_decode_only"] = ((f["median_ms"] - f["encode_ms"])
-                                          / (h["median_ms"] - h["encode_ms"]))
-        out[str(B)] = row
+        out[str(B)] = time_models(models, inputs, trie, beam, repeats, warmup)
+        print(latency_table({str(B): out[str(B)]}, header=False), flush=True)
     return out
 
 
@@ -172,10 +200,14 @@ def slate_metrics(models: dict[str, tuple[nn.Module, Decoder]], batches: Iterabl
     return {name: a.result() for name, a in acc.items()}
 
 
+RUN_MODELS = (("higr", "hsd", HSD), ("higr_orpo", "orpo", HSD), ("flat", "flat", Flat))
+"""(name, stage, class) of the trained models :func:`load_run` looks for."""
+
+
 def load_run(run_dir: str | Path, batch_size: int, max_users: int = 0
              ) -> tuple[dict[str, tuple[nn.Module, Decoder]], list, SidTrie, np.ndarray | None]:
-    """Trained HiGR (orpo if present, else hsd) and flat models of a pipeline run, the test
-    users as SlateBatches, the trie and item embeddings."""
+    """Every trained model of a pipeline run (:data:`RUN_MODELS`, those present), the test users
+    as SlateBatches of ``batch_size``, the trie and the item embeddings (for ILD)."""
     import yaml
 
     from higr_dist.config import from_dict
@@ -191,15 +223,15 @@ def load_run(run_dir: str | Path, batch_size: int, max_users: int = 0
     trie = SidTrie.from_table(np.asarray(load_sid_table(sid_dir)), meta.K)
     models: dict[str, tuple[nn.Module, Decoder]] = {}
     cfg = None
-    for name, stage, cls in (("higr", "orpo", HSD), ("higr", "hsd", HSD), ("flat", "flat", Flat)):
+    for name, stage, cls in RUN_MODELS:
         weights = run / stage / "final" / "model_fp32.pt"
-        if name in models or not weights.is_file():
+        if not weights.is_file():
             continue
         resolved = yaml.safe_load((run / stage / "resolved_config.yaml").read_text())
         cfg = from_dict(HSDConfig, resolved["model"])
         model = cls(cfg)
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        models[name] = (model.eval(), DECODERS[name])
+        models[name] = (model.eval(), DECODERS["flat" if cls is Flat else "higr"])
     if cfg is None:
         raise FileNotFoundError(f"no trained hsd/orpo/flat model under {run}")
     collate = SlateCollate(sid_dir, cfg.N, cfg.history_len)
@@ -212,6 +244,23 @@ def load_run(run_dir: str | Path, batch_size: int, max_users: int = 0
     return models, batches, trie, item_emb
 
 
+def run_latency(models: dict[str, tuple[nn.Module, Decoder]], batches: list, trie: SidTrie,
+                batch_sizes: Iterable[int], beam: int, repeats: int, warmup: int,
+                device: torch.device) -> dict:
+    """HiGR (pretrained) vs flat latency of trained models on the first B test users."""
+    timed = {k: models[k][0].to(device) for k in ("higr", "flat") if k in models}
+    out: dict = {}
+    for B in batch_sizes:
+        users = [b for b in batches if b.num_samples >= B]
+        if not users:
+            continue
+        b = users[0]
+        inputs = tuple(t[:B].to(device) for t in (b.hist_codes, b.hist_mask, b.hist_fb))
+        out[str(B)] = time_models(timed, inputs, trie, beam, repeats, warmup)
+        print(latency_table({str(B): out[str(B)]}, header=False), flush=True)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +268,9 @@ def load_run(run_dir: str | Path, batch_size: int, max_users: int = 0
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="25m", help="HSD preset (tiny, 25m, 100m, 0.05b ..)")
+    p.add_argument("--preset", default="25m",
+                   help="HSD preset for the random-weight latency (tiny, 25m, 100m, 0.05b ..; "
+                        "none = only --run-dir)")
     p.add_argument("--d-model", type=int, default=0, help="override the preset's width")
     p.add_argument("--planner-layers", type=int, default=0)
     p.add_argument("--gen-layers", type=int, default=0)
@@ -257,19 +308,42 @@ def bench_config(args: argparse.Namespace) -> HSDConfig:
     return cfg
 
 
-def latency_table(latency: dict) -> str:
-    lines = ["| decoder | batch | median ms | p99 ms | slates/s | of which context encoding ms |",
-             "|---|---|---|---|---|---|"]
+TABLE_HEAD = ["| decoder | batch | median ms | p99 ms | CPU ms | slates/s | of which context "
+              "encoding ms |", "|---|---|---|---|---|---|---|"]
+
+
+def latency_table(latency: dict, header: bool = True) -> str:
+    lines = list(TABLE_HEAD) if header else []
     for B, row in latency.items():
         for name in DECODERS:
             if name in row:
                 r = row[name]
                 lines.append(f"| {name} | {B} | {r['median_ms']:.2f} | {r['p99_ms']:.2f} | "
-                             f"{r['slates_per_s']:.1f} | {r['encode_ms']:.2f} |")
+                             f"{r['cpu_ms']:.2f} | {r['slates_per_s']:.1f} | "
+                             f"{r['encode_ms']:.2f} |")
         if "speedup" in row:
-            lines.append(f"| speedup flat/higr | {B} | {row['speedup']:.2f}x | | | decode only: "
+            lines.append(f"| **speedup flat/higr** | {B} | **{row['speedup']:.2f}x** | | "
+                         f"**{row['speedup_cpu']:.2f}x** | | decode only: "
                          f"{row['speedup_decode_only']:.2f}x |")
     return "\n".join(lines)
+
+
+def quality_table(quality: dict) -> str:
+    lines = ["| model | users | impressions Recall@5 | hit@5 | effective Recall@5 | "
+             "effective NDCG@5 | ILD |", "|---|---|---|---|---|---|---|"]
+    for name, r in quality.items():
+        lines.append(f"| {name} | {r['users']} | {r['impressions']['recall5']:.4f} | "
+                     f"{r['impressions']['hit5']:.4f} | {r['effective']['recall5']:.4f} | "
+                     f"{r['effective']['ndcg5']:.4f} | {r['ild']:.4f} |")
+    return "\n".join(lines)
+
+
+def machine(device: torch.device) -> dict:
+    return {"device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,37 +352,50 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    cfg = bench_config(args)
-    torch.manual_seed(args.seed)
-    models = {"higr": HSD(cfg), "flat": Flat(cfg)}
-    models = {k: m.to(device=device, dtype=dtype).eval() for k, m in models.items()}
-    table = random_sid_table(args.num_items, cfg.K, cfg.L, args.seed)
-    print(f"HSD {param_count(cfg) / 1e6:.1f}M params vs flat {flat_param_count(cfg) / 1e6:.1f}M; "
-          f"d_model {cfg.d_model}, depth {cfg.planner_layers}+{cfg.gen_layers}; "
-          f"{args.num_items} items, K={cfg.K}, L={cfg.L}, N={cfg.N}, beam {args.beam}; "
-          f"{device} {args.dtype}, {torch.get_num_threads()} threads", flush=True)
-    latency = compare_latency(models, table, args.batches, args.history, args.beam, args.repeats,
-                              args.warmup, device)
-    result = {
-        "config": asdict(cfg), "beam": args.beam, "num_items": args.num_items,
-        "history": args.history, "dtype": args.dtype, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "params": {"higr": param_count(cfg), "flat": flat_param_count(cfg)},
-        "decode_flops_per_slate": decode_flops(cfg, args.beam),
-        "latency": latency,
-    }
-    print(latency_table(latency))
+    result: dict = {"beam": args.beam, "dtype": args.dtype, **machine(device),
+                    "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+                    "loadavg_before": os.getloadavg()}
+    if args.preset != "none":
+        cfg = bench_config(args)
+        torch.manual_seed(args.seed)
+        models = {"higr": HSD(cfg), "flat": Flat(cfg)}
+        models = {k: m.to(device=device, dtype=dtype).eval() for k, m in models.items()}
+        table = random_sid_table(args.num_items, cfg.K, cfg.L, args.seed)
+        print(f"HSD {param_count(cfg) / 1e6:.1f}M params vs flat "
+              f"{flat_param_count(cfg) / 1e6:.1f}M; d_model {cfg.d_model}, depth "
+              f"{cfg.planner_layers}+{cfg.gen_layers}; {args.num_items} items, K={cfg.K}, "
+              f"L={cfg.L}, N={cfg.N}, beam {args.beam}; {device} {args.dtype}, "
+              f"{torch.get_num_threads()} threads", flush=True)
+        print("\n".join(TABLE_HEAD), flush=True)
+        result["random"] = {
+            "preset": args.preset, "config": asdict(cfg), "num_items": args.num_items,
+            "history": args.history,
+            "params": {"higr": param_count(cfg), "flat": flat_param_count(cfg)},
+            "decode_flops_per_slate": decode_flops(cfg, args.beam),
+            "latency": compare_latency(models, table, args.batches, args.history, args.beam,
+                                       args.repeats, args.warmup, device)}
     if args.run_dir:
         run_models, batches, trie, item_emb = load_run(args.run_dir, max(args.batches),
                                                        args.max_users)
         run_models = {k: (m.to(device), d) for k, (m, d) in run_models.items()}
-        result["quality"] = slate_metrics(run_models, batches, trie, args.beam,
-                                          item_emb=item_emb)
-        for name, r in result["quality"].items():
-            print(f"{name}: recall@5 {r['impressions']['recall5']:.4f} "
-                  f"(users {r['users']}), eff. NDCG@5 {r['effective']['ndcg5']:.4f}")
+        cfg = run_models["higr" if "higr" in run_models else next(iter(run_models))][0].cfg
+        print(f"trained run {args.run_dir}: {', '.join(run_models)}; d_model {cfg.d_model}, "
+              f"depth {cfg.planner_layers}+{cfg.gen_layers}, K={cfg.K}, {trie.num_items} items",
+              flush=True)
+        print("\n".join(TABLE_HEAD), flush=True)
+        trained: dict = {
+            "run_dir": str(args.run_dir), "config": asdict(cfg), "num_items": trie.num_items,
+            "params": {"higr": param_count(cfg), "flat": flat_param_count(cfg)},
+            "decode_flops_per_slate": decode_flops(cfg, args.beam),
+            "latency": run_latency(run_models, batches, trie, args.batches, args.beam,
+                                   args.repeats, args.warmup, device)}
+        t0 = time.perf_counter()
+        trained["quality"] = slate_metrics(run_models, batches, trie, args.beam,
+                                           item_emb=item_emb)
+        trained["quality_seconds"] = time.perf_counter() - t0
+        print(quality_table(trained["quality"]))
+        result["trained"] = trained
+    result["loadavg_after"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

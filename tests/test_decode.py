@@ -79,6 +79,33 @@ def test_trie_allowed_excludes_placed_items():
     assert trie.allowed(torch.tensor([[0, 0]]), torch.tensor([[0, 1]])).sum() == 0
 
 
+def test_trie_incremental_nodes_match_brute_force():
+    """Walking the trie code by code (``root``/``child``, what the decoders do) reaches the same
+    nodes as ``walk``, and ``allowed_at`` with random exclusions (duplicates, -1 slots, items
+    elsewhere in the tree) equals a brute-force count over the table."""
+    K, L = 4, 3
+    table = _table(30, K, L, seed=7)
+    rows = table.tolist()
+    rng = np.random.default_rng(0)
+    for max_dense in (1 << 25, 0):
+        trie = SidTrie.from_table(table, K, max_dense_entries=max_dense)
+        prefixes = torch.from_numpy(table[rng.integers(0, 30, 50)])  # [M, L] real SIDs
+        prefixes[:10, 1] = torch.from_numpy(rng.integers(0, K, 10))  # some dead prefixes
+        exclude = torch.from_numpy(rng.integers(-1, 30, (50, 4)))  # [M, P]
+        node = trie.root(50)
+        for depth in range(L):
+            assert torch.equal(node, trie.walk(prefixes[:, :depth]))
+            got = trie.allowed_at(depth, node, exclude)
+            for m in range(50):
+                p = prefixes[m, :depth].tolist()
+                ex = {int(i) for i in exclude[m] if i >= 0}
+                want = [any(r[:depth + 1] == [*p, c] and i not in ex for i, r in enumerate(rows))
+                        for c in range(K)]
+                assert got[m].tolist() == want
+            node = trie.child(depth, node, prefixes[:, depth])
+        assert torch.equal(trie.leaf_items(node), trie.lookup(prefixes))
+
+
 def test_trie_rejects_bad_tables():
     with pytest.raises(ValueError, match="duplicate"):
         SidTrie.from_table(np.array([[0, 1], [0, 1]]), 4)
@@ -133,6 +160,31 @@ def test_kv_cached_decoding_equals_uncached(beam):
         plain = decode(model, *hist, trie, beam=beam, use_cache=False)
         assert torch.equal(cached.items, plain.items)
         assert torch.allclose(cached.scores, plain.scores, atol=1e-5)
+
+
+def test_absorbed_cross_attention_decodes_the_same(monkeypatch):
+    """Forcing every stack onto the absorbed cross-attention (raw memory, chosen by cost at
+    large batches) changes neither decoder's slates; KV-cached still equals uncached."""
+    from higr_dist.models import layers
+
+    torch.manual_seed(6)
+    table = _table(60, TINY.K, TINY.L, seed=5)
+    trie = SidTrie.from_table(table, TINY.K)
+    hist = _history(TINY, table, B=4, seed=1)
+    for model, decode in ((HSD(TINY), coarse_to_fine_decode), (Flat(TINY), flat_beam_decode)):
+        with monkeypatch.context() as m:
+            m.setattr(layers, "absorb_pays", lambda *a: False)
+            projected = decode(model, *hist, trie, beam=3)
+        with monkeypatch.context() as m:
+            m.setattr(layers, "absorb_pays", lambda *a: True)
+            ctx = model.encode_context(*hist, beam=3)
+            mems = ctx.planner_mem + ctx.gen_mem if isinstance(model, HSD) else ctx.mem
+            assert all(isinstance(x, torch.Tensor) for x in mems)  # raw memory everywhere
+            absorbed = decode(model, *hist, trie, beam=3)
+            plain = decode(model, *hist, trie, beam=3, use_cache=False)
+        assert torch.equal(absorbed.items, projected.items)
+        assert torch.allclose(absorbed.scores, projected.scores, atol=1e-5)
+        assert torch.equal(plain.items, absorbed.items)
 
 
 @pytest.mark.parametrize("which", ["hier", "flat"])

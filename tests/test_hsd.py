@@ -230,6 +230,29 @@ def test_grouped_cross_attention_matches_repeated_memory():
     assert torch.allclose(grouped, rep, atol=1e-6)
 
 
+def test_absorbed_cross_attention_equals_projected():
+    """Attending to the raw memory with W_k / W_v folded into the query and output equals
+    attention to projected keys/values (grouped queries, padded memory)."""
+    from higr_dist.models.layers import BlockConfig, CrossAttention
+
+    torch.manual_seed(7)
+    att = CrossAttention(BlockConfig(d_model=24, n_heads=3)).eval()
+    mem = torch.randn(2, 5, 24)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    x = torch.randn(2 * 3, 2, 24)  # G = 3 sequences per memory row, b-major, T = 2
+    assert torch.allclose(att(x, mem, mask), att(x, att.project(mem), mask), atol=1e-5)
+
+
+def test_absorb_pays_picks_the_cheaper_form():
+    from higr_dist.models.layers import absorb_pays
+
+    d, h, M = 288, 4, 51  # the 25m preset with a 50-item history
+    assert absorb_pays(5, 5, 64, M, d, h)  # HSD planner, batch 64: N queries per context
+    assert not absorb_pays(5, 5, 1, M, d, h)  # batch 1: re-reading W_k/W_v per step dominates
+    assert not absorb_pays(5 * (1 + 2 * 10), 15, 64, M, d, h)  # generator at beam 10
+    assert not absorb_pays(1 + 14 * 10, 15, 64, M, d, h)  # flat decoder at beam 10
+
+
 # ---------------------------------------------------------------------------------------------
 # losses
 # ---------------------------------------------------------------------------------------------

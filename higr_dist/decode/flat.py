@@ -4,11 +4,12 @@ Design
 ------
 Encode the context once, then N*L KV-cached steps of the full-depth decoder over
 ``B x beam`` rows (b-major). Token t is code ``t % L`` of item ``j = t // L``; the allowed
-codes come from :meth:`SidTrie.allowed` with the item's prefix so far and the items this
-beam already placed (so every finished item is a real SID and no beam repeats an item, and
-no beam reaches a dead end). After the last code of an item the beam records its item_idx.
+codes come from :meth:`SidTrie.allowed_at` with the trie node of the item's prefix so far
+(carried per beam, one gather per step) and the items this beam already placed (so every
+finished item is a real SID, no beam repeats an item, and no beam reaches a dead end). After the last code of an item the beam records its item_idx.
 The beam keeps the best ``beam`` partial slates by total log-prob; the answer is the best
-full slate. Pure beam search, no sampling knobs (METHOD.md pitfall). ``use_cache=False``
+full slate (the last token keeps only the top-1 and skips the cache reorder, same result).
+Pure beam search, no sampling knobs (METHOD.md pitfall). ``use_cache=False``
 recomputes every prefix (a reference for tests).
 
 This is the decoding HiGR is compared against: every step runs the whole
@@ -45,11 +46,13 @@ def flat_beam_decode(model: Flat, hist_codes: Tensor, hist_mask: Tensor, hist_fb
     tokens = torch.zeros(B, 1, 0, dtype=torch.long, device=dev)  # [B, G, t]
     tok_lp = torch.zeros(B, 1, 0, dtype=torch.float32, device=dev)  # [B, G, t]
     placed = torch.full((B, 1, N), -1, dtype=torch.long, device=dev)  # [B, G, N]
+    node = trie.root(B)  # [B*G] trie node of each beam's current item prefix
     cache: Cache | None = None
     with eval_mode(model):
-        ctx = model.encode_context(hist_codes, hist_mask, hist_fb)
+        ctx = model.encode_context(hist_codes, hist_mask, hist_fb, beam=beam)
         for t in range(N * L):
             j, layer = divmod(t, L)
+            last = t == N * L - 1
             G = scores.shape[1]
             flat_tokens = tokens.reshape(B * G, t)
             if use_cache:
@@ -57,18 +60,21 @@ def flat_beam_decode(model: Flat, hist_codes: Tensor, hist_mask: Tensor, hist_fb
             else:
                 logits = model.full_step(ctx, flat_tokens)
             logp = torch.log_softmax(logits.float(), dim=-1)  # [B*G, K]
-            allowed = trie.allowed(flat_tokens[:, j * L:], placed.reshape(B * G, N)[:, :j])
-            sel = beam_select(scores, logp, allowed, beam)
-            step_lp = logp[sel.rows, sel.code.reshape(-1)].view(B, -1)  # [B, G']
+            allowed = trie.allowed_at(layer, node, placed.reshape(B * G, N)[:, :j])
+            sel = beam_select(scores, logp, allowed, 1 if last else beam)
+            code = sel.code.reshape(-1)  # [B*G']
+            step_lp = logp[sel.rows, code].view(B, -1)  # [B, G']
             pick = sel.parent[..., None]
             tokens = torch.cat([tokens.gather(1, pick.expand(-1, -1, t)), sel.code[..., None]], 2)
             tok_lp = torch.cat([tok_lp.gather(1, pick.expand(-1, -1, t)), step_lp[..., None]], 2)
             placed = placed.gather(1, pick.expand(-1, -1, N))
             scores = sel.scores
-            if cache is not None:
+            node = trie.child(layer, node[sel.rows], code)
+            if cache is not None and not last:  # the final token's cache is never read
                 cache = reorder_cache(cache, sel.rows)
             if layer == L - 1:
-                placed[:, :, j] = trie.lookup(tokens[:, :, j * L:])  # -1 only on dead beams
+                placed[:, :, j] = trie.leaf_items(node).view(B, -1)  # -1 only on dead beams
+                node = trie.root(node.shape[0])
     if not bool(torch.isfinite(scores[:, 0]).all()):
         raise RuntimeError("no allowed slate for some context (catalogue exhausted?)")
     items = placed[:, 0]  # [B, N]

@@ -9,9 +9,10 @@ batch, b-major); the best complete item is placed and its preference embedding p
 back to the planner. Cost per slate: N planner steps over B rows + N*L generator steps over
 B*beam rows of a 2-layer generator, instead of N*L full-depth steps over B*beam rows.
 
-Constraints (:meth:`SidTrie.allowed`): at every code step only codes that extend the prefix
-towards a real SID of an item *not yet placed in this slate* are allowed (count of items
-below prefix + code, minus the placed ones below it, > 0). So every finished beam is a real,
+Constraints (:meth:`SidTrie.allowed_at`, each beam carrying the trie node of its prefix): at
+every code step only codes that extend the prefix towards a real SID of an item *not yet
+placed in this slate* are allowed (count of items below prefix + code, minus the placed ones
+below it, > 0). So every finished beam is a real,
 new item, and no beam can reach a dead end. Disallowed codes get log-prob -inf before the
 top-k; when fewer candidates than ``beam`` are allowed, the surplus beams carry -inf and can
 never win. Pure beam search: no sampling, temperature, top-k/top-p knob exists (METHOD.md
@@ -90,34 +91,41 @@ def beam_select(scores: Tensor, logp: Tensor, allowed: Tensor, beam: int) -> Bea
 
 
 def generate_item(model: HSD, ctx: HSDContext, plan: Tensor, trie: SidTrie, placed: Tensor,
-                  beam: int, use_cache: bool = True) -> tuple[Tensor, Tensor]:
+                  beam: int, use_cache: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Beam-search one item per context: plan [B, D] (P_j), placed [B, j] item_idx (excluded)
-    -> (codes [B, L] of the best allowed item, its log-prob [B] float32)."""
+    -> (codes [B, L] of the best allowed item, its log-prob [B] float32, its item_idx [B]).
+
+    Each beam carries its trie node, so a step's constraint is one :meth:`SidTrie.allowed_at`
+    query; the last code only needs the best completion (top-1 instead of top-``beam``), and
+    nothing is reordered after it (the generator cache dies with the item)."""
     B, L = plan.shape[0], model.cfg.L
     scores = torch.zeros(B, 1, dtype=torch.float32, device=plan.device)  # [B, G]
     prefix = torch.zeros(B, 1, 0, dtype=torch.long, device=plan.device)  # [B, G, l]
+    node = trie.root(B)  # [B*G] trie node of each beam's prefix
     plan_rows, excl = plan, placed  # [B*G, D], [B*G, j]
+    prev: Tensor | None = None  # [B*G] last chosen code of each beam
     cache: Cache | None = None
     for layer in range(L):
-        G = scores.shape[1]
-        flat_prefix = prefix.reshape(B * G, layer)
+        last = layer == L - 1
         if use_cache:
-            logits, cache = model.generator_step(
-                ctx, cache, plan=plan_rows if layer == 0 else None,
-                prev_code=flat_prefix[:, -1] if layer > 0 else None)
+            logits, cache = model.generator_step(ctx, cache, plan=plan_rows if layer == 0 else None,
+                                                 prev_code=prev)
         else:
-            logits = model.generator_full(ctx, plan_rows, flat_prefix)
+            logits = model.generator_full(ctx, plan_rows, prefix.reshape(plan_rows.shape[0], layer))
         logp = torch.log_softmax(logits.float(), dim=-1)  # [B*G, K]
-        sel = beam_select(scores, logp, trie.allowed(flat_prefix, excl), beam)
+        sel = beam_select(scores, logp, trie.allowed_at(layer, node, excl), 1 if last else beam)
+        prev = sel.code.reshape(-1)  # [B*G']
         prefix = torch.cat([prefix.gather(1, sel.parent[..., None].expand(-1, -1, layer)),
                             sel.code[..., None]], dim=2)  # [B, G', l+1]
         scores = sel.scores
-        plan_rows, excl = plan_rows[sel.rows], excl[sel.rows]
-        if cache is not None:
-            cache = reorder_cache(cache, sel.rows)
+        node = trie.child(layer, node[sel.rows], prev)
+        if not last:
+            plan_rows, excl = plan_rows[sel.rows], excl[sel.rows]
+            if cache is not None:
+                cache = reorder_cache(cache, sel.rows)
     if not bool(torch.isfinite(scores[:, 0]).all()):
         raise RuntimeError("no allowed item left for some context (catalogue exhausted?)")
-    return prefix[:, 0], scores[:, 0]
+    return prefix[:, 0], scores[:, 0], trie.leaf_items(node)
 
 
 @torch.inference_mode()
@@ -138,16 +146,15 @@ def coarse_to_fine_decode(model: HSD, hist_codes: Tensor, hist_mask: Tensor, his
     codes = torch.zeros(B, N, cfg.L, dtype=torch.long, device=dev)
     scores = torch.zeros(B, N, dtype=torch.float32, device=dev)
     with eval_mode(model):
-        ctx = model.encode_context(hist_codes, hist_mask, hist_fb)
+        ctx = model.encode_context(hist_codes, hist_mask, hist_fb, beam=beam)
         pcache: Cache | None = None
         for j in range(N):
             if use_cache:
                 plan, pcache = model.planner_step(ctx, codes[:, j - 1] if j else None, pcache)
             else:
                 plan = model.planner_full(ctx, codes[:, :j])
-            codes[:, j], scores[:, j] = generate_item(model, ctx, plan, trie, items[:, :j], beam,
-                                                      use_cache)
-            items[:, j] = trie.lookup(codes[:, j])
+            codes[:, j], scores[:, j], items[:, j] = generate_item(model, ctx, plan, trie,
+                                                                   items[:, :j], beam, use_cache)
     if bool((items < 0).any()):
         raise RuntimeError("decoding produced a SID outside the trie (bug)")
     return DecodeResult(items, codes, scores)

@@ -21,6 +21,13 @@ possible next codes, ``allowed`` subtracts items to exclude (already placed in a
 decoder that picks only allowed codes can never reach a dead end: every allowed prefix still
 has an unplaced completion. ``lookup`` maps full SIDs to item_idx (-1 when not a real SID).
 
+Incremental decoding (what the decoders use): a beam keeps the trie node of its prefix
+(``root`` -> ``child`` once per chosen code, one gather) and asks ``allowed_at(depth, node,
+exclude)``, so no step re-walks the prefix; excluded items are matched to the node through
+their precomputed ancestor ids (``ancestors[d][item]``: the depth-d node above each item), a
+gather and a compare instead of comparing SID prefixes. ``leaf_items(node)`` turns finished
+beams into item_idx without a lookup.
+
 The SID table must be unique (the tokenizer export resolves collisions); a table with
 duplicates raises instead of silently dropping items.
 """
@@ -44,7 +51,8 @@ class SidTrie:
     """Prefix structure of a unique SID table ``[num_items, L]`` with codes in ``[0, K)``."""
 
     def __init__(self, K: int, table: Tensor, dense: list[Tensor | None],
-                 sparse_keys: list[Tensor | None], counts: list[Tensor], leaf_item: Tensor):
+                 sparse_keys: list[Tensor | None], counts: list[Tensor], leaf_item: Tensor,
+                 ancestors: Tensor):
         self.K = int(K)
         self.table = table
         """[num_items, L] long: the SID of each item."""
@@ -56,6 +64,8 @@ class SidTrie:
         """Per depth d <= L: [n_d] long, items below each node (depth 0: [num_items])."""
         self.leaf_item = leaf_item
         """[num_items] long: item_idx of each leaf (depth-L node)."""
+        self.ancestors = ancestors
+        """[L+1, num_items] long: ``ancestors[d, i]`` is the depth-d node above item i."""
 
     @property
     def L(self) -> int:
@@ -73,8 +83,8 @@ class SidTrie:
     def from_table(cls, sid_table: np.ndarray | Tensor, K: int,
                    max_dense_entries: int = 1 << 25) -> SidTrie:
         """Build from ``sid_table [num_items, L]`` int (numpy or torch; on its device)."""
-        table = torch.as_tensor(np.asarray(sid_table) if not isinstance(sid_table, Tensor)
-                                else sid_table).long()
+        table = (sid_table if isinstance(sid_table, Tensor)  # copy: tables are often read-only
+                 else torch.from_numpy(np.array(sid_table, dtype=np.int64))).long()
         if table.dim() != 2 or table.shape[0] < 1 or table.shape[1] < 1:
             raise ValueError(f"sid_table must be [num_items >= 1, L >= 1], got {tuple(table.shape)}")
         num, L = table.shape
@@ -93,8 +103,11 @@ class SidTrie:
         counts = [torch.full((1,), num, dtype=torch.long, device=table.device)]
         dense: list[Tensor | None] = []
         sparse: list[Tensor | None] = []
+        ancestors = torch.zeros(L + 1, num, dtype=torch.long, device=table.device)  # [L+1, I]
         for d in range(1, L + 1):
-            kd, cnt = torch.unique_consecutive(_pack(rows[:, :d], K), return_counts=True)  # [n_d]
+            kd, inv, cnt = torch.unique_consecutive(_pack(rows[:, :d], K), return_inverse=True,
+                                                    return_counts=True)  # [n_d], [I], [n_d]
+            ancestors[d, order] = inv
             parent = torch.searchsorted(keys[-1], kd // K)  # [n_d] ids at depth d-1
             child_key = parent * K + kd % K  # [n_d] sorted
             if keys[-1].numel() * K <= max_dense_entries:
@@ -108,7 +121,7 @@ class SidTrie:
                 sparse.append(child_key)
             keys.append(kd)
             counts.append(cnt)
-        return cls(K, table, dense, sparse, counts, order)
+        return cls(K, table, dense, sparse, counts, order, ancestors)
 
     def to(self, device: torch.device | str) -> SidTrie:
         """This trie on ``device`` (self when already there)."""
@@ -121,7 +134,7 @@ class SidTrie:
 
         return SidTrie(self.K, self.table.to(device), [mv(t) for t in self.dense],
                        [mv(t) for t in self.sparse_keys], [t.to(device) for t in self.counts],
-                       self.leaf_item.to(device))
+                       self.leaf_item.to(device), self.ancestors.to(device))
 
     # ---------------------------------------------------------------- queries
 
@@ -140,8 +153,13 @@ class SidTrie:
             ch = torch.where(keys[idx] == want, idx, -1)
         return torch.where(ok[:, None], ch, -1)
 
-    def _child(self, depth: int, node: Tensor, code: Tensor) -> Tensor:
-        """One child per row: node [M], code [M] -> [M] long (-1 when absent or invalid)."""
+    def root(self, M: int) -> Tensor:
+        """The root node for M prefixes: [M] long zeros (on the trie's device)."""
+        return torch.zeros(M, dtype=torch.long, device=self.device)
+
+    def child(self, depth: int, node: Tensor, code: Tensor) -> Tensor:
+        """One child per row: depth-``depth`` node [M], code [M] -> depth+1 node [M] long (-1
+        when absent or invalid; -1 stays -1)."""
         ok = (node >= 0) & (code >= 0) & (code < self.K)
         n, c = node.clamp(min=0), code.clamp(0, self.K - 1)
         tbl = self.dense[depth]
@@ -161,7 +179,7 @@ class SidTrie:
         prefix = prefix.long()
         node = torch.zeros(prefix.shape[0], dtype=torch.long, device=prefix.device)
         for d in range(prefix.shape[1]):
-            node = self._child(d, node, prefix[:, d])
+            node = self.child(d, node, prefix[:, d])
         return node
 
     def child_counts(self, prefix: Tensor) -> Tensor:
@@ -178,28 +196,36 @@ class SidTrie:
         """Like :meth:`next_mask`, but a code is allowed only if some item below prefix + code
         is not in ``exclude [M, P]`` (item_idx, -1 = empty slot; duplicates count once).
         Returns bool [M, K]; a row is all False only when every completion is excluded."""
-        cnt = self.child_counts(prefix)  # [M, K]
+        return self.allowed_at(prefix.shape[1], self.walk(prefix), exclude)
+
+    def allowed_at(self, depth: int, node: Tensor, exclude: Tensor | None = None) -> Tensor:
+        """:meth:`allowed` for prefixes given as their depth-``depth`` trie nodes ``node [M]``
+        (-1 = not a prefix: nothing allowed), the incremental form the decoders use."""
+        ch = self._children(depth, node)  # [M, K]
+        cnt = torch.where(ch >= 0, self.counts[depth + 1][ch.clamp(min=0)], 0)  # [M, K]
         if exclude is None or exclude.shape[1] == 0:
             return cnt > 0
-        depth = prefix.shape[1]
         exclude = exclude.long()
         P = exclude.shape[1]
-        earlier = torch.ones(P, P, dtype=torch.bool, device=exclude.device).tril(-1)
-        dup = ((exclude[:, :, None] == exclude[:, None, :]) & earlier).any(-1)  # [M, P]
-        real = (exclude >= 0) & ~dup
-        codes = self.table[exclude.clamp(min=0)]  # [M, P, L]
-        below = real & (codes[:, :, :depth] == prefix[:, None, :].long()).all(-1)  # [M, P]
-        sub = torch.zeros_like(cnt).scatter_add_(1, codes[:, :, depth], below.long())  # [M, K]
+        real = exclude >= 0  # [M, P]
+        if P > 1:
+            earlier = torch.ones(P, P, dtype=torch.bool, device=exclude.device).tril(-1)
+            real = real & ~((exclude[:, :, None] == exclude[:, None, :]) & earlier).any(-1)
+        ex = exclude.clamp(min=0)
+        below = real & (self.ancestors[depth][ex] == node[:, None])  # [M, P]
+        sub = torch.zeros_like(cnt).scatter_add_(1, self.table[ex, depth], below.long())  # [M, K]
         return (cnt - sub) > 0
+
+    def leaf_items(self, node: Tensor) -> Tensor:
+        """Depth-L nodes [*] -> item_idx [*] long (-1 stays -1)."""
+        return torch.where(node >= 0, self.leaf_item[node.clamp(min=0)], -1)
 
     def lookup(self, codes: Tensor) -> Tensor:
         """codes [*, L] -> item_idx [*] long (-1 when not a real SID)."""
         if codes.shape[-1] != self.L:
             raise ValueError(f"codes must end in L={self.L}, got {tuple(codes.shape)}")
         flat = codes.reshape(-1, self.L)
-        leaf = self.walk(flat)  # [M]
-        item = torch.where(leaf >= 0, self.leaf_item[leaf.clamp(min=0)], -1)
-        return item.reshape(codes.shape[:-1])
+        return self.leaf_items(self.walk(flat)).reshape(codes.shape[:-1])
 
     def item_codes(self, items: Tensor) -> Tensor:
         """item_idx [*] -> SIDs [*, L] (raises on ids outside the catalogue)."""

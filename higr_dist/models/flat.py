@@ -36,8 +36,8 @@ from higr_dist.models.hsd import (
     token_logprobs,
 )
 from higr_dist.models.layers import (
-    KV,
     Cache,
+    Memory,
     RMSNorm,
     block_param_count,
     cache_len,
@@ -65,8 +65,9 @@ class FlatOutput(NamedTuple):
 class FlatContext(NamedTuple):
     mem_mask: Tensor
     """[B, M] bool memory mask."""
-    mem: list[KV]
-    """Per decoder block: cross-attention keys/values [B, h, M, dh]."""
+    mem: list[Memory]
+    """Per decoder block: cross-attention keys/values [B, h, M, dh], or the raw memory
+    [B, M, D] when the beam is narrow enough that the absorbed form is cheaper."""
 
 
 class Flat(nn.Module):
@@ -139,10 +140,16 @@ class Flat(nn.Module):
 
     # ---------------------------------------------------------------- decoding
 
-    def encode_context(self, hist_codes: Tensor, hist_mask: Tensor, hist_fb: Tensor
-                       ) -> FlatContext:
+    def encode_context(self, hist_codes: Tensor, hist_mask: Tensor, hist_fb: Tensor,
+                       beam: int | None = None) -> FlatContext:
+        """Encode the history once and prepare every block's cross-attention memory in the
+        cheaper form for ``1 + (N*L - 1) * beam`` queries per context over N*L steps (projected
+        keys/values when ``beam`` is None); the same rule as :meth:`HSD.encode_context`."""
         memory, mem_mask = self._encode(hist_codes, hist_mask, hist_fb)
-        return FlatContext(mem_mask, project_memory(self.decoder, memory))
+        T = self.cfg.N * self.cfg.L
+        queries = None if beam is None else 1 + (T - 1) * beam
+        return FlatContext(mem_mask, project_memory(self.decoder, memory, queries=queries,
+                                                    steps=T))
 
     def step(self, ctx: FlatContext, cache: Cache | None, prev_code: Tensor | None = None
              ) -> tuple[Tensor, Cache]:

@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from higr_dist.models.layers import (
-    KV,
     BlockConfig,
     Cache,
+    Memory,
     MLPKind,
     RMSNorm,
     block_param_count,
@@ -266,10 +266,12 @@ class HSDContext(NamedTuple):
 
     mem_mask: Tensor
     """[B, M] bool memory mask."""
-    planner_mem: list[KV]
-    """Per planner block: cross-attention keys/values [B, h, M, dh]."""
-    gen_mem: list[KV]
-    """Per generator block: cross-attention keys/values [B, h, M, dh]."""
+    planner_mem: list[Memory]
+    """Per planner block: the raw memory [B, M, D] (absorbed cross-attention: the planner sends
+    only N queries per context) or keys/values [B, h, M, dh] when projecting is cheaper."""
+    gen_mem: list[Memory]
+    """Per generator block: cross-attention keys/values [B, h, M, dh] (or the raw memory when
+    the beam is narrow enough that the absorbed form is cheaper)."""
 
 
 class HSD(nn.Module):
@@ -346,12 +348,20 @@ class HSD(nn.Module):
 
     # ---------------------------------------------------------------- decoding
 
-    def encode_context(self, hist_codes: Tensor, hist_mask: Tensor, hist_fb: Tensor
-                       ) -> HSDContext:
-        """Encode the history once and project the memory for every cross-attention block."""
+    def encode_context(self, hist_codes: Tensor, hist_mask: Tensor, hist_fb: Tensor,
+                       beam: int | None = None) -> HSDContext:
+        """Encode the history once and prepare every cross-attention block's memory. Each
+        stack gets the cheaper form for the queries it will send per context over its steps
+        (:func:`~higr_dist.models.layers.absorb_pays`): the greedy planner N queries in N
+        steps; the generator ``N * (1 + (L-1) * beam)`` in N*L steps when ``beam`` is given
+        (else projected keys/values)."""
         memory, mem_mask = self._encode(hist_codes, hist_mask, hist_fb)
-        return HSDContext(mem_mask, project_memory(self.planner, memory),
-                          project_memory(self.generator, memory))
+        cfg = self.cfg
+        gen_queries = None if beam is None else cfg.N * (1 + (cfg.L - 1) * beam)
+        return HSDContext(mem_mask,
+                          project_memory(self.planner, memory, queries=cfg.N, steps=cfg.N),
+                          project_memory(self.generator, memory, queries=gen_queries,
+                                         steps=cfg.N * cfg.L))
 
     def pref_embedding(self, codes: Tensor) -> Tensor:
         """p_j of placed items: codes [..., L] -> [..., D] (eq. 5-6)."""

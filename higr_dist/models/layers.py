@@ -9,11 +9,25 @@ Design
   same modules run in fp32 or bf16, on CPU or CUDA.
 - Incremental decoding: self-attention takes and returns a :class:`KV` cache (``[B, h, T, dh]``
   keys/values of the tokens seen so far). Each step appends; beam search reorders caches with
-  :func:`reorder_cache`. Caches are plain tensors concatenated per step: decoded sequences are
-  short here (L = 3 codes per item, N * L = 15 for the flat baseline), so a pre-allocated
-  ring buffer would save nothing measurable.
+  :func:`reorder_cache`. Caches are plain tensors concatenated per step. HSD's caches stay
+  tiny (<= N planner tokens, <= L generator tokens); the flat decoder's grow to N*L = 15
+  tokens over 16 blocks and B*beam rows, and there the per-step concatenation plus the beam
+  reorder cost ~25% of its CPU time (bench/decode.py, 25m preset, batch 64). A preallocated
+  buffer written in place would remove the concatenation, not the reorder copy (measured
+  ~1/3 of that share); not done yet, noted in docs/fragments/decode.md.
 - Cross-attention memory is projected to keys/values once per context (:meth:`CrossAttention.
   project`); decoders keep these projections for every step.
+- Absorbed cross-attention for stacks that see few queries per context: projecting an
+  M-token memory costs ``2 M D^2`` per block, whereas folding the key projection into the
+  query (``q_h . W_k,h m = (W_k,h^T q_h) . m``) and the value projection into the output
+  (``sum_i a_i W_v,h m_i = W_v,h sum_i a_i m_i``) costs ``2 D^2 + 2 h M D`` per query against the
+  raw memory, plus a re-read of ``W_k, W_v`` per step. :func:`absorb_pays` picks the cheaper
+  form from the queries and steps a decoder will send per context and the batch
+  (:func:`project_memory`): HSD's slate planner sees only N queries per context, so beyond a
+  batch of ~2 it attends to the raw memory; the item generator and the flat decoder (tens to
+  hundreds of beam queries per context) keep the projected keys/values at beam 10. Same
+  attention up to float rounding (the tests compare both forms); the absorbed form reads the
+  ``kv`` weight directly, so it is for inference on plain modules (never ZeRO-3 partitions).
 - Grouped queries against one memory: a cross-attention input may hold ``G`` sequences per
   memory row (``x [B*G, T, D]`` against memory ``[B, M, D]``, the G sequences of context b
   stored contiguously, b-major). Cross-attention has no causal structure, so the G sequences
@@ -56,6 +70,10 @@ class KV(NamedTuple):
 
 Cache = list[KV]
 """One :class:`KV` per block of a stack (self-attention only)."""
+
+Memory = KV | Tensor
+"""A cross-attention block's view of the memory while decoding: projected keys/values
+``KV([B, h, M, dh] x 2)``, or the raw memory ``[B, M, D]`` for the absorbed form."""
 
 
 @dataclass
@@ -174,8 +192,11 @@ class CrossAttention(nn.Module):
         k, v = self.kv(memory).chunk(2, dim=-1)
         return KV(_heads(k, self.n_heads), _heads(v, self.n_heads))
 
-    def forward(self, x: Tensor, mem: KV, mem_mask: Tensor) -> Tensor:
-        """x [B*G, T, D], mem [B, h, M, dh], mem_mask [B, M] bool -> [B*G, T, D]."""
+    def forward(self, x: Tensor, mem: Memory, mem_mask: Tensor) -> Tensor:
+        """x [B*G, T, D], mem = keys/values [B, h, M, dh] (:meth:`project`) or the raw memory
+        [B, M, D] (absorbed form, :meth:`attend_raw`), mem_mask [B, M] bool -> [B*G, T, D]."""
+        if isinstance(mem, Tensor):
+            return self.attend_raw(x, mem, mem_mask)
         B = mem.k.shape[0]
         BG, T, D = x.shape
         if BG % B:
@@ -185,6 +206,44 @@ class CrossAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, mem.k, mem.v, attn_mask=mem_mask[:, None, None, :],
                                            dropout_p=p)  # [B, h, G*T, dh]
         return self.out(_merge(y).reshape(BG, T, D))
+
+    def attend_raw(self, x: Tensor, memory: Tensor, mem_mask: Tensor) -> Tensor:
+        """Absorbed form against the unprojected memory (see the module docstring): x [B*G, T,
+        D], memory [B, M, D], mem_mask [B, M] bool -> [B*G, T, D]. Cost per query
+        ``2 D^2 + 2 h M D`` instead of ``2 M D^2`` per context for :meth:`project`."""
+        B, M, D = memory.shape
+        BG, T, _ = x.shape
+        if BG % B:
+            raise ValueError(f"cross-attention: {BG} query rows for {B} memory rows")
+        h = self.n_heads
+        dh = D // h
+        Q = (BG // B) * T
+        q = self.q(x).view(B * Q, h, dh).transpose(0, 1)  # [h, B*Q, dh]
+        wk, wv = self.kv.weight.to(x.dtype).view(2, h, dh, D)  # rows of W_k / W_v by head
+        qk = torch.bmm(q, wk).view(h, B, Q, D).transpose(0, 1).reshape(B, h * Q, D)
+        att = torch.bmm(qk, memory.transpose(1, 2)).float() * dh ** -0.5  # [B, h*Q, M]
+        att = att.masked_fill(~mem_mask[:, None, :], float("-inf")).softmax(-1)
+        att = F.dropout(att, self.dropout, self.training).to(x.dtype)
+        ctx = torch.bmm(att, memory).view(B, h, Q, D).transpose(0, 1).reshape(h, B * Q, D)
+        y = torch.bmm(ctx, wv.transpose(1, 2)).transpose(0, 1)  # [B*Q, h, dh]
+        return self.out(y.reshape(BG, T, D))
+
+
+WEIGHT_READ_MACS = 16
+"""Cost of reading one weight element, in multiply-adds, for :func:`absorb_pays`: the
+absorbed form re-reads ``W_k, W_v`` at every decoding step, which dominates at batch ~1 where
+matmuls are memory-bound (~16 on the CPUs measured in bench/decode.py)."""
+
+
+def absorb_pays(queries: int, steps: int, batch: int, M: int, d_model: int, n_heads: int) -> bool:
+    """Whether a decoder sending ``queries`` queries per context over ``steps`` steps, for
+    ``batch`` contexts, is cheaper with the absorbed form (``batch * queries * (2 D^2 + 2 h M D)``
+    multiply-adds + ``steps`` reads of the ``2 D^2`` key/value weights) than projecting the
+    M-token memory (``batch * 2 M D^2`` + one read of those weights)."""
+    D, W = d_model, WEIGHT_READ_MACS
+    projected = batch * 2 * M * D * D + W * 2 * D * D
+    absorbed = batch * queries * (2 * D * D + 2 * n_heads * M * D) + steps * W * 2 * D * D
+    return absorbed < projected
 
 
 class MLP(nn.Module):
@@ -217,26 +276,40 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, mem: KV | None = None, mem_mask: Tensor | None = None,
+    def forward(self, x: Tensor, mem: Memory | None = None, mem_mask: Tensor | None = None,
                 past: KV | None = None, attn_mask: Tensor | None = None) -> tuple[Tensor, KV]:
-        """x [B*G, T, D]; mem [B, h, M, dh] + mem_mask [B, M] (cross blocks only); past
+        """x [B*G, T, D]; mem (:data:`Memory`) + mem_mask [B, M] (cross blocks only); past
         [B*G, h, P, dh]. Returns (x [B*G, T, D], self-attention cache [B*G, h, P+T, dh])."""
         a, kv = self.attn(self.norm_attn(x), past, attn_mask)
-        x = x + self.drop(a)
+        x = x + self._drop(a)
         if self.cross is not None:
             if mem is None or mem_mask is None:
                 raise ValueError("a cross-attention block needs mem and mem_mask")
-            x = x + self.drop(self.cross(self.norm_cross(x), mem, mem_mask))
-        x = x + self.drop(self.mlp(self.norm_mlp(x)))
+            x = x + self._drop(self.cross(self.norm_cross(x), mem, mem_mask))
+        x = x + self._drop(self.mlp(self.norm_mlp(x)))
         return x, kv
+
+    def _drop(self, y: Tensor) -> Tensor:
+        """Residual dropout; skipped outright in eval (decoding runs dozens of block calls per
+        slate, and an idle module call costs as much as a small op)."""
+        return self.drop(y) if self.training and self.drop.p > 0 else y
 
 
 def make_blocks(cfg: BlockConfig, n_layers: int) -> nn.ModuleList:
     return nn.ModuleList(Block(cfg) for _ in range(n_layers))
 
 
-def project_memory(blocks: nn.ModuleList, memory: Tensor) -> list[KV]:
-    """Per-block cross-attention keys/values of ``memory [B, M, D]`` (decoding: once per context)."""
+def project_memory(blocks: nn.ModuleList, memory: Tensor, queries: int | None = None,
+                   steps: int = 1) -> list[Memory]:
+    """Per-block cross-attention memory for decoding (once per context): keys/values of
+    ``memory [B, M, D]``, or the raw memory itself for every block (absorbed form) when a
+    decoder sending ``queries`` queries per context over ``steps`` steps makes
+    :func:`absorb_pays` (``queries`` None: always keys/values)."""
+    if not blocks:
+        return []
+    B, M, D = memory.shape
+    if queries is not None and absorb_pays(queries, steps, B, M, D, blocks[0].cross.n_heads):
+        return [memory for _ in blocks]
     return [b.cross.project(memory) for b in blocks]
 
 
@@ -263,8 +336,8 @@ def run_blocks(blocks: nn.ModuleList, x: Tensor, memory: Tensor | None = None,
     return x
 
 
-def step_blocks(blocks: nn.ModuleList, x: Tensor, mem: list[KV] | None, mem_mask: Tensor | None,
-                cache: Cache | None) -> tuple[Tensor, Cache]:
+def step_blocks(blocks: nn.ModuleList, x: Tensor, mem: list[Memory] | None,
+                mem_mask: Tensor | None, cache: Cache | None) -> tuple[Tensor, Cache]:
     """Incremental pass with KV caches: x [B*G, T, D] (usually T = 1), ``mem`` from
     :func:`project_memory`. Returns (x [B*G, T, D], the extended caches)."""
     new: Cache = []
