@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from higr_dist.data.pairs import (
     PairConfig,
     PrefCollate,
+    build_embedding_neighbours,
     build_neighbour_table,
     make_negatives,
     o1_permutation,
@@ -210,3 +211,37 @@ def test_collate_objectives_subset_and_errors(sid_dir):
         PrefCollate(sid_dir, PairConfig(), N, 4)([s])
     ok = PrefCollate(sid_dir, PairConfig(o3_tie_break="item_idx"), N, 4)([s])
     assert ok.rejected_mask[0, 2]
+
+
+def test_embedding_neighbours_match_brute_force():
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(30, 6)).astype(np.float32)
+    emb[7] = emb[3] * 2.0  # same direction: each is the other's nearest
+    got = build_embedding_neighbours(emb, N - 1, chunk_floats=70)  # several chunks
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    for a in range(30):
+        sim = unit @ unit[a]
+        want = sorted((j for j in range(30) if j != a), key=lambda j: (-sim[j], j))[: N - 1]
+        assert got[a].tolist() == want
+    assert got[3, 0] == 7 and got[7, 0] == 3
+    small = build_embedding_neighbours(emb[:3], N - 1)
+    assert small.shape == (3, N - 1) and (small[:, 2:] == -1).all() and (small[:, :2] >= 0).all()
+
+
+def test_collate_o3_by_embedding_is_the_nearest_items(sid_dir):
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(40, 5)).astype(np.float32)
+    np.save(sid_dir / "item_features.npy", feats)
+    cfg = PairConfig(objectives=["o3"], o3_similarity="embedding",
+                     o3_embedding="item_features.npy")
+    batch = PrefCollate(sid_dir, cfg, N, 4)([_pref("a", 10, [6, 1, 2, 3, 4], [], [1])])
+    o3 = batch.rejected_items[0, 0].tolist()
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    sim = unit @ unit[6]
+    assert o3[0] == 6 and o3[1:] == [int(j) for j in np.argsort(-sim)[1:N]]
+    assert all(sim[j] >= np.sort(sim)[-N] for j in o3)  # the N-1 most similar, then the anchor
+    assert PairConfig(o3_similarity="nearest").validate()  # unknown mode is a problem
+    assert PairConfig(o3_embedding="../x.npy").validate()
+    (sid_dir / "item_features.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="item_features"):
+        PrefCollate(sid_dir, cfg, N, 4)([_pref("a", 10, [6, 1, 2, 3, 4], [], [1])])

@@ -10,9 +10,11 @@ loader's collate (METHOD.md, Stage 3):
 - **O1 ranking fidelity**: a random permutation of y+ that differs from y+;
 - **O2 genuine interest**: y+ with ``ceil(fraction * N)`` positions replaced by the user's
   negative-feedback items (masked out when the sample has none);
-- **O3 diversity**: y+[0] followed by its N-1 most similar catalogue items: longest shared SID
-  prefix first, ties broken by cosine similarity of the tokenizer's item embeddings
-  (``item_emb.npy``) or by ascending item_idx.
+- **O3 diversity**: y+[0] followed by its N-1 most similar catalogue items. Similarity
+  ``sid_prefix`` (default): longest shared SID prefix first, ties broken by cosine similarity
+  of an item embedding (``o3_embedding``, the tokenizer's ``item_emb.npy`` by default) or by
+  ascending item_idx. Similarity ``embedding``: the N-1 nearest items by cosine of that
+  embedding (e.g. ``item_features.npy``, the ETL's features, the space ILD is measured in).
 
 Deriving negatives at load time (instead of in the ETL) keeps the shards small, lets the SID
 table change without re-running the ETL, and makes the objectives a config switch. Randomness
@@ -20,14 +22,22 @@ table change without re-running the ETL, and makes the objectives a config switc
 configured seed and an epoch: batches are reproducible, resume-safe (the draw depends on the
 sample only, never on worker or position) and independent of ``PYTHONHASHSEED``.
 
+Why two O3 similarities: O3 rewards diversity only if its negatives are *more repetitive* than
+y+. With a coarse tokenizer (tiny demo: K=32, 1000 items) SID-prefix neighbours can be less
+alike in feature space than a user's own engaged slate (measured on the demo: ILD 0.59 vs 0.43
+for y+), and O3 then teaches the opposite of diversity; nearest neighbours in feature space
+(ILD 0.16) are repetitive by construction. Check with ``bench/alignment.py`` before choosing.
+
 The O3 neighbour table is catalogue-sized (``int64 [num_items, N-1]``) and built lazily, once
-per loader worker, from the memory-mapped SID table. Items are sorted lexicographically by SID;
+per loader worker, from the memory-mapped SID table (or the embedding file). Items are sorted lexicographically by SID;
 in that order the shared-prefix length with an anchor never increases moving away from it, so
 the anchor's top-(N-1) items by shared prefix always lie within N-1 sorted positions of it.
 We score a window of ``o3_window`` positions on each side by (shared prefix, similarity) and
 keep the best N-1: exact for the prefix criterion, and the similarity tie-break is exact among
 the window (a prefix group larger than the window is tie-broken among its nearest members in
 SID order). Cost: O(num_items * window * (L + d)), vectorised, chunked to bounded memory.
+The ``embedding`` similarity is an exact brute-force cosine top-k: O(num_items^2 * d), chunked
+(seconds at 10^4 items; use ``sid_prefix`` for catalogues of millions).
 
 A rejected slate that cannot be built (O2 without negatives, O3 on a catalogue of < N items,
 O1 on a constant slate, or a negative that happens to equal y+) is filled with y+ (a valid
@@ -61,9 +71,15 @@ class PairConfig:
     o2_replace_fraction: float = 0.5
     """Share of y+ positions O2 replaces with negative-feedback items: ceil(fraction * N),
     at least 1, at most the number of distinct usable negatives (paper value lost; 0.5 here)."""
+    o3_similarity: Literal["sid_prefix", "embedding"] = "sid_prefix"
+    """How O3 finds an anchor's most similar items: longest shared SID prefix (ties by
+    ``o3_tie_break``), or nearest by cosine of the ``o3_embedding`` vectors."""
+    o3_embedding: str = "item_emb.npy"
+    """Embedding file in ``sid_dir`` for O3 (tie-breaks or the similarity itself):
+    ``item_emb.npy`` (tokenizer's quantised z_q) or ``item_features.npy`` (the ETL's features)."""
     o3_tie_break: Literal["embedding", "item_idx"] = "embedding"
-    """Order among items with the same shared-prefix length: cosine similarity of
-    ``<sid_dir>/item_emb.npy`` (must exist) or ascending item_idx."""
+    """With ``o3_similarity: sid_prefix``, order among items with the same shared-prefix
+    length: cosine similarity of ``<sid_dir>/<o3_embedding>`` (must exist) or item_idx."""
     o3_window: int = 64
     """Sorted-SID positions scored on each side of an anchor when building the O3 neighbour
     table (raised to N-1 if smaller). Larger = exact similarity tie-break in bigger groups."""
@@ -78,6 +94,12 @@ class PairConfig:
             problems.append(f"pairs.objectives: duplicates in {self.objectives}")
         if not 0.0 < self.o2_replace_fraction <= 1.0:
             problems.append(f"pairs.o2_replace_fraction must be in (0, 1], got {self.o2_replace_fraction}")
+        if self.o3_similarity not in ("sid_prefix", "embedding"):
+            problems.append(f"pairs.o3_similarity must be sid_prefix or embedding, "
+                            f"got {self.o3_similarity!r}")
+        if not self.o3_embedding.endswith(".npy") or "/" in self.o3_embedding:
+            problems.append(f"pairs.o3_embedding must be a .npy file name in sid_dir, "
+                            f"got {self.o3_embedding!r}")
         if self.o3_window < 1:
             problems.append(f"pairs.o3_window must be >= 1, got {self.o3_window}")
         return problems
@@ -211,6 +233,28 @@ def build_neighbour_table(sid_table: np.ndarray, k: int, item_emb: np.ndarray | 
     return out
 
 
+def build_embedding_neighbours(item_emb: np.ndarray, k: int, chunk_floats: int = 1 << 22
+                               ) -> np.ndarray:
+    """For every item its ``k`` nearest other items by cosine of ``item_emb`` ``[I, d]``:
+    ``int64 [I, k]`` (most similar first, ties by ascending item_idx), -1 where the catalogue
+    has fewer than k other items. Exact brute force, chunked to ~``chunk_floats`` floats."""
+    emb = np.asarray(item_emb, dtype=np.float32)  # [I, d]
+    num_items = emb.shape[0]
+    out = np.full((num_items, k), -1, dtype=np.int64)
+    if k == 0 or num_items < 2:
+        return out
+    unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # [I, d]
+    kk = min(k, num_items - 1)
+    step = max(1, chunk_floats // num_items)
+    for start in range(0, num_items, step):
+        rows = np.arange(start, min(start + step, num_items))  # [C]
+        sim = unit[rows] @ unit.T  # [C, I]
+        sim[np.arange(len(rows)), rows] = -np.inf  # never the anchor itself
+        top = np.argsort(-sim, axis=1, kind="stable")[:, :kk]  # [C, kk], ties: lower idx first
+        out[rows, :kk] = top
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # batch + collate
 # ---------------------------------------------------------------------------------------------
@@ -328,15 +372,24 @@ class PrefCollate:
     def neighbours(self) -> np.ndarray:
         """O3 neighbour table ``[num_items, N-1]``, built on first use."""
         if self._neighbours is None:
-            emb = None
-            if self.cfg.o3_tie_break == "embedding":
-                path = Path(self.sid_dir) / "item_emb.npy"
-                if not path.is_file():
-                    raise FileNotFoundError(f"{path} not found (pairs.o3_tie_break=embedding)")
-                emb = np.load(path, mmap_mode="r")
-            self._neighbours = build_neighbour_table(
-                self.sid_table, self.slate_size - 1, emb, window=self.cfg.o3_window)
+            k = self.slate_size - 1
+            if self.cfg.o3_similarity == "embedding":
+                emb = self._o3_embedding()
+                if emb.shape[0] != self.sid_table.shape[0]:
+                    raise ValueError(f"{self.cfg.o3_embedding} has {emb.shape[0]} rows, the SID "
+                                     f"table {self.sid_table.shape[0]}")
+                self._neighbours = build_embedding_neighbours(emb, k)
+            else:
+                emb = self._o3_embedding() if self.cfg.o3_tie_break == "embedding" else None
+                self._neighbours = build_neighbour_table(self.sid_table, k, emb,
+                                                         window=self.cfg.o3_window)
         return self._neighbours
+
+    def _o3_embedding(self) -> np.ndarray:
+        path = Path(self.sid_dir) / self.cfg.o3_embedding
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found (pairs.o3_embedding)")
+        return np.load(path, mmap_mode="r")
 
     def __call__(self, samples: list[dict]) -> PrefBatch:
         if not samples:

@@ -144,9 +144,13 @@ class PreferenceStage:
             if (meta.K, meta.L) != (model_cfg.K, model_cfg.L):
                 problems.append(f"model K={model_cfg.K}, L={model_cfg.L} but the SID table has "
                                 f"K={meta.K}, L={meta.L}")
-            if ("o3" in loss_cfg.pairs.objectives and loss_cfg.pairs.o3_tie_break == "embedding"
-                    and not (sid_dir / "item_emb.npy").is_file()):
-                problems.append(f"loss.pairs: o3 tie-break 'embedding' needs {sid_dir}/item_emb.npy")
+            pc = loss_cfg.pairs
+            needs_emb = pc.o3_similarity == "embedding" or pc.o3_tie_break == "embedding"
+            if ("o3" in pc.objectives and needs_emb
+                    and not (sid_dir / pc.o3_embedding).is_file()):
+                problems.append(f"loss.pairs: o3 needs {sid_dir / pc.o3_embedding} "
+                                f"(o3_similarity={pc.o3_similarity}, "
+                                f"o3_tie_break={pc.o3_tie_break})")
         if not inputs.init_from:
             problems.append(f"inputs.init_from: required for {self.name} (the pretrained HSD)")
         elif not Path(inputs.init_from).is_file():
