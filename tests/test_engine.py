@@ -205,7 +205,9 @@ def test_warmup_cosine_schedule():
 
 
 def test_peak_tflops_table():
-    assert peak_tflops("cpu", "fp32") == 0.17 and peak_tflops("cpu", "bf16") == 0.8
+    threads = torch.get_num_threads()  # a CPU rank's peak scales with its threads
+    assert peak_tflops("cpu", "fp32") == pytest.approx(0.085 * threads)
+    assert peak_tflops("cpu", "bf16") == pytest.approx(0.4 * threads)
     assert peak_tflops("NVIDIA H20", "bf16") == 148.0
     assert peak_tflops("NVIDIA H200", "bf16") == 989.0  # not mistaken for H20
     assert peak_tflops("NVIDIA H100 80GB HBM3", "fp32") == 67.0

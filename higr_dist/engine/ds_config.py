@@ -37,15 +37,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from higr_dist.engine.config import TrainConfig
 
 #: Peak dense TFLOP/s per device and precision, for MFU. GPU figures are vendor datasheet dense
 #: (no sparsity) tensor-core numbers; fp32 is the non-tensor-core figure since torch leaves TF32
-#: off by default. CPU figures were measured on the 2-core development box (bench/engine.py).
+#: off by default. CPU figures are per core, from torch matmuls on the 2-core development box.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "cpu": {"fp32": 0.17, "bf16": 0.8, "fp16": 0.8},
+    # CPU: per core (0.17 / 0.8 TFLOP/s measured on the 2-core development machine with
+    # torch matmuls); a rank's peak is this times the threads it runs (torch.get_num_threads)
+    "cpu": {"fp32": 0.085, "bf16": 0.4, "fp16": 0.4},
     "H100": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
     "H200": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
     "H800": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
@@ -60,8 +63,8 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 def peak_tflops(device_name: str, precision: str) -> float:
     """Peak TFLOP/s for a device name (``cpu`` or a CUDA device name such as
     ``NVIDIA H20``); 0.0 when the device is not in :data:`PEAK_TFLOPS` (MFU is then not logged)."""
-    if device_name == "cpu":
-        return PEAK_TFLOPS["cpu"][precision]
+    if device_name == "cpu":  # a rank uses torch's intra-op threads (OMP_NUM_THREADS) only
+        return PEAK_TFLOPS["cpu"][precision] * torch.get_num_threads()
     # longest key first so "H200" is not matched as "H20"
     for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
         if key != "cpu" and key.lower() in device_name.lower():

@@ -14,7 +14,7 @@ Design
   tokens over 16 blocks and B*beam rows, and there the per-step concatenation plus the beam
   reorder cost ~25% of its CPU time (bench/decode.py, 25m preset, batch 64). A preallocated
   buffer written in place would remove the concatenation, not the reorder copy (measured
-  ~1/3 of that share); not done yet, noted in docs/fragments/decode.md.
+  ~1/3 of that share); not done yet, noted in docs/BENCHMARKS.md.
 - Cross-attention memory is projected to keys/values once per context (:meth:`CrossAttention.
   project`); decoders keep these projections for every step.
 - Absorbed cross-attention for stacks that see few queries per context: projecting an
