@@ -239,7 +239,7 @@ def load_run(run_dir: str | Path, batch_size: int, max_users: int = 0
     if max_users:
         samples = samples[:max_users]
     batches = [collate(samples[i: i + batch_size]) for i in range(0, len(samples), batch_size)]
-    emb_path = sid_dir / "item_emb.npy"
+    emb_path = sid_dir / "item_features.npy"  # ILD in the ETL's feature space, as the harness
     item_emb = np.load(emb_path) if emb_path.is_file() else None
     return models, batches, trie, item_emb
 

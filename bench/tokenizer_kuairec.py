@@ -30,7 +30,7 @@ Design
   ``--jobs N`` runs N (method, seed) jobs at once in spawned processes of ``--threads``
   threads: on 2 cores, 2 x 1 thread beats 1 x 2 threads for these small matrices.
 - PCRQ-VAE-only settings (the baselines never see them): ``lambda_c`` 0.03 and the cumulative
-  ``prefix`` view were picked by a sweep on KuaiRec (docs/RESULTS_kuairec_tokenizer.md,
+  ``prefix`` view were picked by a sweep on KuaiRec (docs/RESULTS.md,
   bench/results/tokenizer_kuairec_sweep.json); tau stays at the paper's 0.1.
 - Metrics: ``higr_dist.tokenizer.metrics.sid_report`` on the codes *before* collision
   resolution (collision, concentration and consistency at prefix 1 = headline, all prefixes,
@@ -130,7 +130,7 @@ class BenchConfig:
     """Quantised latent size d."""
     lambda_c: float = 0.03
     """Contrastive weight (eq. 4; paper 0.1). PCRQ-VAE only. 0.03: best consistency of the sweep
-    {0.03, 0.1, 0.3, 1.0} on KuaiRec (docs/RESULTS_kuairec_tokenizer.md); larger weights
+    {0.03, 0.1, 0.3, 1.0} on KuaiRec (docs/RESULTS.md); larger weights
     lowered consistency."""
     tau: float = 0.1
     """InfoNCE temperature (paper 0.1). PCRQ-VAE only."""
