@@ -49,11 +49,14 @@ DRIVER = """
 import sys
 from higr_dist.engine.config import load_job
 from higr_dist.engine.trainer import shutdown, train
-args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # deepspeed launcher
-config, runs = args[0], args[1:]
-for run in runs:
-    train(load_job(config, run.split(" ")))
-shutdown()
+
+# loader workers are spawned and re-import this file: only the launch runs it
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # deepspeed launcher
+    config, runs = args[0], args[1:]
+    for run in runs:
+        train(load_job(config, run.split(" ")))
+    shutdown()
 """
 
 

@@ -37,9 +37,12 @@ DRIVER = """
 import sys
 from higr_dist.engine.config import load_job
 from higr_dist.engine.trainer import shutdown, train
-for config in sys.argv[1:]:
-    train(load_job(config))
-shutdown()
+
+# loader workers are spawned and re-import this file: only the launch runs it
+if __name__ == "__main__":
+    for config in sys.argv[1:]:
+        train(load_job(config))
+    shutdown()
 """
 
 

@@ -49,6 +49,10 @@ Checkpoints, resume and export: see :mod:`higr_dist.engine.checkpoint`. A run re
 latest complete checkpoint of its folder automatically: same step, LR schedule position, RNG
 states and per-rank data position (a rank that had finished its share of the epoch stays
 finished until the epoch ends).
+
+Scripts that call :func:`train` with loader workers must guard their launch code with
+``if __name__ == "__main__":``: the workers are spawned and re-import the script
+(``higr_dist.data.loader``, ``LoaderConfig.start_method``).
 """
 
 from __future__ import annotations
