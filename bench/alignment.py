@@ -211,31 +211,24 @@ class Scored:
 
 def predictors(base: Path, runs: dict[str, Path], beam: int) -> tuple[dict, object]:
     """name -> (SlateBatch -> item_idx [B, 5]) for every variant plus flat and SASRec."""
-    from higr_dist.data.sids import load_sid_meta, load_sid_table
-    from higr_dist.decode.flat import flat_beam_decode
-    from higr_dist.decode.hier import coarse_to_fine_decode
-    from higr_dist.decode.trie import SidTrie
-    from higr_dist.eval.harness import load_stage_model
+    from higr_dist.eval.harness import (
+        flat_predictor,
+        higr_predictor,
+        load_stage_model,
+        load_trie,
+        sasrec_predictor,
+    )
 
-    sid = base / "tokenizer" / "export"
-    trie = SidTrie.from_table(np.array(load_sid_table(sid)), load_sid_meta(sid).K)
+    trie = load_trie(base / "tokenizer" / "export")
     preds, hsd = {}, None
-
-    def hier(m):
-        return lambda b: coarse_to_fine_decode(m, b.hist_codes, b.hist_mask, b.hist_fb, trie,
-                                               beam=beam).items.numpy()
-
     for name, run in runs.items():
         _, m = load_stage_model(run)
         hsd = hsd or m
-        preds[name] = hier(m)
+        preds[name] = higr_predictor(m, trie, beam)
     if (base / "flat" / "final" / "model_fp32.pt").is_file():
-        _, f = load_stage_model(base / "flat")
-        preds["flat"] = lambda b: flat_beam_decode(f, b.hist_codes, b.hist_mask, b.hist_fb, trie,
-                                                   beam=beam).items.numpy()
+        preds["flat"] = flat_predictor(load_stage_model(base / "flat")[1], trie, beam)
     if (base / "sasrec" / "final" / "model_fp32.pt").is_file():
-        _, s = load_stage_model(base / "sasrec")
-        preds["sasrec"] = lambda b: s.recommend(b.hist_items, b.hist_mask, k=5).numpy()
+        preds["sasrec"] = sasrec_predictor(load_stage_model(base / "sasrec")[1])
     return preds, hsd
 
 

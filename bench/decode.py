@@ -200,38 +200,31 @@ def slate_metrics(models: dict[str, tuple[nn.Module, Decoder]], batches: Iterabl
     return {name: a.result() for name, a in acc.items()}
 
 
-RUN_MODELS = (("higr", "hsd", HSD), ("higr_orpo", "orpo", HSD), ("flat", "flat", Flat))
-"""(name, stage, class) of the trained models :func:`load_run` looks for."""
+RUN_MODELS = (("higr", "hsd", "higr"), ("higr_orpo", "orpo", "higr"), ("flat", "flat", "flat"))
+"""(name, stage, decoder) of the trained models :func:`load_run` looks for."""
 
 
 def load_run(run_dir: str | Path, batch_size: int, max_users: int = 0
              ) -> tuple[dict[str, tuple[nn.Module, Decoder]], list, SidTrie, np.ndarray | None]:
     """Every trained model of a pipeline run (:data:`RUN_MODELS`, those present), the test users
     as SlateBatches of ``batch_size``, the trie and the item embeddings (for ILD)."""
-    import yaml
-
-    from higr_dist.config import from_dict
     from higr_dist.data.loader import iterate_samples
     from higr_dist.data.shardio import list_shards
-    from higr_dist.data.sids import load_sid_meta, load_sid_table
+    from higr_dist.eval.harness import load_stage_model, load_trie
     from higr_dist.schema import SLATE
     from higr_dist.stages.hsd import SlateCollate
 
     run = Path(run_dir)
     sid_dir = run / "tokenizer" / "export"
-    meta = load_sid_meta(sid_dir)
-    trie = SidTrie.from_table(np.asarray(load_sid_table(sid_dir)), meta.K)
+    trie = load_trie(sid_dir)
     models: dict[str, tuple[nn.Module, Decoder]] = {}
     cfg = None
-    for name, stage, cls in RUN_MODELS:
-        weights = run / stage / "final" / "model_fp32.pt"
-        if not weights.is_file():
+    for name, stage, decoder in RUN_MODELS:
+        if not (run / stage / "final" / "model_fp32.pt").is_file():
             continue
-        resolved = yaml.safe_load((run / stage / "resolved_config.yaml").read_text())
-        cfg = from_dict(HSDConfig, resolved["model"])
-        model = cls(cfg)
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        models[name] = (model.eval(), DECODERS["flat" if cls is Flat else "higr"])
+        _, model = load_stage_model(run / stage)  # eval mode
+        cfg = model.cfg
+        models[name] = (model, DECODERS[decoder])
     if cfg is None:
         raise FileNotFoundError(f"no trained hsd/orpo/flat model under {run}")
     collate = SlateCollate(sid_dir, cfg.N, cfg.history_len)

@@ -169,7 +169,7 @@ def test_ds_config_from_train_config():
     assert "optimizer" not in cfg and "scheduler" not in cfg  # client AdamW + LambdaLR
     # auto = torch's fused AdamW as client optimizer everywhere (no JIT-compiled op on GPUs)
     assert "optimizer" not in build_ds_config(t, world_size=2, device_type="cuda")
-    assert use_deepspeed_optimizer(TrainConfig(optimizer="auto"), "cuda") is False
+    assert use_deepspeed_optimizer(TrainConfig(optimizer="auto")) is False
     t.optimizer = "deepspeed"  # DeepSpeed's FusedAdam from the ds config's optimizer block
     gpu = build_ds_config(t, world_size=2, device_type="cuda")
     assert gpu["optimizer"]["type"] == "AdamW" and gpu["optimizer"]["params"]["lr"] == t.lr

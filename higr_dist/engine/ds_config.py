@@ -72,10 +72,9 @@ def peak_tflops(device_name: str, precision: str) -> float:
     return 0.0
 
 
-def use_deepspeed_optimizer(train: TrainConfig, device_type: str) -> bool:
+def use_deepspeed_optimizer(train: TrainConfig) -> bool:
     """True when the AdamW comes from the ds config (DeepSpeed's FusedAdam), False for the
     client ``torch.optim.AdamW(fused=True)`` (``auto`` and ``torch``, on any device)."""
-    del device_type  # same choice on every device; kept so callers need not change
     return train.optimizer == "deepspeed"
 
 
@@ -124,7 +123,7 @@ def build_ds_config(train: TrainConfig, world_size: int, device_type: str) -> di
         "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0,
                  "initial_scale_power": 16},
     }
-    if use_deepspeed_optimizer(train, device_type):
+    if use_deepspeed_optimizer(train):
         cfg["optimizer"] = {"type": "AdamW", "params": {
             "lr": train.lr, "betas": list(train.betas), "eps": train.eps,
             "weight_decay": train.weight_decay}}

@@ -191,7 +191,7 @@ def build_engine(model: nn.Module, train: TrainConfig, world_size: int, device_t
     ds_cfg = build_ds_config(train, world_size, device_type)
     groups = param_groups(model, train.weight_decay)
     optimizer = None
-    if not use_deepspeed_optimizer(train, device_type):
+    if not use_deepspeed_optimizer(train):
         optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas),
                                       eps=train.eps, weight_decay=train.weight_decay, fused=True)
     schedule = WarmupCosine(warmup=train.warmup_steps, total=total_steps,

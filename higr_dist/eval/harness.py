@@ -89,40 +89,62 @@ def popularity_top(etl_dir: Path, k: int = 5) -> np.ndarray:
     return np.array([i for i, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]])
 
 
-def make_predictors(run_dir: Path, sid_dir: Path, beam: int) -> tuple[dict[str, Predict], dict]:
-    """name -> predictor for every trained model in the run, plus the models themselves."""
-    from higr_dist.decode.flat import flat_beam_decode
-    from higr_dist.decode.hier import coarse_to_fine_decode
+def load_trie(sid_dir: Path):
+    """The SID prefix trie of a tokenizer export (decoding constraint)."""
     from higr_dist.decode.trie import SidTrie
 
-    meta = load_sid_meta(sid_dir)
-    trie = SidTrie.from_table(np.array(load_sid_table(sid_dir)), meta.K)  # copy: mmap is read-only
+    # np.array copies: the memory-mapped table is read-only
+    return SidTrie.from_table(np.array(load_sid_table(sid_dir)), load_sid_meta(sid_dir).K)
+
+
+def higr_predictor(model, trie, beam: int) -> Predict:
+    """Trie-constrained coarse-to-fine decoding (HSD, ORPO, DPO models)."""
+    from higr_dist.decode.hier import coarse_to_fine_decode
+
+    return lambda b: coarse_to_fine_decode(model, b.hist_codes, b.hist_mask, b.hist_fb, trie,
+                                           beam=beam).items.numpy()
+
+
+def flat_predictor(model, trie, beam: int) -> Predict:
+    """Trie-constrained beam search over the flattened slate (flat baseline)."""
+    from higr_dist.decode.flat import flat_beam_decode
+
+    return lambda b: flat_beam_decode(model, b.hist_codes, b.hist_mask, b.hist_fb, trie,
+                                      beam=beam).items.numpy()
+
+
+def sasrec_predictor(model) -> Predict:
+    """SASRec's top-5 next items."""
+    return lambda b: model.recommend(b.hist_items, b.hist_mask, k=5).numpy()
+
+
+def make_predictors(run_dir: Path, sid_dir: Path, beam: int) -> tuple[dict[str, Predict], dict]:
+    """name -> predictor for every trained model in the run, plus the models themselves."""
+    trie = load_trie(sid_dir)
     preds: dict[str, Predict] = {}
     models: dict = {"trie": trie}
 
-    def hier(model) -> Predict:
-        return lambda b: coarse_to_fine_decode(model, b.hist_codes, b.hist_mask, b.hist_fb, trie,
-                                               beam=beam).items.numpy()
+    def add(name: str, stage: str, make: Callable[[object], Predict]) -> None:
+        _, model = load_stage_model(run_dir / stage)
+        preds[name], models[name] = make(model), model
 
-    if (run_dir / "orpo" / "final" / "model_fp32.pt").is_file():
-        _, m = load_stage_model(run_dir / "orpo")
-        preds["higr"], models["higr"] = hier(m), m
-        _, m0 = load_stage_model(run_dir / "hsd")
-        preds["higr_no_align"], models["higr_no_align"] = hier(m0), m0
+    def trained(stage: str) -> bool:
+        return (run_dir / stage / "final" / "model_fp32.pt").is_file()
+
+    def higr(m):
+        return higr_predictor(m, trie, beam)
+
+    if trained("orpo"):
+        add("higr", "orpo", higr)
+        add("higr_no_align", "hsd", higr)
     else:
-        _, m = load_stage_model(run_dir / "hsd")
-        preds["higr"], models["higr"] = hier(m), m
-    if (run_dir / "dpo" / "final" / "model_fp32.pt").is_file():
-        _, md = load_stage_model(run_dir / "dpo")
-        preds["higr_dpo"], models["higr_dpo"] = hier(md), md
-    if (run_dir / "flat" / "final" / "model_fp32.pt").is_file():
-        _, f = load_stage_model(run_dir / "flat")
-        models["flat"] = f
-        preds["flat"] = lambda b: flat_beam_decode(f, b.hist_codes, b.hist_mask, b.hist_fb, trie,
-                                                   beam=beam).items.numpy()
-    if (run_dir / "sasrec" / "final" / "model_fp32.pt").is_file():
-        _, s = load_stage_model(run_dir / "sasrec")
-        preds["sasrec"] = lambda b: s.recommend(b.hist_items, b.hist_mask, k=5).numpy()
+        add("higr", "hsd", higr)
+    if trained("dpo"):
+        add("higr_dpo", "dpo", higr)
+    if trained("flat"):
+        add("flat", "flat", lambda m: flat_predictor(m, trie, beam))
+    if trained("sasrec"):
+        add("sasrec", "sasrec", sasrec_predictor)
     return preds, models
 
 
