@@ -154,8 +154,13 @@ def train_variant(name: str, base: Path, work: Path, settings: Settings, launch:
         print(f"[alignment] {name}: reusing {out}", flush=True)
         return out, json.loads(summary.read_text()), 0.0
     ov += [f"run.name=align-{name}", f"run.out_dir={out.resolve()}"]
-    cmd = launch_command(launch, nproc, config, ov)
-    print(f"[alignment] {name}: {' '.join(cmd)}", flush=True)
+    secs = run_training(launch_command(launch, nproc, config, ov), f"[alignment] {name}")
+    return out, json.loads(summary.read_text()), secs
+
+
+def run_training(cmd: list[str], label: str) -> float:
+    """Run one training launch in a clean environment (no inherited rank variables); seconds."""
+    print(f"{label}: {' '.join(cmd)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -164,8 +169,8 @@ def train_variant(name: str, base: Path, work: Path, settings: Settings, launch:
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=str(ROOT))
     if proc.returncode != 0:
-        raise RuntimeError(f"variant {name} failed (exit {proc.returncode}): {' '.join(cmd)}")
-    return out, json.loads(summary.read_text()), time.perf_counter() - t
+        raise RuntimeError(f"{label} failed (exit {proc.returncode}): {' '.join(cmd)}")
+    return time.perf_counter() - t
 
 
 def tb_first_last(run_dir: Path, tags: list[str]) -> dict[str, dict]:

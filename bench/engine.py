@@ -88,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trainer-zero", type=int, default=1, help="ZeRO stage of the trainer run")
     p.add_argument("--zero-options", default="", help="JSON for train.zero_options: also time "
                    "each ZeRO stage >= 1 with these options (engine 'zero<k>+opts')")
+    p.add_argument("--torch-sharded", action="store_true",
+                   help="also time torch's own ZeRO-1 (DDP + ZeroRedundancyOptimizer) and "
+                        "ZeRO-2 (FSDP2, reshard_after_forward=False) at world > 1 (fp32)")
     p.add_argument("--out", default="bench/results/engine.json", help="JSON results file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # result file (internal)
     return p.parse_args(argv)
@@ -199,11 +202,17 @@ def _bare_runner(stage, job, batch, env, args):
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     opt = torch.optim.AdamW(param_groups(model, job.train.weight_decay), lr=1e-4, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(0, 10**6, 0.1))
-    autocast = args.precision == "bf16"
-    b = batch.to(env.device)
+    return _plain_step(stage, wrapped, model, loss_module, batch.to(env.device), opt, sched,
+                       autocast=args.precision == "bf16", device_type=env.device.type)
+
+
+def _plain_step(stage, wrapped, model, loss_module, b, opt, sched, autocast: bool = False,
+                device_type: str = "cpu"):
+    """The bare loops' step: forward (bf16 autocast if asked), backward, clip, AdamW, LR."""
+    import torch
 
     def step() -> None:
-        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
             out = stage.step(wrapped, loss_module, b)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -212,6 +221,51 @@ def _bare_runner(stage, job, batch, env, args):
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def _torch_sharded_runner(stage, job, batch, env, args, kind: str):
+    """torch's own implementation of a ZeRO stage, to separate the engine's overhead from the
+    cost of the sharding itself (world > 1):
+
+    - ``torch_zero1``: DDP + ``ZeroRedundancyOptimizer`` (optimizer states sharded; after its
+      step every rank broadcasts its updated slice), the bare-torch ZeRO-1;
+    - ``torch_zero2``: FSDP2 ``fully_shard(reshard_after_forward=False)`` on the whole model
+      (gradients reduce-scattered, optimizer states and the fp32 master sharded, parameters
+      all-gathered once per step), the bare-torch ZeRO-2 (FSDP's SHARD_GRAD_OP).
+
+    Same model, batch, clipping, fused AdamW and LR schedule as :func:`_bare_runner`. fp32 only
+    (the engine's bf16 keeps fp32 masters; matching that in FSDP needs a mixed-precision policy
+    this comparison does not try to mirror).
+    """
+    import torch
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    from higr_dist.engine.ds_config import WarmupCosine, param_groups
+    from higr_dist.engine.trainer import seed_all
+
+    seed_all(0)
+    model, loss_module = stage.build(job.model, job.loss, job.inputs)
+    model.to(env.device)
+    loss_module.to(env.device)
+    if kind == "torch_zero1":
+        groups = param_groups(model, job.train.weight_decay)
+        wrapped = DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        opt = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
+                                      lr=1e-4, weight_decay=groups[0]["weight_decay"],
+                                      fused=True)
+        for g in groups[1:]:
+            opt.add_param_group(g)
+    elif kind == "torch_zero2":
+        wrapped = fully_shard(model, reshard_after_forward=False)  # parameters become DTensors
+        opt = torch.optim.AdamW(param_groups(model, job.train.weight_decay), lr=1e-4,
+                                fused=True)
+    else:
+        raise ValueError(f"unknown torch sharding {kind!r}")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(0, 10**6, 0.1))
+    return _plain_step(stage, wrapped, model, loss_module, batch.to(env.device), opt, sched)
 
 
 def _deepspeed_runner(stage, job, batch, env, args, zero: int, options: dict):
@@ -312,6 +366,10 @@ def _run_case(name: str, case: Case, env, args, tmp: Path) -> dict:
     for label, zero, opts in variants:
         runners[label], engine = _deepspeed_runner(stage, job, batch, env, args, zero, opts)
         engines.append(engine)
+    if args.torch_sharded and env.world_size > 1:
+        for z in (z for z in stages if z in (1, 2)):
+            runners[f"torch_zero{z}"] = _torch_sharded_runner(stage, job, batch, env, args,
+                                                              f"torch_zero{z}")
     medians = _time_interleaved(runners, env, steps, args.warmup)
     for engine in engines:
         engine.destroy()
@@ -321,11 +379,15 @@ def _run_case(name: str, case: Case, env, args, tmp: Path) -> dict:
     return {"case": name, "stage": case.stage, "config": case.config,
             "params": sum(p.numel() for p in model.parameters()),
             "flops_per_sample": stage.flops_per_sample(job.model), "micro_batch": case.micro,
-            "steps": steps, "bare_ms": medians.pop("bare"), "deepspeed_ms": medians,
+            "steps": steps, "bare_ms": medians.pop("bare"),
+            "torch_sharded_ms": {k: medians.pop(k) for k in list(medians)
+                                 if k.startswith("torch_")},
+            "deepspeed_ms": medians,
             "trainer": {"zero_stage": args.trainer_zero, "steps": case.trainer_steps,
                         "workers": args.workers,
                         "median_step_ms": 1e3 * tp["median_step_time_s"],
                         "data_wait_share": tp["data_wait_share"],
+                        "median_step_data_wait_share": tp["median_step_data_wait_share"],
                         "samples_per_s": tp["median_samples_per_s"]}}
 
 
@@ -365,7 +427,8 @@ def _launch(world: int, args: argparse.Namespace, result_file: Path) -> dict:
            "--cases", *args.cases, "--zero", *map(str, args.zero),
            "--precision", args.precision, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--workers", str(args.workers),
-           "--trainer-zero", str(args.trainer_zero), "--zero-options", args.zero_options]
+           "--trainer-zero", str(args.trainer_zero), "--zero-options", args.zero_options,
+           *(["--torch-sharded"] if args.torch_sharded else [])]
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -379,17 +442,23 @@ def _launch(world: int, args: argparse.Namespace, result_file: Path) -> dict:
 
 def table(results: list[dict]) -> str:
     lines = ["| case | params | world | bare ms | engine | engine ms | engine / bare "
-             "| trainer ms | trainer / bare | data wait |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| torch same stage ms | engine / torch same stage "
+             "| trainer ms | trainer / bare | data wait (all steps / median step) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for c in r["cases"]:
             tr = c["trainer"]
+            same = c.get("torch_sharded_ms", {})
             for name, ms in c["deepspeed_ms"].items():
+                ref = same.get(f"torch_{name}")
+                ref_cols = f"{ref:.1f} | {ms / ref:.3f}" if ref else "- | -"
                 lines.append(
                     f"| {c['case']} | {c['params'] / 1e6:.2f}M | {r['world_size']} "
                     f"| {c['bare_ms']:.1f} | {name} | {ms:.1f} | {ms / c['bare_ms']:.3f} "
+                    f"| {ref_cols} "
                     f"| {tr['median_step_ms']:.1f} (zero{tr['zero_stage']}) "
-                    f"| {tr['median_step_ms'] / c['bare_ms']:.3f} | {tr['data_wait_share']:.1%} |")
+                    f"| {tr['median_step_ms'] / c['bare_ms']:.3f} | {tr['data_wait_share']:.1%} / "
+                    f"{tr.get('median_step_data_wait_share', float('nan')):.1%} |")
     return "\n".join(lines)
 
 

@@ -99,3 +99,22 @@ def test_slates_are_real_distinct_items(report):
         items = row["item_ids"]
         assert len(items) == 5 and len(set(items)) == 5
         assert set(items) <= known
+
+
+def test_validation_split_precedes_test(report):
+    # bench/tune.py selects settings on `val`: its targets must be the 5 interactions just
+    # before each user's test window, and never the test window itself
+    from higr_dist.eval.harness import test_batches
+
+    run_dir, _ = report
+
+    def by_user(split: str) -> dict:
+        return {s["user_id"]: s for _, buf in test_batches(run_dir / "etl", lambda b: None, 64,
+                                                           split=split) for s in buf}
+
+    val, test = by_user("val"), by_user("test")
+    assert val and val.keys() <= test.keys()
+    for user, v in val.items():
+        t = test[user]
+        assert list(t["hist_items"][-len(v["target_items"]):]) == list(v["target_items"])
+        assert v["ts"] < t["ts"]

@@ -645,6 +645,11 @@ class Trainer:
                 "tokens_per_s": last.get("perf/tokens_per_s"),
                 "data_wait_share": (sum(self.step_waits) / sum(self.step_times)
                                     if self.step_times else None),
+                # the total above includes each epoch's pipeline fill (spawned workers
+                # importing torch, ~2 s); the median step shows the steady state
+                "median_step_data_wait_share": statistics.median(
+                    w / t for w, t in zip(self.step_waits, self.step_times) if t > 0)
+                if self.step_times else None,
                 "data_wait_share_last_log": last.get("perf/data_wait_share"),
                 "mfu": last.get("perf/mfu"),
             },

@@ -66,10 +66,13 @@ def load_stage_model(stage_dir: Path):
     return job, model
 
 
-def test_batches(etl_dir: Path, collate, batch_size: int, max_users: int = 0) -> Iterator:
-    """Stream the test split in batches of ``batch_size`` (at most ``max_users`` users)."""
+def test_batches(etl_dir: Path, collate, batch_size: int, max_users: int = 0,
+                 split: str = "test") -> Iterator:
+    """Stream a held-out split in batches of ``batch_size`` (at most ``max_users`` users):
+    ``test`` (each user's last N interactions) or ``val`` (the N before them, for model
+    selection; its history stops before the validation window)."""
     buf, seen = [], 0
-    for s in iterate_samples(list_shards(etl_dir / "slates" / "test"), SLATE):
+    for s in iterate_samples(list_shards(etl_dir / "slates" / split), SLATE):
         buf.append(s)
         seen += 1
         if len(buf) == batch_size:
