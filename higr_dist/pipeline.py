@@ -15,10 +15,15 @@ on request), exactly as a user would launch it on a cluster; the stage configs a
 
 Steps are idempotent: each one records its output (ETL ``manifest.json``, a stage's
 ``summary.json``) and a re-run skips finished steps, so a killed pipeline continues where it
-stopped (and a killed stage resumes from its last checkpoint inside the engine).
+stopped (and a killed stage resumes from its last checkpoint inside the engine). A finished
+stage whose recorded config differs from what the configs give now, or that was trained on an
+ETL output built under another ETL config, stops the run before any process starts, with the
+keys that differ (:func:`stale_stages`): reusing it would report an old model as the new one.
 
-Baselines get the same data, the same budget (steps, batch, lr schedule) and the same care as
-HiGR: ``flat`` and ``sasrec`` train on the same slate shards with the same ``train:`` section.
+Baselines get the same data, the same budget and the same care as HiGR: ``flat`` and ``sasrec``
+train on the same slate shards with the same batch, steps and schedule shape, and each model's
+learning rate and step count are its own pick, on the validation split, from one grid that all
+three went through (``bench/tune.py``; results in docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -168,13 +173,18 @@ def step_data(cfg: PipelineConfig, spark) -> tuple[str, str]:
     return str(inter), str(items)
 
 
+def _etl_config(cfg: PipelineConfig):
+    from higr_dist.etl.config import EtlConfig
+
+    return load(EtlConfig, ROOT / cfg.etl if not Path(cfg.etl).is_absolute() else cfg.etl,
+                [*cfg.etl_overrides])
+
+
 def step_etl(cfg: PipelineConfig, spark, interactions: str, items: str) -> dict:
     from higr_dist.config import config_hash
     from higr_dist.etl.build import run_etl
-    from higr_dist.etl.config import EtlConfig
 
-    etl_cfg = load(EtlConfig, ROOT / cfg.etl if not Path(cfg.etl).is_absolute() else cfg.etl,
-                   [*cfg.etl_overrides])
+    etl_cfg = _etl_config(cfg)
     out = cfg.run_dir / "etl"
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
@@ -243,6 +253,69 @@ def _in_process_world():
                     os.environ[k] = v
 
 
+def _stage_config_path(cfg: PipelineConfig, stage: str) -> str:
+    path = Path(cfg.stages[stage])
+    return str(path if path.is_absolute() else ROOT / path)
+
+
+def _flat(data: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(data, dict):
+        out: dict[str, object] = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def stale_stages(cfg: PipelineConfig) -> list[str]:
+    """One line per finished stage folder that the current configs would train differently.
+
+    A re-run reuses finished steps (that is how a killed pipeline continues). Reusing a stage
+    trained under another config (say, after editing ``configs/tiny/hsd.yaml``) would report
+    the old model under the new config, and every later stage builds on it; so this check runs
+    before any process starts and the run stops with the keys that differ. Nothing is deleted:
+    the user picks a new ``--name`` or removes the folders.
+    """
+    import yaml
+
+    from higr_dist.config import config_hash
+    from higr_dist.engine.config import load_job
+
+    problems = []
+    rd = cfg.run_dir.resolve()
+    manifest = cfg.run_dir / "etl" / "manifest.json"
+    etl_changed = manifest.is_file() and (
+        json.loads(manifest.read_text()).get("config_hash") != config_hash(_etl_config(cfg)))
+    for stage in (s for s in STAGE_ORDER if s in cfg.stages):
+        out = cfg.run_dir / stage
+        resolved = out / "resolved_config.yaml"
+        if not ((out / "summary.json").is_file() and (out / "final" / "model_fp32.pt").is_file()):
+            continue
+        if etl_changed:
+            problems.append(f"{stage}: {out} was trained on an ETL output built with another "
+                            f"ETL config; use a new --name, or delete the run folder")
+            continue
+        if not resolved.is_file():
+            problems.append(f"{stage}: {out} is finished but has no resolved_config.yaml")
+            continue
+        want = _flat(to_dict(load_job(_stage_config_path(cfg, stage), stage_overrides(cfg, stage))))
+        had = _flat(yaml.safe_load(resolved.read_text()))
+        # a run folder that was moved or renamed is still the same run: compare its own paths
+        # relative to it, and ignore the run's display name
+        old_root, new_root = str(Path(str(had.get("run.out_dir", ""))).parent), str(rd)
+        had = {k: v.replace(old_root, new_root, 1) if isinstance(v, str) and v.startswith(old_root)
+               else v for k, v in had.items() if k != "run.name"}
+        want.pop("run.name", None)
+        diff = [f"{k}: {had.get(k)!r} -> {want.get(k)!r}"
+                for k in sorted(set(want) | set(had)) if want.get(k) != had.get(k)]
+        if diff:
+            problems.append(
+                f"{stage}: {out} was trained with another config ({'; '.join(diff[:6])}"
+                f"{'; ...' if len(diff) > 6 else ''}); use a new --name, or delete that folder "
+                f"and the stages after it")
+    return problems
+
+
 def step_stage(cfg: PipelineConfig, stage: str) -> dict:
     """Train one stage (skipped when its summary exists); returns its summary."""
     out = cfg.run_dir / stage
@@ -250,8 +323,7 @@ def step_stage(cfg: PipelineConfig, stage: str) -> dict:
     if summary.is_file() and (out / "final" / "model_fp32.pt").is_file():
         _log(f"{stage}: reusing {out}")
         return json.loads(summary.read_text())
-    config_path = str(ROOT / cfg.stages[stage]) if not Path(cfg.stages[stage]).is_absolute() \
-        else cfg.stages[stage]
+    config_path = _stage_config_path(cfg, stage)
     overrides = stage_overrides(cfg, stage)
     t0 = time.perf_counter()
     if cfg.launch.mode == "inprocess":
@@ -280,7 +352,7 @@ def step_stage(cfg: PipelineConfig, stage: str) -> dict:
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run every step; write ``report.json``/``report.md`` into the run folder; return the report."""
-    problems = cfg.validate()
+    problems = cfg.validate() or stale_stages(cfg)
     if problems:
         raise ConfigError(problems)
     run_dir = cfg.run_dir
@@ -351,7 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"higr run: {e}", file=sys.stderr)
         return 2
-    report = run_pipeline(cfg)
+    try:
+        report = run_pipeline(cfg)
+    except ConfigError as e:
+        print(f"higr run: {e}", file=sys.stderr)
+        return 2
     from higr_dist.eval.report import eval_table
 
     print("\n" + eval_table(report.get("eval", {})))

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from higr_dist.config import load
-from higr_dist.pipeline import PipelineConfig, run_pipeline
+from higr_dist.config import ConfigError, load
+from higr_dist.pipeline import PipelineConfig, run_pipeline, stale_stages
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = ROOT / "configs" / "tiny" / "run.yaml"
 EVAL_KEYS = ("impressions.hit5", "impressions.recall5", "effective.hit5", "effective.recall5",
              "effective.ndcg5", "ild")
 
@@ -28,22 +29,29 @@ def _get(d: dict, dotted: str):
     return d
 
 
+STEPS = {"tokenizer": 60, "hsd": 150, "flat": 150, "sasrec": 150, "orpo": 30}
+
+
+def _overrides(root: Path, hsd_extra: str = "", etl_extra: str = "") -> list[str]:
+    """The CI-sized run (and, for the stale-config test, the same run with one key changed)."""
+    stages = ", ".join(
+        f"{s}: [train.max_steps={n}, train.checkpoint_every=0, train.progress_bar=false, "
+        f"data.num_workers=0, train.micro_batch_size=64, train.global_batch_size=64"
+        f"{hsd_extra if s == 'hsd' else ''}]" for s, n in STEPS.items())
+    return [
+        "name=e2e", f"out_root={root}", "launch.mode=inprocess",
+        "source.synthetic={users: 500, items: 300, interactions_per_user: 50}",
+        f"etl_overrides=[samples_per_shard=500, min_shards=2, shuffle_partitions=2{etl_extra}]",
+        "eval.latency_repeats=3", "eval.generate_users=10", "eval.max_users=256",
+        "stage_overrides={" + stages + "}",
+    ]
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, spark) -> tuple[Path, dict]:
     # `spark` (session fixture) is requested so the pipeline reuses the one JVM of this test run
-    root = tmp_path_factory.mktemp("e2e")
-    steps = {"tokenizer": 60, "hsd": 150, "flat": 150, "sasrec": 150, "orpo": 30}
-    overrides = [
-        "name=e2e", f"out_root={root}", "launch.mode=inprocess",
-        "source.synthetic={users: 500, items: 300, interactions_per_user: 50}",
-        "etl_overrides=[samples_per_shard=500, min_shards=2, shuffle_partitions=2]",
-        "eval.latency_repeats=3", "eval.generate_users=10", "eval.max_users=256",
-        "stage_overrides={" + ", ".join(
-            f"{s}: [train.max_steps={n}, train.checkpoint_every=0, train.progress_bar=false, "
-            "data.num_workers=0, train.micro_batch_size=64, train.global_batch_size=64]"
-            for s, n in steps.items()) + "}",
-    ]
-    cfg = load(PipelineConfig, ROOT / "configs" / "tiny" / "run.yaml", overrides)
+    overrides = _overrides(tmp_path_factory.mktemp("e2e"))
+    cfg = load(PipelineConfig, TINY_RUN, overrides)
     rep = run_pipeline(cfg)
     return cfg.run_dir, rep
 
@@ -118,3 +126,24 @@ def test_validation_split_precedes_test(report):
         t = test[user]
         assert list(t["hist_items"][-len(v["target_items"]):]) == list(v["target_items"])
         assert v["ts"] < t["ts"]
+
+
+def test_rerun_refuses_stages_trained_under_another_config(report):
+    # a re-run reuses finished stages; one trained under other settings must stop the run
+    # before any process starts (naming the keys), never be reported as the new config's model
+    run_dir, _ = report
+    same = load(PipelineConfig, TINY_RUN, _overrides(run_dir.parent))
+    assert stale_stages(same) == []
+
+    lr = load(PipelineConfig, TINY_RUN, _overrides(run_dir.parent, hsd_extra=", train.lr=0.0123"))
+    problems = stale_stages(lr)
+    assert len(problems) == 1 and problems[0].startswith("hsd: ")
+    assert "train.lr: " in problems[0] and "-> 0.0123" in problems[0]
+    with pytest.raises(ConfigError, match="train.lr"):
+        run_pipeline(lr)
+
+    etl = load(PipelineConfig, TINY_RUN, _overrides(run_dir.parent, etl_extra=", min_shards=3"))
+    problems = stale_stages(etl)
+    assert [p.split(":")[0] for p in problems] == list(STEPS)
+    assert all("another ETL config" in p for p in problems)
+    assert (run_dir / "hsd" / "final" / "model_fp32.pt").is_file()  # nothing was deleted
