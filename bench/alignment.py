@@ -389,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         ref = scored["none"]
         cis = {n: {"ndcg": paired_ci(s.ndcg, ref.ndcg), "ild": paired_ci(s.ild, ref.ild)}
                for n, s in scored.items() if n != "none"}
+    # the aligned model against each baseline on the same users (issue #4's and #5's bars)
+    vs_baselines = {f"{a}_minus_{b}": paired_ci(scored[a].ndcg, scored[b].ndcg)
+                    for a in ("orpo_all", "none") if a in scored
+                    for b in ("flat", "sasrec") if b in scored}
     result = {
         "bench": "alignment", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -398,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         "nproc": args.nproc if args.launch == "torchrun" else 1,
         "settings": settings.__dict__, "eval_users": args.eval_users, "beam": args.beam,
         "effective_threshold": args.effective_threshold,
-        "metrics": metrics, "vs_none": cis, "targets": targets(metrics, cis),
+        "metrics": metrics, "vs_none": cis, "ndcg_vs_baselines": vs_baselines,
+        "targets": targets(metrics, cis),
         "training": train_info,
         "seconds": {"train": round(t_train, 1), "eval": round(t_eval, 1)},
     }
@@ -406,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(tables(metrics, cis))
+    for k, c in vs_baselines.items():
+        print(f"NDCG@5 {k.replace('_minus_', ' minus ')}: {c['diff']:+.4f} "
+              f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] ({c['users']} users)")
     print(json.dumps(result["targets"], indent=2))
     print(f"[alignment] train {t_train:.0f}s, eval {t_eval:.0f}s -> {out}")
     return 0
