@@ -80,15 +80,15 @@ class Settings:
     """Contexts per optimiser step (each with 1 chosen + R rejected slates)."""
     micro_batch: int = 64
     """Contexts per rank and micro-step (grad accumulation derived by the engine)."""
-    lambda_or: float = 0.1
-    """ORPO odds-ratio weight."""
+    lambda_or: float = 1.0
+    """ORPO odds-ratio weight (the shipped configs/tiny/orpo.yaml value)."""
     nll_weight: float = 1.0
     """ORPO NLL(y+) weight."""
     o2_fraction: float = 0.5
     """Share of y+ positions O2 replaces by negative-feedback items."""
-    o3_similarity: str = "sid_prefix"
+    o3_similarity: str = "embedding"
     """O3 neighbours: ``sid_prefix`` (shared SID prefix) or ``embedding`` (nearest by cosine)."""
-    o3_embedding: str = "item_emb.npy"
+    o3_embedding: str = "item_features.npy"
     """Embedding file in the SID export for O3 (``item_emb.npy`` or ``item_features.npy``)."""
     beta: float = 0.1
     """DPO inverse temperature (sequence log-probs summed over the N*L codes)."""
@@ -238,7 +238,7 @@ def predictors(base: Path, runs: dict[str, Path], beam: int) -> tuple[dict, obje
 
 
 def evaluate_all(base: Path, runs: dict[str, Path], users: int, beam: int,
-                 threshold: float) -> dict[str, Scored]:
+                 threshold: float, split: str = "test") -> dict[str, Scored]:
     from higr_dist.eval.harness import test_batches
     from higr_dist.stages.hsd import SlateCollate
 
@@ -248,7 +248,7 @@ def evaluate_all(base: Path, runs: dict[str, Path], users: int, beam: int,
     emb = np.load(sid / "item_features.npy", mmap_mode="r")
     scored = {n: Scored(SlateMetrics(threshold)) for n in preds}
     with torch.inference_mode():
-        for batch, _ in test_batches(base / "etl", collate, 64, users):
+        for batch, _ in test_batches(base / "etl", collate, 64, users, split=split):
             tgt, fb = batch.target_items.numpy(), batch.target_fb.numpy()
             for name, fn in preds.items():
                 scored[name].update(fn(batch), tgt, fb, emb, threshold)
@@ -342,7 +342,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dpo-nll-weight", type=float, default=d.dpo_nll_weight)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--set", action="append", default=[], help="extra key=value override")
-    p.add_argument("--eval-users", type=int, default=0, help="test users (0 = all)")
+    p.add_argument("--eval-users", type=int, default=0, help="held-out users (0 = all)")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="held-out split to score: val to choose settings, test to report")
     p.add_argument("--beam", type=int, default=10)
     p.add_argument("--effective-threshold", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=1,
@@ -381,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     t_train = time.perf_counter() - t0
     torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    scored = evaluate_all(base, runs, args.eval_users, args.beam, args.effective_threshold)
+    scored = evaluate_all(base, runs, args.eval_users, args.beam, args.effective_threshold,
+                          args.split)
     t_eval = time.perf_counter() - t
     metrics = {n: s.total.result() for n, s in scored.items()}
     cis = {}
@@ -400,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([sys.executable, *sys.argv]),
         "base": str(base), "launch": args.launch,
         "nproc": args.nproc if args.launch == "torchrun" else 1,
-        "settings": settings.__dict__, "eval_users": args.eval_users, "beam": args.beam,
+        "settings": settings.__dict__, "split": args.split, "eval_users": args.eval_users,
+        "beam": args.beam,
         "effective_threshold": args.effective_threshold,
         "metrics": metrics, "vs_none": cis, "ndcg_vs_baselines": vs_baselines,
         "targets": targets(metrics, cis),
