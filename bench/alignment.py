@@ -239,14 +239,21 @@ def predictors(base: Path, runs: dict[str, Path], beam: int) -> tuple[dict, obje
 
 def evaluate_all(base: Path, runs: dict[str, Path], users: int, beam: int,
                  threshold: float, split: str = "test") -> dict[str, Scored]:
+    preds, hsd = predictors(base, runs, beam)
+    return score_predictors(base, preds, hsd.cfg.N, hsd.cfg.history_len, users, threshold,
+                            split)
+
+
+def score_predictors(base: Path, preds: dict, n: int, history_len: int, users: int,
+                     threshold: float, split: str = "test") -> dict[str, Scored]:
+    """One streaming pass over a held-out split of ``base``: every predictor on the same users."""
     from higr_dist.eval.harness import test_batches
     from higr_dist.stages.hsd import SlateCollate
 
     sid = base / "tokenizer" / "export"
-    preds, hsd = predictors(base, runs, beam)
-    collate = SlateCollate(sid, hsd.cfg.N, hsd.cfg.history_len)
+    collate = SlateCollate(sid, n, history_len)
     emb = np.load(sid / "item_features.npy", mmap_mode="r")
-    scored = {n: Scored(SlateMetrics(threshold)) for n in preds}
+    scored = {name: Scored(SlateMetrics(threshold)) for name in preds}
     with torch.inference_mode():
         for batch, _ in test_batches(base / "etl", collate, 64, users, split=split):
             tgt, fb = batch.target_items.numpy(), batch.target_fb.numpy()

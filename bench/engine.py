@@ -184,8 +184,23 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _bare_runner(stage, job, batch, env, args):
-    """One plain torch training step per call (DDP around the model when world > 1)."""
+def _bare_runner(stage, job, batch, env, args, sharding: str = "ddp"):
+    """One plain torch training step per call: forward, backward, clip, fused AdamW, LR step.
+
+    ``sharding`` picks how the step is distributed at world > 1:
+
+    - ``ddp`` (the ``bare`` column): DDP around the model (nothing at world 1); bf16 autocast
+      when ``--precision bf16``;
+    - ``torch_zero1``: DDP + ``ZeroRedundancyOptimizer`` (optimizer states sharded; after its
+      step every rank broadcasts its updated slice), the bare-torch ZeRO-1;
+    - ``torch_zero2``: FSDP2 ``fully_shard(reshard_after_forward=False)`` on the whole model
+      (gradients reduce-scattered, optimizer states and the fp32 master sharded, parameters
+      all-gathered once per step), the bare-torch ZeRO-2 (FSDP's SHARD_GRAD_OP).
+
+    The two torch ZeRO runs separate the engine's overhead from the cost of the sharding
+    itself. They are fp32 only (the engine's bf16 keeps fp32 masters; matching that in FSDP
+    needs a mixed-precision policy this comparison does not try to mirror).
+    """
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
@@ -196,23 +211,34 @@ def _bare_runner(stage, job, batch, env, args):
     model, loss_module = stage.build(job.model, job.loss, job.inputs)
     model.to(env.device)
     loss_module.to(env.device)
-    wrapped = model
-    if env.world_size > 1:
+    if sharding not in ("ddp", "torch_zero1", "torch_zero2"):
+        raise ValueError(f"unknown sharding {sharding!r}")
+    if sharding == "torch_zero2":
+        from torch.distributed.fsdp import fully_shard
+
+        wrapped = fully_shard(model, reshard_after_forward=False)  # parameters become DTensors
+    elif env.world_size > 1:
         wrapped = DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    opt = torch.optim.AdamW(param_groups(model, job.train.weight_decay), lr=1e-4, fused=True)
+    else:
+        wrapped = model
+    groups = param_groups(model, job.train.weight_decay)  # after fully_shard: DTensor params
+    if sharding == "torch_zero1":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        opt = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
+                                      lr=1e-4, weight_decay=groups[0]["weight_decay"],
+                                      fused=True)
+        for g in groups[1:]:
+            opt.add_param_group(g)
+    else:
+        opt = torch.optim.AdamW(groups, lr=1e-4, fused=True)
+    autocast = sharding == "ddp" and args.precision == "bf16"
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(0, 10**6, 0.1))
-    return _plain_step(stage, wrapped, model, loss_module, batch.to(env.device), opt, sched,
-                       autocast=args.precision == "bf16", device_type=env.device.type)
-
-
-def _plain_step(stage, wrapped, model, loss_module, b, opt, sched, autocast: bool = False,
-                device_type: str = "cpu"):
-    """The bare loops' step: forward (bf16 autocast if asked), backward, clip, AdamW, LR."""
-    import torch
+    b = batch.to(env.device)
 
     def step() -> None:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = stage.step(wrapped, loss_module, b)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -221,51 +247,6 @@ def _plain_step(stage, wrapped, model, loss_module, b, opt, sched, autocast: boo
         opt.zero_grad(set_to_none=True)
 
     return step
-
-
-def _torch_sharded_runner(stage, job, batch, env, args, kind: str):
-    """torch's own implementation of a ZeRO stage, to separate the engine's overhead from the
-    cost of the sharding itself (world > 1):
-
-    - ``torch_zero1``: DDP + ``ZeroRedundancyOptimizer`` (optimizer states sharded; after its
-      step every rank broadcasts its updated slice), the bare-torch ZeRO-1;
-    - ``torch_zero2``: FSDP2 ``fully_shard(reshard_after_forward=False)`` on the whole model
-      (gradients reduce-scattered, optimizer states and the fp32 master sharded, parameters
-      all-gathered once per step), the bare-torch ZeRO-2 (FSDP's SHARD_GRAD_OP).
-
-    Same model, batch, clipping, fused AdamW and LR schedule as :func:`_bare_runner`. fp32 only
-    (the engine's bf16 keeps fp32 masters; matching that in FSDP needs a mixed-precision policy
-    this comparison does not try to mirror).
-    """
-    import torch
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-    from torch.nn.parallel import DistributedDataParallel
-
-    from higr_dist.engine.ds_config import WarmupCosine, param_groups
-    from higr_dist.engine.trainer import seed_all
-
-    seed_all(0)
-    model, loss_module = stage.build(job.model, job.loss, job.inputs)
-    model.to(env.device)
-    loss_module.to(env.device)
-    if kind == "torch_zero1":
-        groups = param_groups(model, job.train.weight_decay)
-        wrapped = DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-        opt = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
-                                      lr=1e-4, weight_decay=groups[0]["weight_decay"],
-                                      fused=True)
-        for g in groups[1:]:
-            opt.add_param_group(g)
-    elif kind == "torch_zero2":
-        wrapped = fully_shard(model, reshard_after_forward=False)  # parameters become DTensors
-        opt = torch.optim.AdamW(param_groups(model, job.train.weight_decay), lr=1e-4,
-                                fused=True)
-    else:
-        raise ValueError(f"unknown torch sharding {kind!r}")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(0, 10**6, 0.1))
-    return _plain_step(stage, wrapped, model, loss_module, batch.to(env.device), opt, sched)
 
 
 def _deepspeed_runner(stage, job, batch, env, args, zero: int, options: dict):
@@ -368,8 +349,8 @@ def _run_case(name: str, case: Case, env, args, tmp: Path) -> dict:
         engines.append(engine)
     if args.torch_sharded and env.world_size > 1:
         for z in (z for z in stages if z in (1, 2)):
-            runners[f"torch_zero{z}"] = _torch_sharded_runner(stage, job, batch, env, args,
-                                                              f"torch_zero{z}")
+            runners[f"torch_zero{z}"] = _bare_runner(stage, job, batch, env, args,
+                                                     f"torch_zero{z}")
     medians = _time_interleaved(runners, env, steps, args.warmup)
     for engine in engines:
         engine.destroy()

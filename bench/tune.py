@@ -36,16 +36,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from alignment import Scored, launch_command, paired_ci, run_training  # noqa: E402
-
-from higr_dist.eval.metrics import SlateMetrics  # noqa: E402
+from alignment import (  # noqa: E402
+    Scored,
+    launch_command,
+    paired_ci,
+    run_training,
+    score_predictors,
+)
 
 MODELS = ("hsd", "flat", "sasrec")
 LABELS = {"hsd": "HiGR (HSD, no alignment)", "flat": "flat", "sasrec": "SASRec"}
@@ -90,31 +93,20 @@ def score(runs: dict[str, tuple[str, Path]], base: Path, split: str, users: int,
         load_stage_model,
         load_trie,
         sasrec_predictor,
-        test_batches,
     )
-    from higr_dist.stages.hsd import SlateCollate
 
-    sid = base / "tokenizer" / "export"
-    trie = load_trie(sid)
+    trie = load_trie(base / "tokenizer" / "export")
     make = {"hsd": lambda m: higr_predictor(m, trie, beam),
             "flat": lambda m: flat_predictor(m, trie, beam), "sasrec": sasrec_predictor}
     preds, cfg = {}, None
     for name, (model, run) in runs.items():
-        job, m = load_stage_model(run)
+        _, m = load_stage_model(run)
         preds[name] = make[model](m)
         if model == "hsd":
             cfg = m.cfg
     # SlateCollate needs N and the history length, which every model section shares
     n, hist = (cfg.N, cfg.history_len) if cfg else (5, 30)
-    collate = SlateCollate(sid, n, hist)
-    emb = np.load(sid / "item_features.npy", mmap_mode="r")
-    scored = {name: Scored(SlateMetrics(threshold)) for name in preds}
-    with torch.inference_mode():
-        for batch, _ in test_batches(base / "etl", collate, 64, users, split=split):
-            tgt, fb = batch.target_items.numpy(), batch.target_fb.numpy()
-            for name, fn in preds.items():
-                scored[name].update(fn(batch), tgt, fb, emb, threshold)
-    return scored
+    return score_predictors(base, preds, n, hist, users, threshold, split)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -253,6 +253,12 @@ def _in_process_world():
                     os.environ[k] = v
 
 
+def _finished(stage_dir: Path) -> bool:
+    """A stage folder whose training ended (summary written, fp32 weights exported)."""
+    return (stage_dir / "summary.json").is_file() and \
+        (stage_dir / "final" / "model_fp32.pt").is_file()
+
+
 def _stage_config_path(cfg: PipelineConfig, stage: str) -> str:
     path = Path(cfg.stages[stage])
     return str(path if path.is_absolute() else ROOT / path)
@@ -289,7 +295,7 @@ def stale_stages(cfg: PipelineConfig) -> list[str]:
     for stage in (s for s in STAGE_ORDER if s in cfg.stages):
         out = cfg.run_dir / stage
         resolved = out / "resolved_config.yaml"
-        if not ((out / "summary.json").is_file() and (out / "final" / "model_fp32.pt").is_file()):
+        if not _finished(out):
             continue
         if etl_changed:
             problems.append(f"{stage}: {out} was trained on an ETL output built with another "
@@ -320,7 +326,7 @@ def step_stage(cfg: PipelineConfig, stage: str) -> dict:
     """Train one stage (skipped when its summary exists); returns its summary."""
     out = cfg.run_dir / stage
     summary = out / "summary.json"
-    if summary.is_file() and (out / "final" / "model_fp32.pt").is_file():
+    if _finished(out):
         _log(f"{stage}: reusing {out}")
         return json.loads(summary.read_text())
     config_path = _stage_config_path(cfg, stage)
@@ -420,10 +426,6 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"source.items={args.items}")
     try:
         cfg = load(PipelineConfig, args.config, overrides)
-    except ConfigError as e:
-        print(f"higr run: {e}", file=sys.stderr)
-        return 2
-    try:
         report = run_pipeline(cfg)
     except ConfigError as e:
         print(f"higr run: {e}", file=sys.stderr)
