@@ -17,7 +17,16 @@ from higr_dist.etl.sequences import (
     split_target_starts,
     train_target_starts,
 )
-from higr_dist.etl.synthetic import SyntheticConfig, simulate_items, simulate_users, uniform
+from higr_dist.etl.synthetic import (
+    SyntheticConfig,
+    effective_probs,
+    init_users,
+    next_item_probs,
+    simulate_items,
+    simulate_users,
+    uniform,
+    user_step,
+)
 from higr_dist.etl.writer import num_shards
 
 
@@ -119,6 +128,30 @@ def test_synthetic_structure_is_learnable():
     wr = rows["watch_ratio"]
     assert 0.03 < (wr < 0.2).mean() < 0.3  # negative feedback exists
     assert 0.1 < (wr >= 2.0).mean() < 0.5  # effective views exist
+
+
+def test_synthetic_next_item_probs_match_the_generator():
+    """The oracle's exact next-item and effective-view probabilities (bench/oracle.py) agree
+    with what ``user_step`` actually draws from the same state."""
+    cfg = SyntheticConfig(items=200, drift_prob=0.0)
+    users, reps = np.arange(4), 20_000
+    exact = init_users(users, cfg)
+    shown = next_item_probs(exact, cfg)  # [4, I]
+    eff = shown * effective_probs(exact.prefs, cfg, 2.0)  # [4, I]
+    np.testing.assert_allclose(shown.sum(axis=1), 1.0, rtol=1e-9)
+    state = init_users(np.repeat(users, reps), cfg)
+    rng = np.random.default_rng(0)
+    n = len(users) * reps
+    item, wr, _ = user_step(state, 0, cfg, lambda s, t: rng.random(n),
+                            lambda s, t: rng.standard_normal(n))
+    who = np.repeat(users, reps)
+    emp_shown, emp_eff = np.zeros_like(shown), np.zeros_like(eff)
+    np.add.at(emp_shown, (who, item), 1.0 / reps)
+    np.add.at(emp_eff, (who, item), (wr >= 2.0) / reps)
+    # sampling error of a frequency p over 20k draws: sd = sqrt(p / 20k) <= 0.0035 at p = 0.25
+    assert np.abs(emp_shown - shown).max() < 0.012
+    assert np.abs(emp_eff - eff).max() < 0.012
+    np.testing.assert_allclose(emp_eff.sum(axis=1), eff.sum(axis=1), atol=0.015)
 
 
 def test_cooc_counts_match_a_naive_count():

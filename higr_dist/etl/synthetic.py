@@ -40,7 +40,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -240,12 +242,20 @@ def _random_sub(w: _World, u: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def simulate_users(users: np.ndarray, cfg: SyntheticConfig) -> dict[str, np.ndarray]:
-    """Interaction rows of the given user ids (time order per user): column -> array."""
+@dataclass
+class UserState:
+    """The latent state of a batch of users between two steps (what the log never shows)."""
+
+    prefs: np.ndarray  # [B, K] preferred sub-topics (drift in place)
+    cum_w: np.ndarray  # [B, K] cumulative preference weights (fixed per user)
+    last_sub: np.ndarray  # [B] sub-topic of the last engaged item
+
+
+def init_users(users: np.ndarray, cfg: SyntheticConfig) -> UserState:
+    """Each user's tastes before the first interaction (a pure function of seed and id)."""
     w, seed = _world(cfg), cfg.seed
     T, K, P = cfg.top_categories, cfg.prefs_per_user, cfg.subtopics_per_top
-    M, B = cfg.interactions_per_user, len(users)
-    users = users.astype(np.int64)
+    B = len(users)
     home = np.minimum((uniform(seed, _S_HOME, users) * T).astype(np.int64), T - 1)  # [B]
     prefs = np.empty((B, K), dtype=np.int64)  # [B, K] preferred sub-topics
     for k in range(K):
@@ -256,41 +266,130 @@ def simulate_users(users: np.ndarray, cfg: SyntheticConfig) -> dict[str, np.ndar
     weights = -np.log1p(-np.stack([uniform(seed, _S_PREF_W, users * K + k) for k in range(K)],
                                   axis=1))  # [B, K] exponential -> Dirichlet(1) after norm
     cum_w = np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)  # [B, K]
-    last_sub = prefs[:, 0].copy()  # [B] sub-topic of the last engaged item
+    return UserState(prefs, cum_w, prefs[:, 0].copy())
+
+
+#: draw(stream, t) -> [B] uniforms in [0, 1); gauss(stream, t) -> [B] standard normals
+Draw = Callable[[int, int], np.ndarray]
+
+
+def user_step(state: UserState, t: int, cfg: SyntheticConfig, draw: Draw,
+              gauss: Draw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One interaction of every user in ``state`` (updated in place).
+
+    The generator draws with the counter-based RNG; ``bench/oracle.py`` replays the same
+    dynamics with fresh draws to estimate what comes next from the true latent state.
+    Returns ``(item [B], watch_ratio [B] unrounded, log_mean [B])``: log_mean is the
+    log-normal's mean for the drawn item under the tastes at this step.
+    """
+    w = _world(cfg)
+    K, P = cfg.prefs_per_user, cfg.subtopics_per_top
+    prefs, rows = state.prefs, np.arange(len(state.last_sub))
+    # drift: one slot moves, usually to a sibling sub-topic
+    drift = draw(_S_DRIFT, t) < cfg.drift_prob
+    if drift.any():
+        slot = np.minimum((draw(_S_DRIFT_SLOT, t) * K).astype(np.int64), K - 1)
+        cur = prefs[rows, slot]
+        sib = (cur // P) * P + np.minimum((draw(_S_DRIFT_SUB, t) * P).astype(np.int64), P - 1)
+        far = _random_sub(w, draw(_S_DRIFT_SUB + 500, t))
+        new = np.where(draw(_S_DRIFT_KIND, t) < 0.7, sib, far)
+        prefs[rows[drift], slot[drift]] = new[drift]
+    mode = draw(_S_MODE, t)
+    slot = np.minimum((state.cum_w < draw(_S_SLOT, t)[:, None]).sum(axis=1), K - 1)
+    sub = np.where(mode < cfg.stay_prob, state.last_sub, prefs[rows, slot])
+    u_item = draw(_S_ITEM, t)
+    item = _pick_in_sub(w, sub, u_item)
+    explore = (mode >= cfg.stay_prob) & (mode < cfg.stay_prob + cfg.explore_prob)
+    if explore.any():
+        g = np.minimum(np.searchsorted(w.global_cdf, u_item[explore], side="right"),
+                       len(w.global_cdf) - 1)
+        item[explore] = w.sub_items[g]
+    mu = taste_log_mean(prefs, item, cfg) + w.quality[item]
+    wr = np.exp(mu + cfg.log_std * gauss(_S_WR1, t))
+    state.last_sub = np.where(wr >= 1.0, w.sub_of_item[item], state.last_sub)
+    return item, wr, mu
+
+
+def taste_level(prefs: np.ndarray, items: np.ndarray, cfg: SyntheticConfig) -> np.ndarray:
+    """0 = item in a current preference, 1 = in a sibling of one, 2 = outside the tastes.
+
+    prefs [B, K], items [B] or [B, J] -> int codes of the items' shape.
+    """
+    P = cfg.subtopics_per_top
+    isub = _world(cfg).sub_of_item[items]
+    extra = (slice(None),) + (None,) * (isub.ndim - 1) + (slice(None),)
+    p = prefs[extra]  # [B, 1.., K]
+    match = (p == isub[..., None]).any(axis=-1)
+    sibling = ((p // P) == (isub // P)[..., None]).any(axis=-1)
+    return np.where(match, 0, np.where(sibling, 1, 2))
+
+
+def taste_log_mean(prefs: np.ndarray, items: np.ndarray, cfg: SyntheticConfig) -> np.ndarray:
+    """Log-mean watch ratio from taste alone (no item quality), shaped like ``items``."""
+    means = np.array([cfg.match_log_mean, cfg.sibling_log_mean, cfg.miss_log_mean])
+    return means[taste_level(prefs, items, cfg)]
+
+
+def next_item_probs(state: UserState, cfg: SyntheticConfig) -> np.ndarray:
+    """[B, I]: the exact probability of each item being the next one shown, given the state
+    (after this step's drift): the stay / explore / preferred sub-topic mixture of
+    :func:`user_step`, Zipf inside a sub-topic. Used by ``bench/oracle.py``."""
+    w = _world(cfg)
+    B, S = len(state.last_sub), cfg.num_subtopics
+    rows = np.arange(B)
+    w_k = np.diff(state.cum_w, axis=1, prepend=0.0)  # [B, K] preference weights
+    p_sub = np.zeros((B, S))  # [B, S]
+    p_sub[rows, state.last_sub] += cfg.stay_prob
+    pref_share = 1.0 - cfg.stay_prob - cfg.explore_prob
+    for k in range(state.prefs.shape[1]):
+        np.add.at(p_sub, (rows, state.prefs[:, k]), pref_share * w_k[:, k])
+    p_in_sub, p_global = _item_shares(cfg.seed, cfg.items, S, cfg.zipf_exponent,
+                                      cfg.item_quality_std)
+    return p_sub[:, w.sub_of_item] * p_in_sub + cfg.explore_prob * p_global
+
+
+@functools.lru_cache(maxsize=4)
+def _item_shares(seed: int, n_items: int, S: int, zipf_exponent: float,
+                 item_quality_std: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per item: P(item | its sub-topic) and P(item | explore), from the world's CDFs."""
+    w = _build_world(seed, n_items, S, zipf_exponent, item_quality_std)
+    pos = np.empty(n_items, dtype=np.int64)  # item -> position in w.sub_items
+    pos[w.sub_items] = np.arange(n_items)
+    frac = w.sub_cdf - np.repeat(np.arange(S), np.diff(w.sub_start))  # cumulative in-sub share
+    p = np.diff(frac, prepend=0.0)
+    p[w.sub_start[:-1]] = frac[w.sub_start[:-1]]  # a segment's first item starts from 0
+    return p[pos], np.diff(w.global_cdf, prepend=0.0)[pos]
+
+
+def effective_probs(prefs: np.ndarray, cfg: SyntheticConfig, threshold: float) -> np.ndarray:
+    """[B, I]: P(watch ratio >= threshold) of every item under tastes ``prefs`` [B, K]."""
+    w = _world(cfg)
+    means = np.array([cfg.match_log_mean, cfg.sibling_log_mean, cfg.miss_log_mean])
+    z = (means[:, None] + w.quality[None, :] - math.log(threshold)) / cfg.log_std  # [3, I]
+    table = 0.5 * (1.0 + np.vectorize(math.erf)(z / math.sqrt(2.0)))  # [3, I] normal CDF
+    items = np.broadcast_to(np.arange(cfg.items), (len(prefs), cfg.items))  # [B, I]
+    return table[taste_level(prefs, items, cfg), items]
+
+
+def simulate_users(users: np.ndarray, cfg: SyntheticConfig) -> dict[str, np.ndarray]:
+    """Interaction rows of the given user ids (time order per user): column -> array."""
+    seed, M = cfg.seed, cfg.interactions_per_user
+    users = users.astype(np.int64)
+    B = len(users)
+    state = init_users(users, cfg)
     ts = (cfg.start_ts + uniform(seed, _S_START, users) * cfg.start_span_days * 86400.0)
     out_item = np.empty((B, M), dtype=np.int64)
     out_wr = np.empty((B, M), dtype=np.float64)
     out_ts = np.empty((B, M), dtype=np.int64)
-    rows = np.arange(B)
+
+    def draw(stream: int, t: int) -> np.ndarray:
+        return uniform(seed, stream, users, t)
+
+    def gauss(stream: int, t: int) -> np.ndarray:
+        return normal(seed, stream, users, t)
+
     for t in range(M):
-        # drift: one slot moves, usually to a sibling sub-topic
-        drift = uniform(seed, _S_DRIFT, users, t) < cfg.drift_prob
-        if drift.any():
-            slot = np.minimum((uniform(seed, _S_DRIFT_SLOT, users, t) * K).astype(np.int64), K - 1)
-            cur = prefs[rows, slot]
-            sib = (cur // P) * P + np.minimum(
-                (uniform(seed, _S_DRIFT_SUB, users, t) * P).astype(np.int64), P - 1)
-            far = _random_sub(w, uniform(seed, _S_DRIFT_SUB + 500, users, t))
-            new = np.where(uniform(seed, _S_DRIFT_KIND, users, t) < 0.7, sib, far)
-            prefs[rows[drift], slot[drift]] = new[drift]
-        mode = uniform(seed, _S_MODE, users, t)
-        slot = np.minimum((cum_w < uniform(seed, _S_SLOT, users, t)[:, None]).sum(axis=1), K - 1)
-        sub = np.where(mode < cfg.stay_prob, last_sub, prefs[rows, slot])
-        u_item = uniform(seed, _S_ITEM, users, t)
-        item = _pick_in_sub(w, sub, u_item)
-        explore = (mode >= cfg.stay_prob) & (mode < cfg.stay_prob + cfg.explore_prob)
-        if explore.any():
-            g = np.minimum(np.searchsorted(w.global_cdf, u_item[explore], side="right"),
-                           len(w.global_cdf) - 1)
-            item[explore] = w.sub_items[g]
-        isub = w.sub_of_item[item]
-        match = (prefs == isub[:, None]).any(axis=1)
-        sibling = ((prefs // P) == (isub // P)[:, None]).any(axis=1)
-        mu = np.where(match, cfg.match_log_mean,
-                      np.where(sibling, cfg.sibling_log_mean, cfg.miss_log_mean))
-        wr = np.exp(mu + w.quality[item] + cfg.log_std * normal(seed, _S_WR1, users, t))
-        engaged = wr >= 1.0
-        last_sub = np.where(engaged, isub, last_sub)
+        item, wr, _ = user_step(state, t, cfg, draw, gauss)
         ts = ts + -np.log1p(-uniform(seed, _S_GAP, users, t)) * cfg.mean_gap_s + 1.0
         out_item[:, t], out_wr[:, t], out_ts[:, t] = item, np.round(wr, 4), ts.astype(np.int64)
     return {"user_id": np.repeat(users, M), "item_id": out_item.ravel(),
