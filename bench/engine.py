@@ -137,7 +137,8 @@ def _write_slates_etl(out: Path, n_shards: int, per_shard: int, K: int, L: int, 
     import numpy as np
 
     from higr_dist.data.shardio import write_listing, write_shard
-    from higr_dist.schema import SLATE
+    from higr_dist.schema import SLATE_GROUP
+    from higr_dist.schema.slates import slate_group_of
 
     rng = np.random.default_rng(0)
     sids = out / "sids"
@@ -151,13 +152,13 @@ def _write_slates_etl(out: Path, n_shards: int, per_shard: int, K: int, L: int, 
         def samples(s=s):
             for i in range(per_shard):
                 h = int(rng.integers(H // 2, H + 1))
-                yield f"s{s}_{i}", {
+                yield f"s{s}_{i}", slate_group_of({
                     "user_id": f"u{s}_{i}", "split": "train", "ts": 1_700_000_000 + i,
                     "hist_items": rng.integers(0, N_ITEMS, size=h).tolist(),
                     "hist_fb": rng.gamma(2.0, 0.5, size=h).round(3).tolist(),
                     "target_items": rng.integers(0, N_ITEMS, size=N).tolist(),
-                    "target_fb": rng.gamma(2.0, 0.5, size=N).round(3).tolist()}
-        entries.append(write_shard(folder / f"shard-{s:06d}.tar", SLATE, samples()))
+                    "target_fb": rng.gamma(2.0, 0.5, size=N).round(3).tolist()})
+        entries.append(write_shard(folder / f"shard-{s:06d}.tar", SLATE_GROUP, samples()))
     write_listing(folder, entries)
 
 

@@ -121,7 +121,7 @@ def _loader_rate(etl_dir: Path, num_items: int, workers: int, batch_size: int,
 
     from higr_dist.data.loader import LoaderConfig, StreamingLoader
     from higr_dist.data.shardio import list_shards
-    from higr_dist.schema import SLATE
+    from higr_dist.schema import FOLDERS
     from higr_dist.stages.hsd import SlateCollate
 
     sid_dir = scratch / "sids"
@@ -131,7 +131,8 @@ def _loader_rate(etl_dir: Path, num_items: int, workers: int, batch_size: int,
     (sid_dir / "sid_meta.json").write_text(json.dumps({"K": 256, "L": 3, "num_items": num_items}))
     shards = list_shards(etl_dir / "slates" / "train")
     cfg = LoaderConfig(num_workers=workers, shuffle_buffer=1000)
-    loader = StreamingLoader(shards, SLATE, SlateCollate(sid_dir, 5, 50), batch_size, cfg)
+    loader = StreamingLoader(shards, FOLDERS["slates/train"], SlateCollate(sid_dir, 5, 50),
+                             batch_size, cfg)
     samples, t0, first = 0, time.perf_counter(), None
     for batch in loader:
         if first is None:

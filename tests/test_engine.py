@@ -133,7 +133,7 @@ def test_total_steps_from_epochs_uses_the_listing(tmp_path):
     assert total_steps_for(t, etl / "pairs") == 3 * math.ceil(192 / 64)
     t.max_steps = 5
     assert total_steps_for(t, etl / "pairs") == 5
-    assert schema_for("pairs") is PAIR and schema_for("slates/train").kind == "slate"
+    assert schema_for("pairs") is PAIR and schema_for("slates/train").kind == "slate_group"
 
 
 # --------------------------------------------------------------------------------------------

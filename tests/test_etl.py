@@ -31,12 +31,11 @@ from higr_dist.etl.config import INTERACTION_REASONS, EtlConfig
 from higr_dist.etl.sources import read_interactions, read_items
 from higr_dist.etl.synthetic import SyntheticConfig, generate
 from higr_dist.etl.validate import classify_interactions
-from higr_dist.schema import SCHEMA_VERSION, SCHEMAS
+from higr_dist.schema import FOLDERS, SCHEMA_VERSION
 
 pytestmark = pytest.mark.spark
 
-KIND_DIRS = {"items": "item", "pairs": "pair", "slates/train": "slate", "slates/val": "slate",
-             "slates/test": "slate", "prefs": "pref"}
+KIND_DIRS = {folder: schema.kind for folder, schema in FOLDERS.items()}
 T0 = 1_600_000_000
 
 #: the hand-made log's split protocol: N = H = 5, 6 history items, training windows every 3
@@ -123,7 +122,7 @@ def hand(spark, tmp_path_factory):
 
 
 def _samples(out: Path, kind_dir: str) -> list[dict]:
-    return list(iterate_samples(list_shards(out / kind_dir), SCHEMAS[KIND_DIRS[kind_dir]]))
+    return list(iterate_samples(list_shards(out / kind_dir), FOLDERS[kind_dir]))
 
 
 def _members(shard: str) -> list[tuple[str, bytes]]:
@@ -237,9 +236,16 @@ def test_manifest_matches_shards(hand):
         entry = m["kinds"][kind_dir]
         listing = json.loads((out / kind_dir / "shards.json").read_text())
         assert listing["shards"] == entry["shards"]
-        assert entry["samples"] == sum(s["samples"] for s in entry["shards"])
+        # shards.json "samples" = tar records; a grouped kind's records unpack to more samples
+        assert entry["records"] == sum(s["samples"] for s in entry["shards"])
+        grouped = FOLDERS[kind_dir].unpack is not None
+        unpacked = sum(s["unpacked"] if grouped else s["samples"] for s in entry["shards"])
+        assert entry["samples"] == unpacked == len(_samples(out, kind_dir))
+        assert listing.get("unpacked", listing["samples"]) == entry["samples"]
+        assert (entry["records"] <= entry["samples"]) if grouped else (
+            entry["records"] == entry["samples"])
         assert len(entry["shards"]) >= cfg.min_shards
-        assert len(entry["shards"]) == max(cfg.min_shards, -(-entry["samples"] //
+        assert len(entry["shards"]) == max(cfg.min_shards, -(-entry["records"] //
                                                              cfg.samples_per_shard))
         for s in entry["shards"]:
             path = out / kind_dir / s["name"]
@@ -264,8 +270,8 @@ def test_every_kind_round_trips_through_real_shards(hand):
     """decode(blob) re-encodes to the very bytes the ETL wrote, for every kind."""
     out, cfg = hand["out"][0], hand["cfg"]
     seen = Counter()
-    for kind_dir, kind in KIND_DIRS.items():
-        schema = SCHEMAS[kind]
+    for kind_dir in KIND_DIRS:
+        schema = FOLDERS[kind_dir]
         for shard in list_shards(out / kind_dir):
             for name, blob in _members(shard):
                 sample = schema.decode(blob)

@@ -11,8 +11,9 @@ from higr_dist.etl import features
 from higr_dist.etl.config import EtlConfig
 from higr_dist.etl.features import ProjectTask, cooc_counts, sign_matrix
 from higr_dist.etl.sequences import (
-    pref_samples,
+    pref_group,
     pref_window_starts,
+    slate_group,
     slate_samples,
     split_target_starts,
     train_target_starts,
@@ -28,6 +29,7 @@ from higr_dist.etl.synthetic import (
     user_step,
 )
 from higr_dist.etl.writer import num_shards
+from higr_dist.schema import PREF, PREF_GROUP, SLATE_GROUP
 
 
 def _cfg(**kw) -> EtlConfig:
@@ -78,8 +80,10 @@ def test_pref_sample_orders_by_feedback_and_keeps_negatives():
     fb[2:12] = [2.5, 0.1, 1.2, 3.0, 0.05, 1.0, 1.8, 0.15, 1.1, 2.5]
     items = np.arange(n) + 50
     ts = np.arange(n) + 1_600_000_000
-    (out,) = list(pref_samples("u", 1, items, fb, ts, cfg))
-    _, _, s = out
+    _, key, group = pref_group("u", 1, items, fb, ts, cfg)
+    stored = PREF_GROUP.decode(PREF_GROUP.encode(group))  # as the loader reads it
+    (s,) = list(PREF_GROUP.unpack(stored, key))
+    assert s["__key__"] == f"{key}_{2:07d}" and set(s) - {"__key__"} == set(PREF.field_names)
     # top 5 engaged by feedback desc; the 2.5 tie keeps the earlier one first
     assert s["pos_items"] == [55, 52, 61, 58, 54]
     assert s["pos_fb"] == [3.0, 2.5, 2.5, 1.8, 1.2]
@@ -87,7 +91,25 @@ def test_pref_sample_orders_by_feedback_and_keeps_negatives():
     assert s["hist_items"] == [50, 51] and s["ts"] == 1_600_000_002
     # fewer than N engaged items in the window: no sample
     fb[2:12] = 0.5
-    assert list(pref_samples("u", 1, items, fb, ts, cfg)) == []
+    assert pref_group("u", 1, items, fb, ts, cfg) is None
+
+
+def test_slate_group_unpacks_to_the_per_window_samples():
+    """The stored train record unpacks to exactly the samples a per-window layout would hold
+    (same fields and keys), after a real encode/decode; it stores each interaction once."""
+    cfg = _cfg(stride=2)
+    n = 40
+    items = np.arange(300, 300 + n)
+    fb = np.linspace(0, 3, n).round(4)
+    ts = 1_600_000_000 + np.arange(n) * 10
+    windows = [dict(w, __key__=k) for _, k, w in slate_samples("u", 9, items, fb, ts, "train",
+                                                                cfg)]
+    _, key, group = slate_group("u", 9, items, fb, ts, cfg)
+    stored = SLATE_GROUP.decode(SLATE_GROUP.encode(group))
+    assert list(SLATE_GROUP.unpack(stored, key)) == windows and len(windows) > 5
+    assert SLATE_GROUP.count(group) == len(windows)
+    assert len(group["items"]) < n - 2 * cfg.holdout + 1  # never the val/test blocks
+    assert slate_group("u", 9, items[:11], fb[:11], ts[:11], cfg) is None  # too short
 
 
 def test_config_validation_lists_every_problem():

@@ -22,7 +22,7 @@ from higr_dist.data.loader import (
     resolve_shards,
 )
 from higr_dist.data.shardio import list_shards, write_listing, write_shard
-from higr_dist.schema import ITEM, PAIR
+from higr_dist.schema import ITEM, PAIR, SLATE, SLATE_GROUP
 
 TAR_BLOCK = 512
 
@@ -103,6 +103,58 @@ def test_exactly_once_across_two_ranks_two_workers(shards):
     assert len(union) == len(set(union)) == sum(SHARD_SIZES)
     assert set(union) == all_keys()
     assert not set(per_rank[0]) & set(per_rank[1])
+
+
+def write_slate_groups(directory: Path) -> tuple[list[str], set[str]]:
+    """6 shards of SLATE_GROUP records (users with 1-6 windows) -> (shards, window keys)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    entries, keys, u = [], set(), 0
+    for s, n_users in enumerate((3, 5, 2, 4, 6, 1)):
+        records = []
+        for _ in range(n_users):
+            starts = [2 + 3 * w for w in range(1 + u % 6)]  # windows at 2, 5, 8, ...
+            n = starts[-1] + 2
+            record = {"user_id": f"u{u}", "offset": 10, "items": list(range(n)),
+                      "fb": [1.0] * n, "starts": starts, "start_ts": starts,
+                      "history_len": 4, "slate_size": 2}
+            records.append((f"g{u:04d}", record))
+            keys |= {f"g{u:04d}_{10 + st:07d}" for st in starts}
+            u += 1
+        entries.append(write_shard(directory / f"shard-{s:06d}.tar", SLATE_GROUP, records))
+    write_listing(directory, entries)
+    return list_shards(directory), keys
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+def test_grouped_kind_unpacks_exactly_once_and_resumes(tmp_path):
+    """slates/train stores one record per user: windows are the unit of exactly-once, of the
+    shuffle (batches mix users) and of the resume position."""
+    shards, keys = write_slate_groups(tmp_path / "groups")
+    listing = json.loads((tmp_path / "groups" / "shards.json").read_text())
+    assert listing["samples"] == 21 and listing["unpacked"] == len(keys) > 21
+    one = list(iterate_samples(shards, SLATE_GROUP))
+    assert {s["__key__"] for s in one} == keys and len(one) == len(keys)
+    w = next(s for s in one if s["__key__"] == "g0005_0000018")  # user 5's 3rd window
+    assert w["hist_items"] == [4, 5, 6, 7] and w["target_items"] == [8, 9]
+    assert set(w) == {*SLATE.field_names, "__key__", "__url__"}
+    per_rank = [flat(make(shards, rank=r, world=2, schema=SLATE_GROUP)) for r in (0, 1)]
+    union = per_rank[0] + per_rank[1]
+    assert len(union) == len(set(union)) == len(keys) and set(union) == keys
+    users = [k.split("_")[0] for k in per_rank[0]]
+    assert users != sorted(users)  # windows of different users interleave
+    loader = make(shards, noisy_collate, schema=SLATE_GROUP)
+    full = list(loader) + list(loader)
+    for cut in (1, 4, len(full) // 2 - 1):
+        first = make(shards, noisy_collate, schema=SLATE_GROUP)
+        got = []
+        for batch in first:
+            got.append(batch)
+            if len(got) == cut:
+                break
+        resumed = make(shards, noisy_collate, schema=SLATE_GROUP)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        got += list(resumed) + list(resumed)
+        assert got == full, f"cut={cut}"
 
 
 def test_in_process_reader_and_samples_consumed(shards):

@@ -29,7 +29,8 @@ import yaml
 
 from higr_dist.data.shardio import write_listing, write_shard
 from higr_dist.models.hsd import HSD, HSDConfig
-from higr_dist.schema import PREF
+from higr_dist.schema import PREF_GROUP
+from higr_dist.schema.prefs import pref_group_of
 
 pytestmark = pytest.mark.dist
 
@@ -77,7 +78,8 @@ def _write_inputs(root: Path) -> tuple[Path, Path, Path]:
                 "hist_fb": rng.random(h).round(2).tolist(), "pos_items": pos.tolist(),
                 "pos_fb": [3.0, 2.0, 1.5], "neg_items": neg.tolist(),
                 "neg_fb": [0.1] * len(neg)}))
-        entries.append(write_shard(folder / f"shard-{s:06d}.tar", PREF, samples))
+        entries.append(write_shard(folder / f"shard-{s:06d}.tar", PREF_GROUP,
+                                   [(k, pref_group_of(x)) for k, x in samples]))
     write_listing(folder, entries)
     torch.manual_seed(0)
     init = root / "hsd_init.pt"

@@ -14,6 +14,12 @@ stream is a ``webdataset.DataPipeline`` built inside its worker::
       -> decode (``schema.decode`` of member ``<key>.<kind>.zst``)
       -> batched(batch_size, partial last batch) -> stage collate -> tagged batch
 
+A *grouped* kind (``schema.unpack`` set: one record per user holding all of that user's
+training windows, ``higr_dist.schema.slates``) decodes and unpacks right after reading, so
+the shuffle buffer, the resume skip and the exactly-once accounting all work on unpacked
+samples (windows), and batches mix the windows of many users. Its resume skip therefore
+decodes and unpacks the consumed records again (cheap next to collating them).
+
 Every shard belongs to exactly one (rank, worker) slot, so each sample is read exactly once per
 epoch across ranks x workers. Batches travel to the main process tagged with their logical
 worker, per-worker batch index, raw stream position and sample count; the main process strips
@@ -102,7 +108,8 @@ class LoaderConfig:
     """DataLoader worker processes per rank (0 = read in the training process). Each worker
     reads whole shards, so the shard count must be >= world_size x max(1, num_workers)."""
     shuffle_buffer: int = 1000
-    """Samples held in each worker's shuffle buffer (raw, undecoded); 0 or 1 = no shuffling."""
+    """Samples held in each worker's shuffle buffer (raw, undecoded; for a grouped kind, its
+    unpacked windows, decoded: a few KiB each); 0 or 1 = no shuffling."""
     shuffle_shards: bool = True
     """Shuffle the shard order every epoch (from seed and epoch; identical on all ranks)."""
     on_corrupt: Literal["raise", "skip"] = "raise"
@@ -260,10 +267,23 @@ def iterate_samples(shards: list[str], schema: SampleSchema) -> Iterator[dict]:
     shard raises :class:`ShardError` naming it.
     """
     expected = _load_listings(shards)
-    for raw in _read_shards(({"url": s} for s in shards), expected, _raise_report):
-        out = _decode(raw, schema, _raise_report)
-        assert out is not None  # _raise_report never returns
-        yield out
+    raw = _read_shards(({"url": s} for s in shards), expected, _raise_report)
+    yield from _decode_unpack(raw, schema, _raise_report)
+
+
+def _decode_unpack(src: Iterable[dict], schema: SampleSchema, report: Report) -> Iterator[dict]:
+    """Raw records -> decoded samples; a grouped kind's records are unpacked (each sample keeps
+    its own ``__key__`` and the record's ``__url__``); records skipped as corrupt vanish."""
+    for raw in src:
+        record = _decode(raw, schema, report)
+        if record is None:
+            continue
+        if schema.unpack is None:
+            yield record
+            continue
+        for sample in schema.unpack(record, record["__key__"]):
+            sample["__url__"] = record["__url__"]
+            yield sample
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,13 +435,17 @@ class _EpochStream(IterableDataset):
         if p.shuffle_buffer > 1:
             shuffle = wds.shuffle(p.shuffle_buffer, initial=p.shuffle_buffer,
                                   seed=f"samples:{p.seed}:{p.epoch}:{p.rank}:{worker}")
+        skip = _Stage(_skip_consumed, done=p.positions[worker])
+        if p.schema.unpack is None:  # shuffle and skip raw bytes, decode what is delivered
+            samples = [shuffle, skip,
+                       wds.map(_Bound(_decode_positioned, schema=p.schema, report=reports))]
+        else:  # a grouped kind: unpack first, so positions count unpacked samples
+            samples = [_Stage(_decode_unpack, schema=p.schema, report=reports), shuffle, skip]
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(p.shards, seed=shard_seed),
             _Stage(_split, slot=p.rank * p.workers + worker, num_slots=p.world_size * p.workers),
             _Stage(_read_shards, expected=p.expected, report=reports),
-            shuffle,
-            _Stage(_skip_consumed, done=p.positions[worker]),
-            wds.map(_Bound(_decode_positioned, schema=p.schema, report=reports)),
+            *samples,
             wds.batched(p.batch_size, collation_fn=None, partial=True),
             wds.map(_Collator(p, worker, reports)),
         )

@@ -31,14 +31,16 @@ TMP_DIR = "_tmp"
 def write_shard(path: str | Path, schema: SampleSchema, samples: Iterable[tuple[str, dict]]) -> dict:
     """Write ``(key, sample)`` pairs to the tar at ``path`` atomically.
 
-    Returns ``{"name", "samples", "bytes", "sha256"}`` for the manifest. Keys must be unique
-    within the shard and contain no '.' (WebDataset splits member names at the first dot).
+    Returns ``{"name", "samples", "bytes", "sha256"}`` for the manifest (``samples`` = tar
+    records), plus ``"unpacked"`` (the samples they unpack to) for a grouped kind. Keys must be
+    unique within the shard and contain no '.' (WebDataset splits member names at the first
+    dot).
     """
     path = Path(path)
     tmp_dir = path.parent / TMP_DIR
     tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = tmp_dir / f"{path.name}.{uuid.uuid4().hex}"
-    n = 0
+    n = unpacked = 0
     try:
         with open(tmp, "wb") as fh:
             buf = io.BufferedWriter(fh, buffer_size=1 << 20)
@@ -49,6 +51,7 @@ def write_shard(path: str | Path, schema: SampleSchema, samples: Iterable[tuple[
                     raise ValueError(f"sample key {key!r} contains '.'")
                 writer.write({"__key__": key, schema.ext: schema.encode(sample)})
                 n += 1
+                unpacked += schema.count(sample)
             writer.close()
             buf.flush()
             fh.flush()
@@ -62,7 +65,10 @@ def write_shard(path: str | Path, schema: SampleSchema, samples: Iterable[tuple[
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"name": path.name, "samples": n, "bytes": size, "sha256": digest.hexdigest()}
+    meta = {"name": path.name, "samples": n, "bytes": size, "sha256": digest.hexdigest()}
+    if schema.unpack is not None:
+        meta["unpacked"] = unpacked
+    return meta
 
 
 def list_shards(directory: str | Path) -> list[str]:
@@ -81,10 +87,13 @@ def list_shards(directory: str | Path) -> list[str]:
 
 
 def write_listing(directory: str | Path, shards: list[dict]) -> Path:
-    """Write ``shards.json`` (name, samples, bytes, sha256 per shard) next to a kind's shards."""
+    """Write ``shards.json`` (name, samples, bytes, sha256 per shard; ``unpacked`` too for a
+    grouped kind) next to a kind's shards, with the totals."""
     d = Path(directory)
     shards = sorted(shards, key=lambda s: s["name"])
-    total = sum(s["samples"] for s in shards)
+    listing = {"samples": sum(s["samples"] for s in shards), "shards": shards}
+    if any("unpacked" in s for s in shards):
+        listing["unpacked"] = sum(s["unpacked"] for s in shards)
     path = d / "shards.json"
-    path.write_text(json.dumps({"samples": total, "shards": shards}, indent=1, sort_keys=True))
+    path.write_text(json.dumps(listing, indent=1, sort_keys=True))
     return path

@@ -87,7 +87,7 @@ from higr_dist.engine.ds_config import (
     use_deepspeed_optimizer,
 )
 from higr_dist.engine.logging import RunLogger, metric_tag
-from higr_dist.schema import SCHEMAS, SampleSchema
+from higr_dist.schema import FOLDERS, SampleSchema
 from higr_dist.stages.base import Stage, get_stage
 
 # --------------------------------------------------------------------------------------------
@@ -259,23 +259,23 @@ def global_grad_norm(engine: Any) -> float | None:
 
 
 def schema_for(sample_kind: str) -> SampleSchema:
-    """ETL folder (``pairs``, ``slates/train``, ``prefs``) -> sample schema (``pair`` ...)."""
-    top = sample_kind.split("/")[0]
-    kind = top[:-1] if top.endswith("s") else top
-    if kind not in SCHEMAS:
-        raise KeyError(f"no sample schema for folder {sample_kind!r} (known kinds: "
-                       f"{', '.join(sorted(SCHEMAS))})")
-    return SCHEMAS[kind]
+    """ETL folder (``pairs``, ``slates/train``, ``prefs``) -> the schema of its records."""
+    if sample_kind not in FOLDERS:
+        raise KeyError(f"no sample schema for folder {sample_kind!r} (known folders: "
+                       f"{', '.join(sorted(FOLDERS))})")
+    return FOLDERS[sample_kind]
 
 
 def listed_samples(shard_dir: Path) -> int | None:
-    """Total samples from ``<shard_dir>/shards.json`` (None when there is no listing)."""
+    """Training samples listed in ``<shard_dir>/shards.json`` (what a grouped kind's records
+    unpack to); None when there is no listing."""
     import json
 
     listing = shard_dir / "shards.json"
     if not listing.is_file():
         return None
-    return int(json.loads(listing.read_text())["samples"])
+    data = json.loads(listing.read_text())
+    return int(data.get("unpacked", data["samples"]))
 
 
 def total_steps_for(train: TrainConfig, shard_dir: Path) -> int:

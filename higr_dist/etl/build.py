@@ -55,7 +55,7 @@ from higr_dist.etl.writer import (
     slate_builder,
     write_kind,
 )
-from higr_dist.schema import SCHEMA_VERSION
+from higr_dist.schema import FOLDERS, SCHEMA_VERSION
 
 __all__ = ["EtlConfig", "SourceConfig", "run_etl", "main", "OUTPUT_ENTRIES"]
 
@@ -119,6 +119,11 @@ def _reason_counts(classified: DataFrame) -> tuple[int, dict[str, int]]:
     if unknown:
         raise RuntimeError(f"unexpected quarantine reasons {sorted(unknown)}")
     return kept, {r: counts.get(r, 0) for r in INTERACTION_REASONS}
+
+
+def _records(expected: dict, kind_dir: str) -> int:
+    """Tar records a user kind gets: one per user with a window for the grouped kinds."""
+    return expected["groups"].get(kind_dir, expected[kind_dir])
 
 
 def _items_format(cfg: EtlConfig, items: str) -> str:
@@ -203,17 +208,21 @@ def _run(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str, out
     for split in SPLITS:
         kind_dir = f"slates/{split}"
         with timer.phase(f"write_{split}"):
-            kinds[kind_dir] = write_kind(seq, out, kind_dir, "slate",
-                                         num_shards(expected[kind_dir], cfg), ["user_id"],
-                                         ["user_id"], slate_builder(split, cfg), reorder=True)
+            kinds[kind_dir] = write_kind(seq, out, kind_dir, FOLDERS[kind_dir].kind,
+                                         num_shards(_records(expected, kind_dir), cfg),
+                                         ["user_id"], ["user_id"], slate_builder(split, cfg),
+                                         reorder=True)
     with timer.phase("write_prefs"):
-        kinds["prefs"] = write_kind(seq, out, "prefs", "pref", num_shards(expected["prefs"], cfg),
+        kinds["prefs"] = write_kind(seq, out, "prefs", FOLDERS["prefs"].kind,
+                                    num_shards(_records(expected, "prefs"), cfg),
                                     ["user_id"], ["user_id"], pref_builder(cfg), reorder=True)
 
     for kind_dir in ("slates/train", "slates/val", "slates/test", "prefs"):
-        if kinds[kind_dir]["samples"] != expected[kind_dir]:
-            raise RuntimeError(f"{kind_dir}: wrote {kinds[kind_dir]['samples']} samples, "
-                               f"planned {expected[kind_dir]}")
+        wrote = (kinds[kind_dir]["samples"], kinds[kind_dir]["records"])
+        planned = (expected[kind_dir], _records(expected, kind_dir))
+        if wrote != planned:
+            raise RuntimeError(f"{kind_dir}: wrote {wrote[0]} samples in {wrote[1]} records, "
+                               f"planned {planned[0]} in {planned[1]}")
     return {
         "schema_version": SCHEMA_VERSION,
         "config_hash": config_hash(cfg),

@@ -4,9 +4,12 @@ Design
 ------
 Spark builds one row per user (``user_id, uhash, items, fb, ts``: arrays in time order, ties
 broken by item_idx then watch ratio, so the order is total and deterministic) with a sorted
-``collect_list`` inside the user partitions made by validation (no further shuffle). Sample
-construction is plain Python over numpy slices (:func:`slate_samples`, :func:`pref_samples`)
-run in the shard writers, so a sample is built once, right where it is encoded.
+``collect_list`` inside the user partitions made by validation (no further shuffle). Record
+construction is plain Python over numpy slices (:func:`slate_samples` for val/test,
+:func:`slate_group` for train, :func:`pref_group` for prefs) run in the shard writers, so a
+record is built once, right where it is encoded. Training and preference windows are stored
+one record per user (``higr_dist.schema.slates``): the split and the y+/negative selection
+are decided here, the loader only cuts the windows out.
 
 Split of a user with ``n`` valid interactions (H = holdout = N = slate size, oldest first)::
 
@@ -36,6 +39,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from higr_dist.etl.config import EtlConfig
+from higr_dist.schema.slates import window_key
 
 SPLITS = ("train", "val", "test")
 _M64 = (1 << 64) - 1
@@ -102,14 +106,20 @@ def _order(uhash: int, pos: int) -> int:
     return z ^ (z >> 31)
 
 
+def group_key(uhash: int) -> str:
+    """Record key of a user's grouped record (``slate_group``, ``pref_group``; no '.')."""
+    return f"{uhash & _M64:016x}"
+
+
 def sample_key(uhash: int, pos: int) -> str:
-    """Sample key: user hash + target position (unique per user and kind; no '.')."""
-    return f"{uhash & _M64:016x}_{pos:07d}"
+    """Sample key: user hash + target position (unique per user and kind; no '.'); the key a
+    grouped record's window unpacks to (``higr_dist.schema.slates.window_key``)."""
+    return window_key(group_key(uhash), pos)
 
 
 def slate_samples(user_id: str, uhash: int, items: np.ndarray, fb: np.ndarray, ts: np.ndarray,
                   split: str, cfg: EtlConfig) -> Iterator[tuple[int, str, dict]]:
-    """(order, key, SLATE sample) for every target window of ``split``."""
+    """(order, key, SLATE sample) for every target window of ``split`` (val/test: one)."""
     N, hl = cfg.slate_size, cfg.history_len
     for s in split_target_starts(len(items), split, cfg):
         h0 = max(0, s - hl)
@@ -120,12 +130,30 @@ def slate_samples(user_id: str, uhash: int, items: np.ndarray, fb: np.ndarray, t
         }
 
 
-def pref_samples(user_id: str, uhash: int, items: np.ndarray, fb: np.ndarray, ts: np.ndarray,
-                 cfg: EtlConfig) -> Iterator[tuple[int, str, dict]]:
-    """(order, key, PREF sample) for every preference window with >= N engaged items."""
-    N, hl, w = cfg.slate_size, cfg.history_len, cfg.pref_window
+def slate_group(user_id: str, uhash: int, items: np.ndarray, fb: np.ndarray, ts: np.ndarray,
+                cfg: EtlConfig) -> tuple[int, str, dict] | None:
+    """(order, key, SLATE_GROUP record) holding every training window of the user, or None
+    when the user has none. Unpacks to what :func:`slate_samples` gives for ``train``."""
+    starts = split_target_starts(len(items), "train", cfg)
+    if not starts:
+        return None
+    lo, hi = max(0, starts[0] - cfg.history_len), starts[-1] + cfg.slate_size
+    return _order(uhash, 0), group_key(uhash), {
+        "user_id": user_id, "offset": lo,
+        "items": items[lo:hi].tolist(), "fb": fb[lo:hi].tolist(),
+        "starts": [s - lo for s in starts], "start_ts": ts[starts].tolist(),
+        "history_len": cfg.history_len, "slate_size": cfg.slate_size,
+    }
+
+
+def pref_windows(items: np.ndarray, fb: np.ndarray,
+                 cfg: EtlConfig) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(start, y+ positions, negative positions) of every preference window with >= N engaged
+    items, oldest first; positions index the user's whole sequence."""
+    N, w = cfg.slate_size, cfg.pref_window
     if len(items) < cfg.min_user_interactions:
-        return
+        return []
+    out = []
     for s in pref_window_starts(len(items), cfg):
         wfb = fb[s:s + w]
         engaged = np.flatnonzero(wfb >= cfg.engaged_threshold)
@@ -135,13 +163,29 @@ def pref_samples(user_id: str, uhash: int, items: np.ndarray, fb: np.ndarray, ts
         top = engaged[np.argsort(-wfb[engaged], kind="stable")[:N]] + s
         neg = (np.flatnonzero(wfb < cfg.negative_threshold)[:cfg.max_negatives] + s
                if cfg.max_negatives else np.zeros(0, dtype=np.int64))
-        h0 = max(0, s - hl)
-        yield _order(uhash, s), sample_key(uhash, s), {
-            "user_id": user_id, "ts": int(ts[s]),
-            "hist_items": items[h0:s].tolist(), "hist_fb": fb[h0:s].tolist(),
-            "pos_items": items[top].tolist(), "pos_fb": fb[top].tolist(),
-            "neg_items": items[neg].tolist(), "neg_fb": fb[neg].tolist(),
-        }
+        out.append((s, top, neg))
+    return out
+
+
+def pref_group(user_id: str, uhash: int, items: np.ndarray, fb: np.ndarray, ts: np.ndarray,
+               cfg: EtlConfig) -> tuple[int, str, dict] | None:
+    """(order, key, PREF_GROUP record) with every preference window of the user, or None."""
+    windows = pref_windows(items, fb, cfg)
+    if not windows:
+        return None
+    starts = [s for s, _, _ in windows]
+    lo = max(0, starts[0] - cfg.history_len)
+    hi = min(len(items), starts[-1] + cfg.pref_window)
+    neg_offsets = np.concatenate([[0], np.cumsum([len(n) for _, _, n in windows])])
+    return _order(uhash, 0), group_key(uhash), {
+        "user_id": user_id, "offset": lo,
+        "items": items[lo:hi].tolist(), "fb": fb[lo:hi].tolist(),
+        "starts": [s - lo for s in starts], "start_ts": ts[starts].tolist(),
+        "history_len": cfg.history_len, "slate_size": cfg.slate_size,
+        "pos": (np.concatenate([t for _, t, _ in windows]) - lo).tolist(),
+        "neg": (np.concatenate([n for _, _, n in windows]) - lo).tolist(),
+        "neg_offsets": neg_offsets.tolist(),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,11 +216,16 @@ def sample_counts(seq: DataFrame, cfg: EtlConfig) -> dict[str, int]:
     """Samples each kind will get (one aggregate row reaches the driver)."""
     n = F.size("items")
     ok = n >= cfg.min_user_interactions
+    train = F.when(ok, _train_count(n, cfg)).otherwise(0)
+    prefs = F.when(ok, _pref_count(n, F.col("fb"), cfg)).otherwise(0)
     row = seq.agg(
-        F.sum(F.when(ok, _train_count(n, cfg)).otherwise(0)).alias("train"),
+        F.sum(train).alias("train"), F.sum(F.when(train > 0, 1).otherwise(0)).alias("train_g"),
         F.sum(F.when(ok, 1).otherwise(0)).alias("users"),
-        F.sum(F.when(ok, _pref_count(n, F.col("fb"), cfg)).otherwise(0)).alias("prefs"),
+        F.sum(prefs).alias("prefs"), F.sum(F.when(prefs > 0, 1).otherwise(0)).alias("prefs_g"),
     ).first()
     users = int(row["users"] or 0)
     return {"slates/train": int(row["train"] or 0), "slates/val": users, "slates/test": users,
-            "prefs": int(row["prefs"] or 0), "users": users}
+            "prefs": int(row["prefs"] or 0), "users": users,
+            # records of the grouped kinds (one per user with >= 1 window)
+            "groups": {"slates/train": int(row["train_g"] or 0),
+                       "prefs": int(row["prefs_g"] or 0)}}

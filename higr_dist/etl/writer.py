@@ -15,8 +15,12 @@ total sort inside the partition, and for user-built kinds a re-ordering of the s
 by a mixed 64-bit hash of (user, position), so consecutive samples come from different users
 while the bytes stay a function of the input alone.
 
-Memory: a user-kind task holds one shard's samples (``samples_per_shard`` dicts) to re-order
+Memory: a user-kind task holds one shard's records (``samples_per_shard`` dicts) to re-order
 them; items and pairs stream straight into the tar.
+
+Grouped kinds (``slates/train``, ``prefs``): one record per user holds all of that user's
+windows (``higr_dist.schema.slates``), so a shard's size target counts records (users), and
+the manifest gives both ``records`` and ``samples`` (the windows they unpack to).
 
 Arrow: rows arrive as ``pyarrow.RecordBatch``; list columns are read as (offsets, values) numpy
 views, so building a sample is slicing plus ``tolist()``.
@@ -37,11 +41,11 @@ from pyspark.sql import DataFrame
 
 from higr_dist.data.shardio import SHARD_PATTERN, TMP_DIR, write_listing, write_shard
 from higr_dist.etl.config import EtlConfig
-from higr_dist.etl.sequences import pref_samples, slate_samples
+from higr_dist.etl.sequences import pref_group, slate_group, slate_samples
 from higr_dist.schema import SCHEMAS
 
 #: Spark schema of the metadata row each shard task returns.
-META_SCHEMA = "shard int, name string, samples long, bytes long, sha256 string"
+META_SCHEMA = "shard int, name string, samples long, unpacked long, bytes long, sha256 string"
 
 Built = tuple[int, str, dict]  # (order, key, sample)
 Builder = Callable[[pa.RecordBatch], Iterable[Built]]
@@ -86,15 +90,22 @@ def _user_rows(batch: pa.RecordBatch) -> Iterator[tuple]:
 
 
 def build_slates(batch: pa.RecordBatch, split: str, cfg: EtlConfig) -> Iterator[Built]:
-    """Sequence rows -> SLATE samples of one split."""
+    """Sequence rows -> SLATE samples (val, test) or SLATE_GROUP records (train)."""
     for user, uhash, items, fb, ts in _user_rows(batch):
-        yield from slate_samples(user, uhash, items, fb, ts, split, cfg)
+        if split == "train":
+            group = slate_group(user, uhash, items, fb, ts, cfg)
+            if group is not None:
+                yield group
+        else:
+            yield from slate_samples(user, uhash, items, fb, ts, split, cfg)
 
 
 def build_prefs(batch: pa.RecordBatch, cfg: EtlConfig) -> Iterator[Built]:
-    """Sequence rows -> PREF samples."""
+    """Sequence rows -> PREF_GROUP records."""
     for user, uhash, items, fb, ts in _user_rows(batch):
-        yield from pref_samples(user, uhash, items, fb, ts, cfg)
+        group = pref_group(user, uhash, items, fb, ts, cfg)
+        if group is not None:
+            yield group
 
 
 def build_items(batch: pa.RecordBatch) -> Iterator[Built]:
@@ -156,6 +167,7 @@ class ShardTask:
         yield pa.RecordBatch.from_pydict({
             "shard": pa.array([shard], pa.int32()), "name": [meta["name"]],
             "samples": pa.array([meta["samples"]], pa.int64()),
+            "unpacked": pa.array([meta.get("unpacked", meta["samples"])], pa.int64()),
             "bytes": pa.array([meta["bytes"]], pa.int64()), "sha256": [meta["sha256"]]})
 
 
@@ -171,13 +183,16 @@ def write_kind(df: DataFrame, out_dir: str | Path, kind_dir: str, kind: str, sha
     got = sorted(r["shard"] for r in rows)
     if got != list(range(shards)):
         raise RuntimeError(f"{kind_dir}: expected shards 0..{shards - 1}, tasks reported {got}")
-    metas = [{k: r[k] for k in ("name", "samples", "bytes", "sha256")}
-             for r in sorted(rows, key=lambda r: r["shard"])]
+    fields = ("name", "samples", "bytes", "sha256") + (
+        ("unpacked",) if SCHEMAS[kind].unpack is not None else ())
+    metas = [{k: r[k] for k in fields} for r in sorted(rows, key=lambda r: r["shard"])]
     write_listing(directory, metas)
     tmp = directory / TMP_DIR
     if tmp.is_dir():  # write_shard's staging folder: empty, or leftovers of killed attempts
         shutil.rmtree(tmp)
-    return {"samples": sum(m["samples"] for m in metas), "shards": metas}
+    # samples = what a stage trains on (a grouped kind's unpacked windows); records = tar members
+    return {"samples": sum(r["unpacked"] for r in rows),
+            "records": sum(m["samples"] for m in metas), "shards": metas}
 
 
 def slate_builder(split: str, cfg: EtlConfig) -> Builder:

@@ -43,7 +43,7 @@ from higr_dist.data.loader import iterate_samples
 from higr_dist.data.shardio import list_shards
 from higr_dist.data.sids import load_sid_meta, load_sid_table
 from higr_dist.eval.metrics import SlateMetrics
-from higr_dist.schema import SLATE
+from higr_dist.schema import FOLDERS
 
 Predict = Callable[[object], np.ndarray]  # SlateBatch -> [B, N] item_idx
 
@@ -72,7 +72,7 @@ def test_batches(etl_dir: Path, collate, batch_size: int, max_users: int = 0,
     ``test`` (each user's last N interactions) or ``val`` (the N before them, for model
     selection; its history stops before the validation window)."""
     buf, seen = [], 0
-    for s in iterate_samples(list_shards(etl_dir / "slates" / split), SLATE):
+    for s in iterate_samples(list_shards(etl_dir / "slates" / split), FOLDERS[f"slates/{split}"]):
         buf.append(s)
         seen += 1
         if len(buf) == batch_size:
@@ -87,7 +87,7 @@ def test_batches(etl_dir: Path, collate, batch_size: int, max_users: int = 0,
 def popularity_top(etl_dir: Path, k: int = 5) -> np.ndarray:
     """The k items most frequent among training target slates (streaming count)."""
     counts: Counter[int] = Counter()
-    for s in iterate_samples(list_shards(etl_dir / "slates" / "train"), SLATE):
+    for s in iterate_samples(list_shards(etl_dir / "slates" / "train"), FOLDERS["slates/train"]):
         counts.update(s["target_items"])
     return np.array([i for i, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]])
 
@@ -234,7 +234,7 @@ def item_ids(etl_dir: Path) -> np.ndarray:
 def serving_samples(etl_dir: Path, users: set[str] | None = None) -> Iterator[dict]:
     """Each user's whole log as a serving context: the test sample's history followed by its
     held-out window (so the slate is "what to show next"), filtered to ``users`` when given."""
-    for s in iterate_samples(list_shards(etl_dir / "slates" / "test"), SLATE):
+    for s in iterate_samples(list_shards(etl_dir / "slates" / "test"), FOLDERS["slates/test"]):
         if users is not None and str(s["user_id"]) not in users:
             continue
         yield dict(s, hist_items=[*s["hist_items"], *s["target_items"]],

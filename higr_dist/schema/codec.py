@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -93,6 +94,17 @@ class SampleSchema:
     version: int
     fields: tuple[Field, ...]
     doc: str = ""
+    unpack: Callable[[dict, str], Iterator[dict]] | None = None
+    """For a *grouped* kind (one stored record holds several training samples, e.g. all the
+    windows of one user): ``(decoded record, record key) -> the samples``, each a dict of the
+    unpacked kind's fields plus its own ``__key__``. Readers (the loader, ``iterate_samples``)
+    unpack; writers store records. None = one record is one sample."""
+    unpacked_count: Callable[[dict], int] | None = None
+    """Samples a record unpacks to, without unpacking (shard listings, manifest counts)."""
+
+    def count(self, record: dict) -> int:
+        """Training samples in one stored record (1 for a plain kind)."""
+        return 1 if self.unpacked_count is None else self.unpacked_count(record)
 
     @property
     def ext(self) -> str:
