@@ -286,10 +286,17 @@ def stale_stages(cfg: PipelineConfig) -> list[str]:
 
     from higr_dist.config import config_hash
     from higr_dist.engine.config import load_job
+    from higr_dist.schema import SCHEMA_VERSION
 
     problems = []
     rd = cfg.run_dir.resolve()
     manifest = cfg.run_dir / "etl" / "manifest.json"
+    if manifest.is_file():
+        found = json.loads(manifest.read_text()).get("schema_version")
+        if found != SCHEMA_VERSION:  # shards written by older code: this code cannot read them
+            problems.append(f"etl: {manifest.parent} holds shards of schema {found}, this "
+                            f"version reads {SCHEMA_VERSION}; use a new --name, or delete "
+                            f"the run folder")
     etl_changed = manifest.is_file() and (
         json.loads(manifest.read_text()).get("config_hash") != config_hash(_etl_config(cfg)))
     for stage in (s for s in STAGE_ORDER if s in cfg.stages):

@@ -147,3 +147,14 @@ def test_rerun_refuses_stages_trained_under_another_config(report):
     assert [p.split(":")[0] for p in problems] == list(STEPS)
     assert all("another ETL config" in p for p in problems)
     assert (run_dir / "hsd" / "final" / "model_fp32.pt").is_file()  # nothing was deleted
+
+    # shards written by an older schema (e.g. per-window slates/train) are refused too
+    manifest = run_dir / "etl" / "manifest.json"
+    text = manifest.read_text()
+    try:
+        manifest.write_text(json.dumps(dict(json.loads(text), schema_version="items1-old")))
+        problems = stale_stages(same)
+        assert problems[0].startswith("etl: ") and "schema items1-old" in problems[0]
+    finally:
+        manifest.write_text(text)
+    assert stale_stages(same) == []
