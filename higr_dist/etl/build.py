@@ -7,8 +7,8 @@ Pipeline (see docs/DESIGN.md "ETL output folder" for the contract)::
         valid rows --per-user sorted arrays--> sequences (persisted)
             sequences --> co-occurrence (training regions) --> collaborative vectors, pairs
             catalogue --> content vectors (category ids + caption n-grams)
-            writers (one Spark stage per kind folder): items/ pairs/ slates/{train,val,test}/
-            prefs/, each with shards.json
+            writers: items/, pairs/ (a Spark stage each), and slates/{train,val,test}/ +
+            prefs/ (one stage for the four), each folder with shards.json
     manifest.json (written last: its presence marks a complete output)
 
 Only aggregates and metadata reach the driver: per-reason counts, per-partition counts of the
@@ -43,19 +43,20 @@ from higr_dist.config import ConfigError, config_hash, load, to_dict
 from higr_dist.etl import features
 from higr_dist.etl.catalog import build_catalog
 from higr_dist.etl.config import INTERACTION_REASONS, EtlConfig, SourceConfig
-from higr_dist.etl.sequences import SPLITS, build_sequences, sample_counts
+from higr_dist.etl.sequences import build_sequences, sample_counts
 from higr_dist.etl.sources import read_interactions, read_items, resolve_format
 from higr_dist.etl.spark import materialise
 from higr_dist.etl.validate import classify_interactions
 from higr_dist.etl.writer import (
+    USER_KINDS,
     build_items,
     build_pairs,
     num_shards,
-    pref_builder,
-    slate_builder,
+    user_kinds_builder,
     write_kind,
+    write_kinds,
 )
-from higr_dist.schema import FOLDERS, SCHEMA_VERSION
+from higr_dist.schema import SCHEMA_VERSION
 
 __all__ = ["EtlConfig", "SourceConfig", "run_etl", "main", "OUTPUT_ENTRIES"]
 
@@ -194,30 +195,24 @@ def _run(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str, out
 
     kinds: dict[str, dict] = {}
     with timer.phase("write_items"):
-        kinds["items"] = write_kind(feats, out, "items", "item",
-                                    num_shards(catalog.num_items, cfg), ["item_idx"],
-                                    ["item_idx"], build_items, reorder=False)
+        kinds["items"] = write_kind(feats, out, "items", num_shards(catalog.num_items, cfg),
+                                    ["item_idx"], ["item_idx"], build_items, reorder=False)
     with timer.phase("write_pairs"):
         pairs = materialise(features.top_pairs(cooc, index, cfg))
         num_pairs = pairs.count()
         dim = cfg.content_dim + cfg.collab_dim
         small = catalog.num_items * dim * 4 <= _BROADCAST_FEATURE_BYTES
-        kinds["pairs"] = write_kind(features.pair_rows(pairs, feats, small), out, "pairs", "pair",
-                                    num_shards(num_pairs, cfg), ["anchor"],
-                                    ["anchor", "rank"], build_pairs, reorder=False)
-    for split in SPLITS:
-        kind_dir = f"slates/{split}"
-        with timer.phase(f"write_{split}"):
-            kinds[kind_dir] = write_kind(seq, out, kind_dir, FOLDERS[kind_dir].kind,
-                                         num_shards(_records(expected, kind_dir), cfg),
-                                         ["user_id"], ["user_id"], slate_builder(split, cfg),
-                                         reorder=True)
-    with timer.phase("write_prefs"):
-        kinds["prefs"] = write_kind(seq, out, "prefs", FOLDERS["prefs"].kind,
-                                    num_shards(_records(expected, "prefs"), cfg),
-                                    ["user_id"], ["user_id"], pref_builder(cfg), reorder=True)
+        kinds["pairs"] = write_kind(features.pair_rows(pairs, feats, small), out, "pairs",
+                                    num_shards(num_pairs, cfg), ["anchor"], ["anchor", "rank"],
+                                    build_pairs, reorder=False)
+    with timer.phase("write_users"):
+        # one stage for the four user folders, sized for the largest (val/test: a record per
+        # user; train and prefs have at most one per user)
+        kinds.update(write_kinds(seq, out, USER_KINDS, num_shards(expected["users"], cfg),
+                                 ["user_id"], ["user_id"], user_kinds_builder(cfg),
+                                 reorder=True))
 
-    for kind_dir in ("slates/train", "slates/val", "slates/test", "prefs"):
+    for kind_dir in USER_KINDS:
         wrote = (kinds[kind_dir]["samples"], kinds[kind_dir]["records"])
         planned = (expected[kind_dir], _records(expected, kind_dir))
         if wrote != planned:

@@ -99,7 +99,9 @@ class EtlConfig:
     feedback_decimals: int = 4
     """watch ratios are rounded to this many decimals in samples (compact, exact JSON)"""
     samples_per_shard: int = 10000
-    """target samples per shard; a kind gets max(min_shards, ceil(samples / this)) shards"""
+    """target records per shard: items and pairs get max(min_shards, ceil(records / this))
+    shards; the four user folders share one count, sized by the users (one val and one test
+    record each; train and prefs have at most one record per user)"""
     min_shards: int = 4
     """fewest shards per kind; >= ranks x loader workers of the largest training job"""
     seed: int = 0

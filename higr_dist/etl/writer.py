@@ -2,21 +2,29 @@
 
 Design
 ------
-A kind folder with ``S`` shards is written by one Spark stage with exactly ``S`` partitions:
-``repartition(S, key) -> sortWithinPartitions(...) -> mapInArrow(ShardTask)``. The task of
-partition ``p`` (``TaskContext.partitionId()``) builds the samples of its rows and writes
-``shard-<p>.tar`` with :func:`higr_dist.data.shardio.write_shard` (atomic temp + rename, so a
-retried task simply rewrites it). Every partition runs a task, empty ones too, so a kind always
-has exactly ``S`` shards (an empty shard is a valid, empty tar). Only one metadata row per
-shard (name, samples, bytes, sha256) comes back to the driver.
+Kind folders with ``S`` shards each are written by one Spark stage with exactly ``S``
+partitions: ``repartition(S, key) -> sortWithinPartitions(...) -> mapInArrow(ShardTask)``. The
+task of partition ``p`` (``TaskContext.partitionId()``) builds the samples of its rows and
+writes ``shard-<p>.tar`` of every folder with :func:`higr_dist.data.shardio.write_shard`
+(atomic temp + rename, so a retried task simply rewrites it). Every partition runs a task,
+empty ones too, so a folder always has exactly ``S`` shards (an empty shard is a valid, empty
+tar). Only one metadata row per shard (name, samples, bytes, sha256) comes back to the driver.
+
+The four user folders (``slates/{train,val,test}``, ``prefs``) are written by *one* stage
+(:func:`build_user_kinds`): every one of them is built from the same per-user sequence row,
+so one shuffle and one JVM -> Arrow -> Python transfer of the sequences serves all four
+(four stages cost 30 s of a 10M-row ETL's 114 s, most of it moving the same rows four
+times). Trade-off: they share a shard count, sized for the largest (val/test: one record per
+user), so ``slates/train`` and ``prefs`` may get a few more, smaller shards than their own
+record counts would ask for; and a task holds one shard of each of the four at once.
 
 Determinism: hash partitioning by a stable key (Spark's Murmur3 of the user id / item_idx), a
 total sort inside the partition, and for user-built kinds a re-ordering of the shard's samples
 by a mixed 64-bit hash of (user, position), so consecutive samples come from different users
 while the bytes stay a function of the input alone.
 
-Memory: a user-kind task holds one shard's records (``samples_per_shard`` dicts) to re-order
-them; items and pairs stream straight into the tar.
+Memory: a user-kind task holds its shards' records (up to ``samples_per_shard`` dicts per
+folder) to re-order them; items and pairs stream straight into the tar.
 
 Grouped kinds (``slates/train``, ``prefs``): one record per user holds all of that user's
 windows (``higr_dist.schema.slates``), so a shard's size target counts records (users), and
@@ -31,7 +39,7 @@ from __future__ import annotations
 import functools
 import math
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +50,19 @@ from pyspark.sql import DataFrame
 from higr_dist.data.shardio import SHARD_PATTERN, TMP_DIR, write_listing, write_shard
 from higr_dist.etl.config import EtlConfig
 from higr_dist.etl.sequences import pref_group, slate_group, slate_samples
-from higr_dist.schema import SCHEMAS
+from higr_dist.schema import FOLDERS, SCHEMAS
 
-#: Spark schema of the metadata row each shard task returns.
-META_SCHEMA = "shard int, name string, samples long, unpacked long, bytes long, sha256 string"
+#: Spark schema of the metadata rows a shard task returns (one per folder it writes).
+META_SCHEMA = ("folder int, shard int, name string, samples long, unpacked long, bytes long, "
+               "sha256 string")
+
+#: the folders written from the per-user sequences, in :func:`build_user_kinds` order
+USER_KINDS = ("slates/train", "slates/val", "slates/test", "prefs")
 
 Built = tuple[int, str, dict]  # (order, key, sample)
 Builder = Callable[[pa.RecordBatch], Iterable[Built]]
+#: record batch -> (folder index, (order, key, sample)): one stage writing several folders
+MultiBuilder = Callable[[pa.RecordBatch], Iterable[tuple[int, Built]]]
 
 
 def num_shards(samples: int, cfg: EtlConfig) -> int:
@@ -89,23 +103,19 @@ def _user_rows(batch: pa.RecordBatch) -> Iterator[tuple]:
         yield users[r], uhash[r], items[r], fb[r], ts[r]
 
 
-def build_slates(batch: pa.RecordBatch, split: str, cfg: EtlConfig) -> Iterator[Built]:
-    """Sequence rows -> SLATE samples (val, test) or SLATE_GROUP records (train)."""
+def build_user_kinds(batch: pa.RecordBatch, cfg: EtlConfig) -> Iterator[tuple[int, Built]]:
+    """Sequence rows -> records of every :data:`USER_KINDS` folder (index into it): the
+    SLATE_GROUP (train), the val and test SLATEs and the PREF_GROUP of each user."""
     for user, uhash, items, fb, ts in _user_rows(batch):
-        if split == "train":
-            group = slate_group(user, uhash, items, fb, ts, cfg)
-            if group is not None:
-                yield group
-        else:
-            yield from slate_samples(user, uhash, items, fb, ts, split, cfg)
-
-
-def build_prefs(batch: pa.RecordBatch, cfg: EtlConfig) -> Iterator[Built]:
-    """Sequence rows -> PREF_GROUP records."""
-    for user, uhash, items, fb, ts in _user_rows(batch):
-        group = pref_group(user, uhash, items, fb, ts, cfg)
+        group = slate_group(user, uhash, items, fb, ts, cfg)
         if group is not None:
-            yield group
+            yield 0, group
+        for folder, split in ((1, "val"), (2, "test")):
+            for built in slate_samples(user, uhash, items, fb, ts, split, cfg):
+                yield folder, built
+        prefs = pref_group(user, uhash, items, fb, ts, cfg)
+        if prefs is not None:
+            yield 3, prefs
 
 
 def build_items(batch: pa.RecordBatch) -> Iterator[Built]:
@@ -142,62 +152,96 @@ def _unique_keys(built: Iterable[Built], where: str) -> Iterator[tuple[str, dict
         yield key, sample
 
 
+def _single(builder: Builder, batch: pa.RecordBatch) -> Iterator[tuple[int, Built]]:
+    for built in builder(batch):
+        yield 0, built
+
+
 @dataclass(frozen=True)
 class ShardTask:
-    """``mapInArrow`` function: the batches of partition p -> shard p + one metadata row."""
+    """``mapInArrow`` function: the batches of partition p -> shard p of every folder + one
+    metadata row per folder."""
 
-    directory: str
-    """absolute path of the kind folder (shared by all executors)"""
-    kind: str
-    """sample kind (``higr_dist.schema.SCHEMAS`` key)"""
-    builder: Builder
-    """record batch -> (order, key, sample)"""
+    folders: tuple[tuple[str, str], ...]
+    """(absolute path of the kind folder, shared by all executors; sample kind, a
+    ``higr_dist.schema.SCHEMAS`` key) per folder written"""
+    builder: MultiBuilder
+    """record batch -> (folder index, (order, key, sample))"""
     reorder: bool
-    """sort the shard's samples by ``order`` (user kinds) instead of streaming them"""
+    """sort each shard's samples by ``order`` (user kinds) instead of streaming them (only a
+    single folder can stream)"""
+
+    def _write(self, folder: int, shard: int, built: Iterable[Built]) -> pa.RecordBatch:
+        directory, kind = self.folders[folder]
+        path = Path(directory) / SHARD_PATTERN.format(shard)
+        if self.reorder:
+            built = sorted(built, key=lambda s: (s[0], s[1]))
+        meta = write_shard(path, SCHEMAS[kind], _unique_keys(built, str(path)))
+        return pa.RecordBatch.from_pydict({
+            "folder": pa.array([folder], pa.int32()), "shard": pa.array([shard], pa.int32()),
+            "name": [meta["name"]], "samples": pa.array([meta["samples"]], pa.int64()),
+            "unpacked": pa.array([meta.get("unpacked", meta["samples"])], pa.int64()),
+            "bytes": pa.array([meta["bytes"]], pa.int64()), "sha256": [meta["sha256"]]})
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
 
         shard = TaskContext.get().partitionId()
-        path = Path(self.directory) / SHARD_PATTERN.format(shard)
-        built: Iterable[Built] = (s for b in batches for s in self.builder(b))
-        if self.reorder:
-            built = sorted(built, key=lambda s: (s[0], s[1]))
-        meta = write_shard(path, SCHEMAS[self.kind], _unique_keys(built, str(path)))
-        yield pa.RecordBatch.from_pydict({
-            "shard": pa.array([shard], pa.int32()), "name": [meta["name"]],
-            "samples": pa.array([meta["samples"]], pa.int64()),
-            "unpacked": pa.array([meta.get("unpacked", meta["samples"])], pa.int64()),
-            "bytes": pa.array([meta["bytes"]], pa.int64()), "sha256": [meta["sha256"]]})
+        built = (s for b in batches for s in self.builder(b))
+        if len(self.folders) == 1 and not self.reorder:  # stream straight into the tar
+            yield self._write(0, shard, (s for _, s in built))
+            return
+        if not self.reorder:
+            raise ValueError("several folders from one task need reorder=True")
+        per_folder: list[list[Built]] = [[] for _ in self.folders]
+        for folder, s in built:
+            per_folder[folder].append(s)
+        for folder, records in enumerate(per_folder):
+            yield self._write(folder, shard, records)
 
 
-def write_kind(df: DataFrame, out_dir: str | Path, kind_dir: str, kind: str, shards: int,
+def write_kinds(df: DataFrame, out_dir: str | Path, kind_dirs: Sequence[str], shards: int,
+                partition_by: list[str], sort_by: list[str], builder: MultiBuilder,
+                reorder: bool) -> dict[str, dict]:
+    """Write folders ``kind_dirs`` with exactly ``shards`` shards each in one Spark stage;
+    return their manifest entries. ``builder`` yields (index into ``kind_dirs``, record)."""
+    folders = []
+    for kind_dir in kind_dirs:
+        directory = Path(out_dir) / kind_dir
+        directory.mkdir(parents=True, exist_ok=True)
+        folders.append((str(directory.resolve()), FOLDERS[kind_dir].kind))
+    task = ShardTask(tuple(folders), builder, reorder)
+    rows = (df.repartition(shards, *partition_by).sortWithinPartitions(*sort_by)
+            .mapInArrow(task, META_SCHEMA).collect())
+    entries = {}
+    for folder, kind_dir in enumerate(kind_dirs):
+        mine = sorted((r for r in rows if r["folder"] == folder), key=lambda r: r["shard"])
+        got = [r["shard"] for r in mine]
+        if got != list(range(shards)):
+            raise RuntimeError(f"{kind_dir}: expected shards 0..{shards - 1}, tasks reported "
+                               f"{got}")
+        directory, kind = Path(folders[folder][0]), folders[folder][1]
+        fields = ("name", "samples", "bytes", "sha256") + (
+            ("unpacked",) if SCHEMAS[kind].unpack is not None else ())
+        metas = [{k: r[k] for k in fields} for r in mine]
+        write_listing(directory, metas)
+        tmp = directory / TMP_DIR
+        if tmp.is_dir():  # write_shard's staging folder: empty, or leftovers of killed attempts
+            shutil.rmtree(tmp)
+        # samples = what a stage trains on (a grouped kind's unpacked windows); records = tar
+        # members
+        entries[kind_dir] = {"samples": sum(r["unpacked"] for r in mine),
+                             "records": sum(m["samples"] for m in metas), "shards": metas}
+    return entries
+
+
+def write_kind(df: DataFrame, out_dir: str | Path, kind_dir: str, shards: int,
                partition_by: list[str], sort_by: list[str], builder: Builder,
                reorder: bool) -> dict:
     """Write one kind folder with exactly ``shards`` shards; return its manifest entry."""
-    directory = Path(out_dir) / kind_dir
-    directory.mkdir(parents=True, exist_ok=True)
-    task = ShardTask(str(directory.resolve()), kind, builder, reorder)
-    rows = (df.repartition(shards, *partition_by).sortWithinPartitions(*sort_by)
-            .mapInArrow(task, META_SCHEMA).collect())
-    got = sorted(r["shard"] for r in rows)
-    if got != list(range(shards)):
-        raise RuntimeError(f"{kind_dir}: expected shards 0..{shards - 1}, tasks reported {got}")
-    fields = ("name", "samples", "bytes", "sha256") + (
-        ("unpacked",) if SCHEMAS[kind].unpack is not None else ())
-    metas = [{k: r[k] for k in fields} for r in sorted(rows, key=lambda r: r["shard"])]
-    write_listing(directory, metas)
-    tmp = directory / TMP_DIR
-    if tmp.is_dir():  # write_shard's staging folder: empty, or leftovers of killed attempts
-        shutil.rmtree(tmp)
-    # samples = what a stage trains on (a grouped kind's unpacked windows); records = tar members
-    return {"samples": sum(r["unpacked"] for r in rows),
-            "records": sum(m["samples"] for m in metas), "shards": metas}
+    return write_kinds(df, out_dir, [kind_dir], shards, partition_by, sort_by,
+                       functools.partial(_single, builder), reorder)[kind_dir]
 
 
-def slate_builder(split: str, cfg: EtlConfig) -> Builder:
-    return functools.partial(build_slates, split=split, cfg=cfg)
-
-
-def pref_builder(cfg: EtlConfig) -> Builder:
-    return functools.partial(build_prefs, cfg=cfg)
+def user_kinds_builder(cfg: EtlConfig) -> MultiBuilder:
+    return functools.partial(build_user_kinds, cfg=cfg)

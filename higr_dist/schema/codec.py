@@ -16,6 +16,7 @@ collation, and one schema definition drives both writer and reader (no drift).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -110,14 +111,22 @@ class SampleSchema:
     def ext(self) -> str:
         return f"{self.kind}.zst"
 
-    @property
+    @functools.cached_property
     def field_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields)
 
+    @functools.cached_property
+    def _name_set(self) -> frozenset[str]:
+        return frozenset(self.field_names)
+
     def encode(self, sample: dict) -> bytes:
         """dict with exactly the schema's fields -> zstd(JSON) bytes. Deterministic."""
-        missing = [f.name for f in self.fields if f.name not in sample]
-        extra = [k for k in sample if k not in self.field_names and not k.startswith("__")]
+        names = self._name_set
+        if len(sample) != len(names) or not names.issuperset(sample):  # checked per record
+            missing = [f.name for f in self.fields if f.name not in sample]
+            extra = [k for k in sample if k not in names and not k.startswith("__")]
+        else:
+            missing = extra = []
         if missing or extra:
             raise SchemaError(f"{self.kind} v{self.version}: missing {missing}, unexpected {extra}")
         body = {f.name: _enc_value(f.kind, sample[f.name], f.name) for f in self.fields}
