@@ -29,7 +29,8 @@ from higr_dist.etl.synthetic import (
     user_step,
 )
 from higr_dist.etl.writer import num_shards
-from higr_dist.schema import PREF, PREF_GROUP, SLATE_GROUP
+from higr_dist.schema import PREF, PREF_GROUP, SLATE, SLATE_GROUP
+from higr_dist.schema.codec import SchemaError
 
 
 def _cfg(**kw) -> EtlConfig:
@@ -110,6 +111,18 @@ def test_slate_group_unpacks_to_the_per_window_samples():
     assert SLATE_GROUP.count(group) == len(windows)
     assert len(group["items"]) < n - 2 * cfg.holdout + 1  # never the val/test blocks
     assert slate_group("u", 9, items[:11], fb[:11], ts[:11], cfg) is None  # too short
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_encoder_refuses_non_finite_floats(bad):
+    """orjson would write a non-finite float as null: the encoder must refuse it instead."""
+    sample = {"user_id": "u", "split": "val", "ts": 1, "hist_items": [1, 2], "hist_fb": [0.5, 1.0],
+              "target_items": [3], "target_fb": [2.0]}
+    assert SLATE.decode(SLATE.encode(sample)) == sample
+    with pytest.raises(SchemaError, match="hist_fb"):
+        SLATE.encode(dict(sample, hist_fb=[0.5, bad]))
+    big = dict(sample, hist_fb=[1e308, 1e308])  # a sum that overflows is still finite input
+    assert SLATE.decode(SLATE.encode(big))["hist_fb"] == [1e308, 1e308]
 
 
 def test_config_validation_lists_every_problem():
