@@ -5,7 +5,8 @@ Pipeline (see docs/DESIGN.md "ETL output folder" for the contract)::
     items table --validate--> catalogue (dense item_idx) --> item_index/, quarantine_items/
     interactions --validate (1 shuffle, by user)--> quarantine/ + valid rows
         valid rows --per-user sorted arrays--> sequences (persisted)
-            sequences --> co-occurrence (training regions) --> collaborative vectors, pairs
+            sequences --> co-occurrence (training regions) --> collaborative vectors + top
+                          pairs (one numpy pass per item: features.collab)
             catalogue --> content vectors (category ids + caption n-grams)
             writers: items/, pairs/ (a Spark stage each), and slates/{train,val,test}/ +
             prefs/ (one stage for the four), each folder with shards.json
@@ -190,15 +191,15 @@ def _run(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str, out
         classified.unpersist()
 
     with timer.phase("features"):
-        cooc = keep(features.cooccurrence(seq, cfg, catalog.num_items))
-        feats = materialise(features.item_features(index, cooc, cfg))
+        collab = materialise(features.collab(seq, cfg, catalog.num_items))
+        feats = materialise(features.item_features(index, collab, cfg))
 
     kinds: dict[str, dict] = {}
     with timer.phase("write_items"):
         kinds["items"] = write_kind(feats, out, "items", num_shards(catalog.num_items, cfg),
                                     ["item_idx"], ["item_idx"], build_items, reorder=False)
     with timer.phase("write_pairs"):
-        pairs = materialise(features.top_pairs(cooc, index, cfg))
+        pairs = materialise(features.top_pairs(collab, index))
         num_pairs = pairs.count()
         dim = cfg.content_dim + cfg.collab_dim
         small = catalog.num_items * dim * 4 <= _BROADCAST_FEATURE_BYTES

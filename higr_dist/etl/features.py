@@ -13,11 +13,20 @@ expectation and no projection matrix is stored anywhere. The sums are integer su
 int64), so ``x`` is bit-identical whatever the partitioning or summation order.
 
 Work split: Spark builds one row per (item, part, feature) with its 64-bit hash and count
-(``_feature_rows``: category ids, caption n-grams, co-occurring items), shuffles them by item
-and sorts them; :class:`ProjectTask` (``mapInArrow``) then expands the hashes into signs and
-sums them per (item, part) with numpy (``np.add.reduceat``), ~100 ns per row instead of the
-~d aggregate expressions per row a pure-SQL projection costs. Trade-off: one Python pass over
-the feature rows (vectorised per Arrow batch, never per row).
+(``_feature_rows``: category ids, caption n-grams), shuffles them by item and sorts them;
+:class:`ProjectTask` (``mapInArrow``) then expands the hashes into signs and sums them per
+(item, part) with numpy (``np.add.reduceat``), ~100 ns per row instead of the ~d aggregate
+expressions per row a pure-SQL projection costs. Trade-off: one Python pass over the feature
+rows (vectorised per Arrow batch, never per row).
+
+The collaborative part and the pairs come from one pass over the co-occurrence
+(:func:`collab`): the per-batch (a, b, w) partial counts are shuffled by ``a`` and sorted by
+(a, b), and :class:`CollabTask` sums each (a, b) run, projects item a's row and picks its top
+partners in the same numpy pass. At 10M interactions there are ~30M partial and ~20M distinct
+(a, b) rows; Spark aggregating them, persisting them, shuffling them again as feature rows and
+sorting them a third time for the top-P window cost ~40% of the ETL (and the hash
+aggregate's memory ran short in a 2 GiB heap). The output is one row per item with
+co-occurrence plus ``pairs_per_item`` pair rows per item: small.
 
 - content: an item's category ids (``c:<id>``, the primary one counted
   ``primary_category_weight`` times) and the character n-grams of its caption (``g<n>:<text>``,
@@ -42,7 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from higr_dist.etl.config import EtlConfig
@@ -55,6 +64,9 @@ _MAX_ITEMS = 1 << 32
 _CHUNK = 8192
 
 COOC_SCHEMA = "a long, b long, w long"
+#: :class:`CollabTask` output: a vector row (``x`` set, ``positive`` null) per item with
+#: co-occurrence, and pair rows (``positive``, ``weight``, ``rank`` set, ``x`` null)
+COLLAB_SCHEMA = "item_idx long, x binary, positive long, weight double, rank int"
 #: ``x`` travels as little-endian float32 bytes: one buffer per row through joins and Arrow,
 #: where an array<float> costs an element-wise copy at every JVM <-> Arrow crossing
 VECTOR_SCHEMA = "item_idx long, x binary"
@@ -204,28 +216,87 @@ class ProjectTask:
 
     def _emit(self, cols: list[np.ndarray]) -> pa.RecordBatch:
         items, x = project(*cols, self.content_dim, self.collab_dim, self.caption_weight)
-        row_bytes = 4 * (self.content_dim + self.collab_dim)
-        offsets = pa.array(np.arange(len(items) + 1, dtype=np.int32) * row_bytes, pa.int32())
-        data = pa.py_buffer(np.ascontiguousarray(x.astype("<f4")).tobytes())
-        vectors = pa.BinaryArray.from_buffers(pa.binary(), len(items), [None, offsets.buffers()[1],
-                                                                        data])
-        return pa.RecordBatch.from_arrays([pa.array(items, pa.int64()), vectors],
+        return pa.RecordBatch.from_arrays([pa.array(items, pa.int64()), _binary_rows(x)],
                                           names=["item_idx", "x"])
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        held: list[np.ndarray] | None = None
-        for batch in batches:
-            cols = [_values(batch, c) for c in ("item_idx", "part", "h", "w")]
-            if held is not None:
-                cols = [np.concatenate([x, y]) for x, y in zip(held, cols)]
-            if len(cols[0]) == 0:
-                continue
-            cut = int(np.searchsorted(cols[0], cols[0][-1], side="left"))
-            held = [c[cut:] for c in cols]
-            if cut:
-                yield self._emit([c[:cut] for c in cols])
-        if held is not None and len(held[0]):
-            yield self._emit(held)
+        for cols in _whole_keys(batches, ("item_idx", "part", "h", "w")):
+            yield self._emit(cols)
+
+
+def _binary_rows(x: np.ndarray) -> pa.BinaryArray:
+    """[U, d] floats -> U binary values of little-endian float32 bytes."""
+    row_bytes = 4 * x.shape[1]
+    offsets = pa.array(np.arange(len(x) + 1, dtype=np.int32) * row_bytes, pa.int32())
+    data = pa.py_buffer(np.ascontiguousarray(x.astype("<f4")).tobytes())
+    return pa.BinaryArray.from_buffers(pa.binary(), len(x), [None, offsets.buffers()[1], data])
+
+
+def _whole_keys(batches: Iterator[pa.RecordBatch], names: tuple[str, ...]
+                ) -> Iterator[list[np.ndarray]]:
+    """Columns of batches sorted by ``names[0]``, re-cut so that no key straddles two chunks:
+    the rows of a batch's last key are held back and prepended to the next batch."""
+    held: list[np.ndarray] | None = None
+    for batch in batches:
+        cols = [_values(batch, c) for c in names]
+        if held is not None:
+            cols = [np.concatenate([x, y]) for x, y in zip(held, cols)]
+        if len(cols[0]) == 0:
+            continue
+        cut = int(np.searchsorted(cols[0], cols[0][-1], side="left"))
+        held = [c[cut:] for c in cols]
+        if cut:
+            yield [c[:cut] for c in cols]
+    if held is not None and len(held[0]):
+        yield held
+
+
+@dataclass(frozen=True)
+class CollabTask:
+    """``mapInArrow``: partial co-occurrence rows (a, b, h_b, w) sorted by (a, b), every row of
+    an ``a`` in one partition -> per a: its collaborative vector and its top partners.
+
+    ``h`` is ``xxhash64(seed, collab part, b)`` (computed by Spark before the shuffle, as for
+    every other feature hash). The vector is the L2-normalised ``sum_b count_ab * r(h_b)``
+    (:func:`project`, so bit-identical to projecting the aggregated counts); the partners
+    are the ``pairs_per_item`` largest counts, ties to the smaller b, ranks from 1.
+    """
+
+    collab_dim: int
+    """collaborative part size"""
+    pairs_per_item: int
+    """partners kept per item"""
+
+    def _emit(self, a: np.ndarray, b: np.ndarray, h: np.ndarray, w: np.ndarray
+              ) -> pa.RecordBatch:
+        new = np.ones(len(a), dtype=bool)
+        new[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+        starts = np.flatnonzero(new)  # [G] first row of each distinct (a, b)
+        A, B, H = a[starts], b[starts], h[starts]
+        W = np.add.reduceat(w.astype(np.int64), starts)  # [G] total count of each (a, b)
+        items, x = project(A, np.full(len(A), _COLLAB), H, W, 0, self.collab_dim, 1.0)
+        # top partners: by count desc, then b asc, inside each a (A is sorted)
+        order = np.lexsort((B, -W, A))
+        first = np.searchsorted(A, A[order], side="left")  # [G] first row of the same a
+        rank = np.arange(len(order)) - first + 1
+        top = order[rank <= self.pairs_per_item]
+        rank = rank[rank <= self.pairs_per_item]
+        n_vec, n_pair = len(items), len(top)
+        null_vec = pa.nulls(n_pair, pa.binary())
+        return pa.RecordBatch.from_arrays([
+            pa.array(np.concatenate([items, A[top]]), pa.int64()),
+            pa.concat_arrays([_binary_rows(x), null_vec]),  # x: [U, collab_dim]
+            pa.array(np.concatenate([np.zeros(n_vec, np.int64), B[top]]), pa.int64(),
+                     mask=np.arange(n_vec + n_pair) < n_vec),
+            pa.array(np.concatenate([np.zeros(n_vec), W[top].astype(np.float64)]),
+                     pa.float64(), mask=np.arange(n_vec + n_pair) < n_vec),
+            pa.array(np.concatenate([np.zeros(n_vec, np.int32), rank.astype(np.int32)]),
+                     pa.int32(), mask=np.arange(n_vec + n_pair) < n_vec),
+        ], names=["item_idx", "x", "positive", "weight", "rank"])
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for cols in _whole_keys(batches, ("a", "b", "h", "w")):
+            yield self._emit(*cols)
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,10 +309,15 @@ def _ngram_at(text, n: int):
     return lambda i: F.concat(F.lit(f"g{n}:"), F.substring(text, i, n))
 
 
-def _feature_rows(index: DataFrame, cooc: DataFrame, cfg: EtlConfig) -> DataFrame:
-    """(item_idx, part, h, w): hashed category ids, caption n-grams and co-occurring items."""
+def _hashed(cfg: EtlConfig, part: int, feature) -> F.Column:
+    """The 64-bit hash ``h`` of a feature of one part (its random signs: :func:`sign_matrix`)."""
+    return F.xxhash64(F.lit(cfg.seed), F.lit(part), feature).alias("h")
+
+
+def _feature_rows(index: DataFrame, cfg: EtlConfig) -> DataFrame:
+    """(item_idx, part, h, w): hashed category ids and caption n-grams (content features)."""
     def hashed(part: int, feature) -> F.Column:
-        return F.xxhash64(F.lit(cfg.seed), F.lit(part), feature).alias("h")
+        return _hashed(cfg, part, feature)
 
     cats = index.select("item_idx", F.posexplode("categories").alias("p", "c")).select(
         "item_idx", F.lit(_CONTENT).alias("part"),
@@ -256,42 +332,47 @@ def _feature_rows(index: DataFrame, cooc: DataFrame, cfg: EtlConfig) -> DataFram
     caps = index.select("item_idx", F.explode(F.concat(*grams)).alias("f")).select(
         "item_idx", F.lit(_CAPTION).alias("part"), hashed(_CAPTION, F.col("f")),
         F.lit(1).cast("long").alias("w"))
-    collab = cooc.select(F.col("a").alias("item_idx"), F.lit(_COLLAB).alias("part"),
-                         hashed(_COLLAB, F.col("b")), "w")
-    return cats.unionByName(caps).unionByName(collab)
+    return cats.unionByName(caps)
 
 
-def item_features(index: DataFrame, cooc: DataFrame, cfg: EtlConfig) -> DataFrame:
+def item_features(index: DataFrame, collab_rows: DataFrame, cfg: EtlConfig) -> DataFrame:
     """(item_idx, item_id, categories, x) for every catalogue item; ``x`` is binary:
-    little-endian float32 bytes (``np.frombuffer(x, "<f4")``)."""
-    task = ProjectTask(cfg.content_dim, cfg.collab_dim, cfg.caption_weight)
-    vectors = (_feature_rows(index, cooc, cfg).repartition(cfg.shuffle_partitions, "item_idx")
+    little-endian float32 bytes (``np.frombuffer(x, "<f4")``), content part then
+    collaborative part (zeros where an item has none). ``collab_rows``: :func:`collab`."""
+    task = ProjectTask(cfg.content_dim, 0, cfg.caption_weight)
+    content = (_feature_rows(index, cfg).repartition(cfg.shuffle_partitions, "item_idx")
                .sortWithinPartitions("item_idx", "part").mapInArrow(task, VECTOR_SCHEMA))
-    zeros = F.lit(bytes(4 * (cfg.content_dim + cfg.collab_dim)))
-    return index.join(vectors, "item_idx", "left").select(
-        "item_idx", "item_id", "categories", F.coalesce("x", zeros).alias("x"))
+    vectors = collab_rows.where(F.col("positive").isNull()).select(
+        "item_idx", F.col("x").alias("xk"))
+    zeros_c, zeros_k = F.lit(bytes(4 * cfg.content_dim)), F.lit(bytes(4 * cfg.collab_dim))
+    return (index.join(content, "item_idx", "left").join(vectors, "item_idx", "left")
+            .select("item_idx", "item_id", "categories",
+                    F.concat(F.coalesce("x", zeros_c), F.coalesce("xk", zeros_k)).alias("x")))
 
 
-def cooccurrence(seq: DataFrame, cfg: EtlConfig, num_items: int | None = None) -> DataFrame:
-    """User sequences -> (a, b, w): co-occurrence counts in training regions (both directions)."""
+def collab(seq: DataFrame, cfg: EtlConfig, num_items: int | None = None) -> DataFrame:
+    """User sequences -> :data:`COLLAB_SCHEMA` rows: each item's collaborative vector (from
+    co-occurrence counts in training regions, both directions) and its top partners."""
     if num_items is not None and num_items > _MAX_ITEMS:
         raise ValueError(f"co-occurrence packs item pairs into 64 bits: {num_items} items > 2^32")
     task = CoocTask(cfg.holdout, cfg.min_user_interactions, cfg.negative_threshold,
                     cfg.cooc_window)
     partial = seq.select("items", "fb").mapInArrow(task, COOC_SCHEMA)
-    return partial.groupBy("a", "b").agg(F.sum("w").alias("w"))
+    rows = partial.select("a", "b", _hashed(cfg, _COLLAB, F.col("b")), "w")
+    return (rows.repartition(cfg.shuffle_partitions, "a").sortWithinPartitions("a", "b")
+            .mapInArrow(CollabTask(cfg.collab_dim, cfg.pairs_per_item), COLLAB_SCHEMA))
 
 
-def top_pairs(cooc: DataFrame, index: DataFrame, cfg: EtlConfig) -> DataFrame:
-    """(anchor, positive, weight, rank): top-P partners per item; self-pair for loners."""
-    rows = index.select(F.col("item_idx").alias("a")).join(cooc, "a", "left")
-    order = Window.partitionBy("a").orderBy(F.col("w").desc_nulls_last(), F.col("b").asc())
-    top = rows.withColumn("rank", F.row_number().over(order)).where(
-        F.col("rank") <= cfg.pairs_per_item)
-    return top.select(F.col("a").alias("anchor"),
-                      F.coalesce("b", "a").alias("positive"),
-                      F.coalesce(F.col("w").cast("double"), F.lit(0.0)).alias("weight"),
-                      "rank")
+def top_pairs(collab_rows: DataFrame, index: DataFrame) -> DataFrame:
+    """(anchor, positive, weight, rank): top-P partners per item (from :func:`collab`);
+    ``(i, i, 0.0, 1)`` for an item without any partner."""
+    pairs = collab_rows.where(F.col("positive").isNotNull()).select(
+        F.col("item_idx").alias("a"), "positive", "weight", "rank")
+    rows = index.select(F.col("item_idx").alias("a")).join(pairs, "a", "left")
+    return rows.select(F.col("a").alias("anchor"),
+                       F.coalesce("positive", "a").alias("positive"),
+                       F.coalesce("weight", F.lit(0.0)).alias("weight"),
+                       F.coalesce("rank", F.lit(1)).alias("rank"))
 
 
 def pair_rows(pairs: DataFrame, feats: DataFrame, broadcast: bool) -> DataFrame:
