@@ -9,10 +9,11 @@ import pytest
 from higr_dist.config import ConfigError, load
 from higr_dist.etl import features
 from higr_dist.etl.config import EtlConfig
-from higr_dist.etl.features import ProjectTask, cooc_counts, sign_matrix
+from higr_dist.etl.features import CollabTask, ProjectTask, cooc_counts, project, sign_matrix
 from higr_dist.etl.sequences import (
     pref_group,
     pref_window_starts,
+    pref_windows,
     slate_group,
     slate_samples,
     split_target_starts,
@@ -125,6 +126,34 @@ def test_encoder_refuses_non_finite_floats(bad):
     assert SLATE.decode(SLATE.encode(big))["hist_fb"] == [1e308, 1e308]
 
 
+def _pref_windows_loop(items, fb, cfg):
+    """The preference windows one window at a time: the reference for the vectorised code."""
+    N, w = cfg.slate_size, cfg.pref_window
+    if len(items) < cfg.min_user_interactions:
+        return []
+    out = []
+    for s in pref_window_starts(len(items), cfg):
+        wfb = fb[s:s + w]
+        engaged = [i for i in range(len(wfb)) if wfb[i] >= cfg.engaged_threshold]
+        if len(engaged) < N:
+            continue
+        top = sorted(engaged, key=lambda i: (-wfb[i], i))[:N]
+        neg = [i for i in range(len(wfb)) if wfb[i] < cfg.negative_threshold][:cfg.max_negatives]
+        out.append((s, [s + i for i in top], [s + i for i in neg]))
+    return out
+
+
+@pytest.mark.parametrize("max_negatives", [0, 2, 20])
+def test_pref_windows_match_a_window_by_window_loop(max_negatives):
+    rng = np.random.default_rng(max_negatives)
+    cfg = _cfg(max_negatives=max_negatives)
+    for n in (5, 14, 15, 23, 40, 97):
+        items = rng.integers(0, 50, n)
+        fb = rng.choice([0.0, 0.1, 0.5, 1.0, 1.5, 3.0], n)  # many ties
+        got = [(s, t.tolist(), g.tolist()) for s, t, g in pref_windows(items, fb, cfg)]
+        assert got == _pref_windows_loop(items, fb, cfg), n
+
+
 def test_config_validation_lists_every_problem():
     with pytest.raises(ConfigError) as e:
         load(EtlConfig, None, ["holdout=3", "stride=0", "engaged_threshold=5.0"])
@@ -208,6 +237,40 @@ def test_cooc_counts_match_a_naive_count():
                     want[(i, j)] += 1
                     want[(j, i)] += 1
     assert dict(zip(zip(a.tolist(), b.tolist()), w.tolist())) == dict(want)
+
+
+def test_collab_task_equals_aggregate_then_project_then_top_p():
+    """CollabTask (partial (a, b, w) rows, split across Arrow batches) gives what summing the
+    counts, projecting each item's row and ranking its partners separately gives."""
+    rng = np.random.default_rng(3)
+    n, dim, top_p = 400, 16, 3
+    a = np.sort(rng.integers(0, 9, n))
+    b = rng.integers(0, 7, n)
+    order = np.lexsort((b, a))  # the Spark plan sorts by (a, b) inside a partition
+    a, b = a[order], b[order]
+    w = rng.integers(1, 4, n)
+    h = b * np.int64(0x1F3D5B79) + 7  # any function of b (Spark's xxhash64 in the ETL)
+    batches = [pa.RecordBatch.from_pydict({"a": a[i:j], "b": b[i:j], "h": h[i:j], "w": w[i:j]})
+               for i, j in ((0, 57), (57, 58), (58, 300), (300, n))]
+    out = pa.Table.from_batches(list(CollabTask(dim, top_p)(iter(batches)))).to_pylist()
+    counts = Counter()
+    for x, y, c in zip(a.tolist(), b.tolist(), w.tolist()):
+        counts[(x, y)] += c
+    keys = sorted(counts)
+    items, x = project(np.array([k[0] for k in keys]), np.full(len(keys), 2),
+                       np.array([k[1] * 0x1F3D5B79 + 7 for k in keys]),
+                       np.array([counts[k] for k in keys]), 0, dim, 1.0)
+    vectors = {r["item_idx"]: np.frombuffer(r["x"], "<f4") for r in out if r["positive"] is None}
+    assert sorted(vectors) == items.tolist()
+    for i, item in enumerate(items):
+        np.testing.assert_array_equal(vectors[item], x[i].astype(np.float32))
+    pairs = sorted((r["item_idx"], r["rank"], r["positive"], r["weight"]) for r in out
+                   if r["positive"] is not None)
+    want = []
+    for item in items.tolist():
+        partners = sorted(((-c, y) for (x_, y), c in counts.items() if x_ == item))[:top_p]
+        want += [(item, r + 1, y, float(-c)) for r, (c, y) in enumerate(partners)]
+    assert pairs == want
 
 
 def test_projection_is_split_invariant_and_normalised(monkeypatch):

@@ -149,22 +149,29 @@ def slate_group(user_id: str, uhash: int, items: np.ndarray, fb: np.ndarray, ts:
 def pref_windows(items: np.ndarray, fb: np.ndarray,
                  cfg: EtlConfig) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(start, y+ positions, negative positions) of every preference window with >= N engaged
-    items, oldest first; positions index the user's whole sequence."""
+    items, oldest first; positions index the user's whole sequence. Vectorised over the
+    user's windows (the windows tile ``[min_history, E)``, so they form one [K, w] view)."""
     N, w = cfg.slate_size, cfg.pref_window
     if len(items) < cfg.min_user_interactions:
         return []
-    out = []
-    for s in pref_window_starts(len(items), cfg):
-        wfb = fb[s:s + w]
-        engaged = np.flatnonzero(wfb >= cfg.engaged_threshold)
-        if len(engaged) < N:
-            continue
-        # top N by feedback desc, ties -> earlier first (stable sort on the negated values)
-        top = engaged[np.argsort(-wfb[engaged], kind="stable")[:N]] + s
-        neg = (np.flatnonzero(wfb < cfg.negative_threshold)[:cfg.max_negatives] + s
-               if cfg.max_negatives else np.zeros(0, dtype=np.int64))
-        out.append((s, top, neg))
-    return out
+    starts = np.asarray(pref_window_starts(len(items), cfg), dtype=np.int64)  # [K]
+    if not len(starts):
+        return []
+    win = fb[starts[:, None] + np.arange(w)]  # [K, w] feedback of each window
+    engaged = win >= cfg.engaged_threshold  # [K, w]
+    ok = engaged.sum(axis=1) >= N  # [K] windows that yield a y+
+    starts, win, engaged = starts[ok], win[ok], engaged[ok]
+    # top N by feedback desc, ties -> earlier first: a stable sort of -fb, the rest last
+    key = np.where(engaged, -win, np.inf)  # [K', w]
+    top = np.argsort(key, axis=1, kind="stable")[:, :N] + starts[:, None]  # [K', N]
+    if cfg.max_negatives:
+        neg = win < cfg.negative_threshold  # [K', w]
+        neg &= np.cumsum(neg, axis=1) <= cfg.max_negatives  # the earliest max_negatives
+        rows, cols = np.nonzero(neg)  # row-major: by window, then position
+        negs = np.split(cols + starts[rows], np.cumsum(neg.sum(axis=1))[:-1])
+    else:
+        negs = [np.zeros(0, dtype=np.int64)] * len(starts)
+    return [(int(s), t, n) for s, t, n in zip(starts, top, negs)]
 
 
 def pref_group(user_id: str, uhash: int, items: np.ndarray, fb: np.ndarray, ts: np.ndarray,
