@@ -307,6 +307,52 @@ def test_existing_output_needs_overwrite(hand, spark):
 # --------------------------------------------------------------------------------------------
 
 
+def test_typed_parquet_log_gives_the_csv_shards_and_keeps_its_types(spark, tmp_path):
+    """A Parquet log keeps its column types (no string round trip) yet validates, dedups and
+    splits exactly like the same log as CSV text: identical counts, byte-identical shards;
+    its quarantine keeps the Parquet types."""
+    rows = []  # (user, item, timestamp, watch_ratio, play_duration)
+    for u in (7, 8, 9):
+        rows += [(u, f"i{(u * 3 + k) % 40:02d}", T0 + 60 * k, [0.5, 1.5, 2.5, 0.1][k % 4], 10.0)
+                 for k in range(20)]
+    rows += [rows[3], rows[3],  # 2 exact duplicates
+             (None, "i01", T0, 1.0, 1.0),  # null_user
+             (7, "zzz", T0, 1.0, 1.0),  # unknown_item
+             (7, "i02", 100, 1.0, 1.0),  # bad_timestamp: before timestamp_min
+             (8, "i02", T0, float("nan"), 1.0),  # bad_feedback: NaN
+             (8, "i03", T0, -1.0, 1.0),  # bad_feedback: negative
+             (9, "i04", T0, 1.0, -3.0),  # bad_feedback: optional column negative
+             (10, "i05", T0, 1.0, 1.0)]  # short_user
+    names = ["user_id", "item_id", "timestamp", "watch_ratio", "play_duration"]
+    table = pa.table({n: [r[i] for r in rows] for i, n in enumerate(names)},
+                     schema=pa.schema([("user_id", pa.int64()), ("item_id", pa.string()),
+                                       ("timestamp", pa.int64()), ("watch_ratio", pa.float64()),
+                                       ("play_duration", pa.float64())]))
+    (tmp_path / "log.parquet").mkdir()
+    pq.write_table(table, tmp_path / "log.parquet" / "part-0.parquet")
+
+    def text(v):
+        return "" if v is None else "NaN" if v != v else str(v)
+
+    csv_log = _write_csv(tmp_path / "log.csv", names, [[text(v) for v in r] for r in rows])
+    items, cfg = _hand_items(tmp_path), _hand_cfg()
+    m_pq = run_etl(spark, cfg, str(tmp_path / "log.parquet"), items, tmp_path / "out_pq")
+    m_csv = run_etl(spark, cfg, csv_log, items, tmp_path / "out_csv")
+    want = {r: 0 for r in INTERACTION_REASONS}
+    want.update(null_user=1, unknown_item=1, bad_timestamp=1, bad_feedback=3, duplicate=2,
+                short_user=1)
+    assert m_pq["quarantine_by_reason"] == m_csv["quarantine_by_reason"] == want
+    assert (m_pq["rows_in"], m_pq["rows_out"]) == (len(rows), 60)
+    for kind_dir in FOLDERS:
+        assert ([s["sha256"] for s in m_pq["kinds"][kind_dir]["shards"]]
+                == [s["sha256"] for s in m_csv["kinds"][kind_dir]["shards"]]), kind_dir
+    q = pq.read_table(tmp_path / "out_pq" / "quarantine")
+    assert q.schema.field("user_id").type == pa.int64()
+    assert q.schema.field("watch_ratio").type == pa.float64()
+    assert sorted(q.column("reason").to_pylist()) == sorted(
+        r for r, n in want.items() for _ in range(n))
+
+
 def test_kuairec_files_map_onto_the_generic_schema(spark, tmp_path):
     header = ["user_id", "video_id", "play_duration", "video_duration", "time", "date",
               "timestamp", "watch_ratio"]

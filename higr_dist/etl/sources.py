@@ -2,10 +2,18 @@
 
 Design
 ------
-Every source is read with *all columns as strings* (CSV without schema inference; Parquet
-columns cast to string), because the quarantine must keep the bad rows exactly as read, and
-because parsing is then one explicit, null-safe step (``try_cast``: Spark 4 runs in ANSI mode,
-where a plain cast of a bad string raises) instead of a reader-specific surprise.
+CSV is read with *all columns as strings* (no schema inference), because the quarantine must
+keep the bad rows exactly as read, and because parsing is then one explicit, null-safe step
+(``try_cast``: Spark 4 runs in ANSI mode, where a plain cast of a bad string raises) instead of
+a reader-specific surprise. An items table in Parquet is cast to strings the same way (its
+list columns then read "[3, 17]").
+
+A Parquet *interaction log* keeps its numeric, string and boolean columns in their own types
+(other types are cast to strings): they are already exactly as read, a numeric column needs
+no parsing (``cast("double")``), and exact-duplicate detection groups on 8-byte values
+instead of their decimal text, which halved that aggregate at 10M rows (12 s -> 5 s on 2
+cores). Consequences: the quarantine keeps those columns typed, and duplicates follow Spark's
+value equality for floating point (NaN equals NaN, -0.0 equals 0.0).
 
 On top of the string columns each adapter defines *canonical* columns as Spark expressions:
 
@@ -32,6 +40,7 @@ from dataclasses import dataclass
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import BooleanType, NumericType, StringType
 
 from higr_dist.etl.config import SourceConfig
 
@@ -41,12 +50,16 @@ INTERNAL_PREFIX = "_"
 
 @dataclass(frozen=True)
 class Source:
-    """A source read as strings: the DataFrame and the names of its source columns."""
+    """A source as read: the DataFrame and the names of its source columns."""
 
     df: DataFrame
-    """all source columns (as strings) plus canonical ``_*`` columns"""
+    """all source columns (as read: see the module docstring) plus canonical ``_*`` columns"""
     columns: tuple[str, ...]
     """the source columns, in file order (what the quarantine keeps)"""
+    canonical: tuple[tuple[str, Column], ...] = ()
+    """the canonical columns as expressions of the source columns alone (name, expression),
+    for plans that drop and re-derive them (exact-duplicate detection groups on the source
+    columns only)"""
 
 
 def resolve_format(src: SourceConfig, path: str) -> str:
@@ -68,15 +81,19 @@ def effective_source(src: SourceConfig) -> SourceConfig:
 
 
 def _read_strings(spark: SparkSession, path: str, fmt: str, src: SourceConfig,
-                  multiline: bool = False) -> DataFrame:
-    """Read ``path`` with every column as a string."""
+                  multiline: bool = False, keep_types: bool = False) -> DataFrame:
+    """Read ``path`` with every column as a string; with ``keep_types``, Parquet's numeric,
+    string and boolean columns keep their types (the rest still become strings)."""
     if fmt in ("csv", "kuairec"):
         return (spark.read.option("header", "true").option("inferSchema", "false")
                 .option("sep", src.csv_delimiter).option("multiLine", str(multiline).lower())
                 .option("escape", '"').option("mode", "PERMISSIVE").csv(path))
     if fmt == "parquet":
         df = spark.read.parquet(path)
-        return df.select([F.col(c).cast("string").alias(c) for c in df.columns])
+        kept = (NumericType, StringType, BooleanType) if keep_types else (StringType,)
+        return df.select([F.col(f.name) if isinstance(f.dataType, kept)
+                          else F.col(f.name).cast("string").alias(f.name)
+                          for f in df.schema.fields])
     raise ValueError(f"unknown source format {fmt!r}")
 
 
@@ -101,22 +118,36 @@ def _number(col: Column) -> Column:
     return F.trim(col).try_cast("double")
 
 
-def _bad_number(raw: Column) -> Column:
+def _bad_number(raw: Column, numeric: bool = False) -> Column:
     """A present optional feedback value that is unparseable, NaN, infinite or negative."""
-    v = _number(raw)
-    present = raw.isNotNull() & (F.trim(raw) != "")
+    v = raw.cast("double") if numeric else _number(raw)
+    present = raw.isNotNull() if numeric else raw.isNotNull() & (F.trim(raw) != "")
     return present & (v.isNull() | F.isnan(v) | (F.abs(v) == float("inf")) | (v < 0))
+
+
+def _typed(df: DataFrame, name: str) -> tuple[Column, bool]:
+    """(the column as a string, whether it is numeric) for a column of any read type."""
+    dtype = df.schema[name].dataType
+    col = F.col(name)
+    return (col if isinstance(dtype, StringType) else col.cast("string"),
+            isinstance(dtype, NumericType))
+
+
+def _as_number(df: DataFrame, name: str) -> Column:
+    """A column as double: a plain cast when numeric, else :func:`_number` of its text."""
+    text, numeric = _typed(df, name)
+    return F.col(name).cast("double") if numeric else _number(text)
 
 
 def read_interactions(spark: SparkSession, path: str, src: SourceConfig) -> Source:
     """Read an interaction log (see module docstring) into strings + canonical columns."""
     fmt = resolve_format(src, path)
     eff = effective_source(src)
-    df = _read_strings(spark, path, fmt, eff)
+    df = _read_strings(spark, path, fmt, eff, keep_types=True)
     cols = tuple(df.columns)
     _check_columns(cols, [eff.user_col, eff.item_col, eff.time_col, eff.feedback_col],
                    "interactions", path)
-    ts = _number(F.col(eff.time_col))
+    ts = _as_number(df, eff.time_col)
     if fmt == "kuairec" and "time" in cols:
         # KuaiRec: `timestamp` is sometimes missing while the text `time` (local time) is not
         local = F.try_to_timestamp(F.trim(F.col("time")))
@@ -125,16 +156,14 @@ def read_interactions(spark: SparkSession, path: str, src: SourceConfig) -> Sour
     extras = [c for c in eff.extra_feedback_cols if c in cols]
     xbad = F.lit(False)
     for c in extras:
-        xbad = xbad | _bad_number(F.col(c))
-    df = df.select(
-        *[F.col(c) for c in cols],
-        _id(F.col(eff.user_col)).alias("_user"),
-        _id(F.col(eff.item_col)).alias("_item"),
-        ts.alias("_ts"),
-        _number(F.col(eff.feedback_col)).alias("_wr"),
-        xbad.alias("_xbad"),
-    )
-    return Source(df=df, columns=cols)
+        xbad = xbad | _bad_number(F.col(c), _typed(df, c)[1])
+    canonical = (("_user", _id(_typed(df, eff.user_col)[0])),
+                 ("_item", _id(_typed(df, eff.item_col)[0])),
+                 ("_ts", ts),
+                 ("_wr", _as_number(df, eff.feedback_col)),
+                 ("_xbad", xbad))
+    df = df.select(*[F.col(c) for c in cols], *[e.alias(n) for n, e in canonical])
+    return Source(df=df, columns=cols, canonical=canonical)
 
 
 def _category_tokens(raw: Column, separator: str) -> Column:

@@ -7,10 +7,13 @@ everything after that (exact-duplicate detection, the per-user valid count for `
 and later the per-user sequences) groups by keys that include ``_user``, so Spark reuses that
 partitioning and adds no further exchange of the interaction rows.
 
-- Exact duplicates: ``groupBy(all source columns)`` with a count ``n`` (a hash aggregate inside
-  each partition; the canonical columns are functions of the source columns), then every row is
-  re-expanded to its ``n`` copies: the first copy of a valid row is kept, copies 2..n are
-  ``duplicate``. Bad rows keep their own reason for every copy.
+- Exact duplicates: ``groupBy(_user, all source columns)`` with a count ``n`` (a hash
+  aggregate inside each partition; ``_user`` is in the key only so that the user partitioning
+  is reused), then the other canonical columns are derived again from the source columns
+  (functions of them: carrying them through the aggregate as keys cost hashing two more
+  strings per row), and every row is re-expanded to its ``n`` copies: the first copy of a
+  valid row is kept, copies 2..n are ``duplicate``. Bad rows keep their own reason for every
+  copy.
 - Reasons, in precedence order (:data:`higr_dist.etl.config.INTERACTION_REASONS`): null user,
   null item, item not in the catalogue, timestamp unparseable or outside
   ``[timestamp_min, timestamp_max)``, feedback unparseable/NaN/infinite/negative (watch ratio or
@@ -56,9 +59,10 @@ def classify_interactions(src: Source, item_ids: DataFrame, num_items: int,
     hash-partitioned by ``_user`` into ``cfg.shuffle_partitions`` partitions.
     """
     cols = list(src.columns)
-    canon = ["_user", "_item", "_ts", "_wr", "_xbad"]
-    parts = src.df.repartition(cfg.shuffle_partitions, "_user")
-    distinct = parts.groupBy(*cols, *canon).agg(F.count("*").alias("_n"))
+    derived = [e.alias(n) for n, e in src.canonical if n != "_user"]  # _item, _ts, _wr, _xbad
+    parts = src.df.select(*cols, "_user").repartition(cfg.shuffle_partitions, "_user")
+    distinct = (parts.groupBy("_user", *cols).agg(F.count("*").alias("_n"))
+                .select("_user", *cols, "_n", *derived))
     ids = item_ids.select(F.col("item_id").alias("_item_key"), F.col("item_idx").alias("_idx"))
     if num_items <= cfg.broadcast_items_max:
         ids = F.broadcast(ids)
