@@ -36,6 +36,15 @@ def write_shard(path: str | Path, schema: SampleSchema, samples: Iterable[tuple[
     unique within the shard and contain no '.' (WebDataset splits member names at the first
     dot).
     """
+    return write_encoded(path, schema, ((key, schema.encode(sample), schema.count(sample))
+                                        for key, sample in samples))
+
+
+def write_encoded(path: str | Path, schema: SampleSchema,
+                  records: Iterable[tuple[str, bytes, int]]) -> dict:
+    """:func:`write_shard` for records already encoded: ``(key, schema.encode(sample),
+    schema.count(sample))``. For writers that must hold a shard's records before writing
+    them (to re-order them): an encoded record is ~5x smaller than its dict."""
     path = Path(path)
     tmp_dir = path.parent / TMP_DIR
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -46,12 +55,12 @@ def write_shard(path: str | Path, schema: SampleSchema, samples: Iterable[tuple[
             buf = io.BufferedWriter(fh, buffer_size=1 << 20)
             writer = wds.TarWriter(buf, user="higr", group="higr", mode=0o444, mtime=0,
                                    encoder=False)
-            for key, sample in samples:
+            for key, blob, count in records:
                 if "." in key:
                     raise ValueError(f"sample key {key!r} contains '.'")
-                writer.write({"__key__": key, schema.ext: schema.encode(sample)})
+                writer.write({"__key__": key, schema.ext: blob})
                 n += 1
-                unpacked += schema.count(sample)
+                unpacked += count
             writer.close()
             buf.flush()
             fh.flush()

@@ -23,8 +23,10 @@ total sort inside the partition, and for user-built kinds a re-ordering of the s
 by a mixed 64-bit hash of (user, position), so consecutive samples come from different users
 while the bytes stay a function of the input alone.
 
-Memory: a user-kind task holds its shards' records (up to ``samples_per_shard`` dicts per
-folder) to re-order them; items and pairs stream straight into the tar.
+Memory: a user-kind task holds its shards' records (up to ``samples_per_shard`` per folder) to
+re-order them, encoded: ~1.3 KB per record with its sort key, against ~6.4 KB as a dict
+(measured on the synthetic data), so ~100 MB per task at the cluster config's 20k records
+per shard x 4 folders instead of ~500 MB; items and pairs stream straight into the tar.
 
 Grouped kinds (``slates/train``, ``prefs``): one record per user holds all of that user's
 windows (``higr_dist.schema.slates``), so a shard's size target counts records (users), and
@@ -47,7 +49,13 @@ import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame
 
-from higr_dist.data.shardio import SHARD_PATTERN, TMP_DIR, write_listing, write_shard
+from higr_dist.data.shardio import (
+    SHARD_PATTERN,
+    TMP_DIR,
+    write_encoded,
+    write_listing,
+    write_shard,
+)
 from higr_dist.etl.config import EtlConfig
 from higr_dist.etl.sequences import pref_group, slate_group, slate_samples
 from higr_dist.schema import FOLDERS, SCHEMAS
@@ -60,6 +68,7 @@ META_SCHEMA = ("folder int, shard int, name string, samples long, unpacked long,
 USER_KINDS = ("slates/train", "slates/val", "slates/test", "prefs")
 
 Built = tuple[int, str, dict]  # (order, key, sample)
+Encoded = tuple[int, str, bytes, int]  # (order, key, schema.encode(sample), schema.count(sample))
 Builder = Callable[[pa.RecordBatch], Iterable[Built]]
 #: record batch -> (folder index, (order, key, sample)): one stage writing several folders
 MultiBuilder = Callable[[pa.RecordBatch], Iterable[tuple[int, Built]]]
@@ -143,13 +152,14 @@ def build_pairs(batch: pa.RecordBatch) -> Iterator[Built]:
 # --------------------------------------------------------------------------------------------
 
 
-def _unique_keys(built: Iterable[Built], where: str) -> Iterator[tuple[str, dict]]:
+def _unique_keys(records: Iterable[tuple], where: str) -> Iterator[tuple]:
+    """``records`` (key first) unchanged, failing on a repeated key."""
     seen: set[str] = set()
-    for _, key, sample in built:
-        if key in seen:
-            raise ValueError(f"{where}: duplicate sample key {key!r}")
-        seen.add(key)
-        yield key, sample
+    for record in records:
+        if record[0] in seen:
+            raise ValueError(f"{where}: duplicate sample key {record[0]!r}")
+        seen.add(record[0])
+        yield record
 
 
 def _single(builder: Builder, batch: pa.RecordBatch) -> Iterator[tuple[int, Built]]:
@@ -171,12 +181,17 @@ class ShardTask:
     """sort each shard's samples by ``order`` (user kinds) instead of streaming them (only a
     single folder can stream)"""
 
-    def _write(self, folder: int, shard: int, built: Iterable[Built]) -> pa.RecordBatch:
+    def _write(self, folder: int, shard: int, built: Iterable[Built] | list[Encoded]
+               ) -> pa.RecordBatch:
         directory, kind = self.folders[folder]
         path = Path(directory) / SHARD_PATTERN.format(shard)
-        if self.reorder:
-            built = sorted(built, key=lambda s: (s[0], s[1]))
-        meta = write_shard(path, SCHEMAS[kind], _unique_keys(built, str(path)))
+        if self.reorder:  # built: encoded records, held to be sorted
+            records = sorted(built, key=lambda r: (r[0], r[1]))
+            meta = write_encoded(path, SCHEMAS[kind], _unique_keys(
+                ((key, blob, count) for _, key, blob, count in records), str(path)))
+        else:
+            meta = write_shard(path, SCHEMAS[kind], _unique_keys(
+                ((key, sample) for _, key, sample in built), str(path)))
         return pa.RecordBatch.from_pydict({
             "folder": pa.array([folder], pa.int32()), "shard": pa.array([shard], pa.int32()),
             "name": [meta["name"]], "samples": pa.array([meta["samples"]], pa.int64()),
@@ -193,9 +208,13 @@ class ShardTask:
             return
         if not self.reorder:
             raise ValueError("several folders from one task need reorder=True")
-        per_folder: list[list[Built]] = [[] for _ in self.folders]
-        for folder, s in built:
-            per_folder[folder].append(s)
+        # a task holds its shards' records until it has them all (to sort them): encoded,
+        # ~5x smaller than their dicts (4 folders x samples_per_shard records each)
+        schemas = [SCHEMAS[kind] for _, kind in self.folders]
+        per_folder: list[list[Encoded]] = [[] for _ in self.folders]
+        for folder, (order, key, sample) in built:
+            schema = schemas[folder]
+            per_folder[folder].append((order, key, schema.encode(sample), schema.count(sample)))
         for folder, records in enumerate(per_folder):
             yield self._write(folder, shard, records)
 
