@@ -14,6 +14,7 @@ from higr_dist.etl.sequences import (
     pref_group,
     pref_window_starts,
     pref_windows,
+    pref_windows_batch,
     slate_group,
     slate_samples,
     split_target_starts,
@@ -152,6 +153,23 @@ def test_pref_windows_match_a_window_by_window_loop(max_negatives):
         fb = rng.choice([0.0, 0.1, 0.5, 1.0, 1.5, 3.0], n)  # many ties
         got = [(s, t.tolist(), g.tolist()) for s, t, g in pref_windows(items, fb, cfg)]
         assert got == _pref_windows_loop(items, fb, cfg), n
+
+
+def test_pref_groups_of_a_batch_equal_those_built_user_by_user():
+    """The writer computes a whole Arrow batch's windows at once; each user's record must be
+    what that user alone gives (users of every length, some with no window)."""
+    rng = np.random.default_rng(7)
+    cfg = _cfg(max_negatives=2)
+    lengths = [40, 3, 0, 14, 15, 23, 97, 31]
+    fbs = [rng.choice([0.0, 0.1, 0.5, 1.0, 1.5, 3.0], n) for n in lengths]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    windows = pref_windows_batch(offsets, np.concatenate(fbs), cfg)
+    assert sum(g is not None for g in (
+        pref_group("u", 1, np.arange(n), fb, np.arange(n), cfg) for n, fb in zip(lengths, fbs))) >= 3
+    for row, (n, fb) in enumerate(zip(lengths, fbs)):
+        items, ts = rng.integers(0, 50, n), 1_600_000_000 + np.arange(n)
+        alone = pref_group(f"u{row}", row, items, fb, ts, cfg)
+        assert pref_group(f"u{row}", row, items, fb, ts, cfg, windows, row) == alone
 
 
 def test_config_validation_lists_every_problem():

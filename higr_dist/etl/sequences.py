@@ -33,6 +33,7 @@ writing); the writers report the real counts.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from pyspark.sql import Column, DataFrame
@@ -146,52 +147,87 @@ def slate_group(user_id: str, uhash: int, items: np.ndarray, fb: np.ndarray, ts:
     }
 
 
+@dataclass(frozen=True)
+class PrefWindows:
+    """The preference windows (>= N engaged items) of a batch of users, as flat arrays.
+    Positions are user-local (index the user's own sequence); windows are oldest first."""
+
+    user_windows: np.ndarray
+    """[U + 1] the windows of user u are ``user_windows[u]:user_windows[u + 1]``"""
+    starts: np.ndarray
+    """[K] window start"""
+    top: np.ndarray
+    """[K, N] y+ positions: the engaged items by feedback desc, ties -> earlier first"""
+    neg: np.ndarray
+    """[M] negative-feedback positions, earliest first, at most max_negatives per window"""
+    neg_offsets: np.ndarray
+    """[K + 1] the negatives of window k are ``neg[neg_offsets[k]:neg_offsets[k + 1]]``"""
+
+
+def pref_windows_batch(offsets: np.ndarray, fb: np.ndarray, cfg: EtlConfig) -> PrefWindows:
+    """Every user's preference windows at once (list column ``offsets`` [U + 1] into ``fb``).
+
+    One set of numpy calls per Arrow batch instead of per user: the windows tile each user's
+    ``[min_history, E)`` from the end, so all of them form one [windows, w] gather.
+    """
+    N, w, hl = cfg.slate_size, cfg.pref_window, cfg.min_history
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n = np.diff(offsets)  # [U]
+    end = n - 2 * cfg.holdout  # [U] E: first val position
+    count = np.where(n >= cfg.min_user_interactions, np.maximum((end - hl) // w, 0), 0)  # [U]
+    first = np.concatenate([[0], np.cumsum(count)])  # [U + 1]
+    j = np.arange(first[-1]) - np.repeat(first[:-1], count)  # [T] index within the user
+    start = np.repeat(end, count) - (np.repeat(count, count) - j) * w  # [T] oldest first
+    win = fb[(np.repeat(offsets[:-1], count) + start)[:, None] + np.arange(w)]  # [T, w]
+    engaged = win >= cfg.engaged_threshold  # [T, w]
+    ok = engaged.sum(axis=1) >= N  # [T] windows that yield a y+
+    start, win, engaged = start[ok], win[ok], engaged[ok]
+    kept = np.bincount(np.repeat(np.arange(len(n)), count)[ok], minlength=len(n))  # [U]
+    # top N by feedback desc, ties -> earlier first: a stable sort of -fb, the rest last
+    key = np.where(engaged, -win, np.inf)  # [K, w]
+    top = np.argsort(key, axis=1, kind="stable")[:, :N] + start[:, None]  # [K, N]
+    neg = win < cfg.negative_threshold  # [K, w]
+    neg &= np.cumsum(neg, axis=1) <= cfg.max_negatives  # the earliest max_negatives
+    rows, cols = np.nonzero(neg)  # row-major: by window, then position
+    return PrefWindows(user_windows=np.concatenate([[0], np.cumsum(kept)]), starts=start,
+                       top=top, neg=cols + start[rows],
+                       neg_offsets=np.concatenate([[0], np.cumsum(neg.sum(axis=1))]))
+
+
 def pref_windows(items: np.ndarray, fb: np.ndarray,
                  cfg: EtlConfig) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """(start, y+ positions, negative positions) of every preference window with >= N engaged
-    items, oldest first; positions index the user's whole sequence. Vectorised over the
-    user's windows (the windows tile ``[min_history, E)``, so they form one [K, w] view)."""
-    N, w = cfg.slate_size, cfg.pref_window
-    if len(items) < cfg.min_user_interactions:
-        return []
-    starts = np.asarray(pref_window_starts(len(items), cfg), dtype=np.int64)  # [K]
-    if not len(starts):
-        return []
-    win = fb[starts[:, None] + np.arange(w)]  # [K, w] feedback of each window
-    engaged = win >= cfg.engaged_threshold  # [K, w]
-    ok = engaged.sum(axis=1) >= N  # [K] windows that yield a y+
-    starts, win, engaged = starts[ok], win[ok], engaged[ok]
-    # top N by feedback desc, ties -> earlier first: a stable sort of -fb, the rest last
-    key = np.where(engaged, -win, np.inf)  # [K', w]
-    top = np.argsort(key, axis=1, kind="stable")[:, :N] + starts[:, None]  # [K', N]
-    if cfg.max_negatives:
-        neg = win < cfg.negative_threshold  # [K', w]
-        neg &= np.cumsum(neg, axis=1) <= cfg.max_negatives  # the earliest max_negatives
-        rows, cols = np.nonzero(neg)  # row-major: by window, then position
-        negs = np.split(cols + starts[rows], np.cumsum(neg.sum(axis=1))[:-1])
-    else:
-        negs = [np.zeros(0, dtype=np.int64)] * len(starts)
-    return [(int(s), t, n) for s, t, n in zip(starts, top, negs)]
+    """(start, y+ positions, negative positions) of every preference window of one user with
+    >= N engaged items, oldest first (:func:`pref_windows_batch` for a batch of one)."""
+    pw = pref_windows_batch(np.array([0, len(fb)]), np.asarray(fb), cfg)
+    return [(int(pw.starts[k]), pw.top[k], pw.neg[pw.neg_offsets[k]:pw.neg_offsets[k + 1]])
+            for k in range(len(pw.starts))]
 
 
 def pref_group(user_id: str, uhash: int, items: np.ndarray, fb: np.ndarray, ts: np.ndarray,
-               cfg: EtlConfig) -> tuple[int, str, dict] | None:
-    """(order, key, PREF_GROUP record) with every preference window of the user, or None."""
-    windows = pref_windows(items, fb, cfg)
-    if not windows:
+               cfg: EtlConfig, windows: PrefWindows | None = None, row: int = 0
+               ) -> tuple[int, str, dict] | None:
+    """(order, key, PREF_GROUP record) with every preference window of the user, or None.
+
+    ``windows``: the user's batch (:func:`pref_windows_batch`) and ``row`` the user's index in
+    it; computed for this user alone when omitted.
+    """
+    if windows is None:
+        windows, row = pref_windows_batch(np.array([0, len(fb)]), np.asarray(fb), cfg), 0
+    k0, k1 = int(windows.user_windows[row]), int(windows.user_windows[row + 1])
+    if k0 == k1:
         return None
-    starts = [s for s, _, _ in windows]
-    lo = max(0, starts[0] - cfg.history_len)
-    hi = min(len(items), starts[-1] + cfg.pref_window)
-    neg_offsets = np.concatenate([[0], np.cumsum([len(n) for _, _, n in windows])])
+    starts = windows.starts[k0:k1]
+    lo = max(0, int(starts[0]) - cfg.history_len)
+    hi = min(len(items), int(starts[-1]) + cfg.pref_window)
+    n0, n1 = windows.neg_offsets[k0], windows.neg_offsets[k1]
     return _order(uhash, 0), group_key(uhash), {
         "user_id": user_id, "offset": lo,
         "items": items[lo:hi].tolist(), "fb": fb[lo:hi].tolist(),
-        "starts": [s - lo for s in starts], "start_ts": ts[starts].tolist(),
+        "starts": (starts - lo).tolist(), "start_ts": ts[starts].tolist(),
         "history_len": cfg.history_len, "slate_size": cfg.slate_size,
-        "pos": (np.concatenate([t for _, t, _ in windows]) - lo).tolist(),
-        "neg": (np.concatenate([n for _, _, n in windows]) - lo).tolist(),
-        "neg_offsets": neg_offsets.tolist(),
+        "pos": (windows.top[k0:k1].ravel() - lo).tolist(),
+        "neg": (windows.neg[n0:n1] - lo).tolist(),
+        "neg_offsets": (windows.neg_offsets[k0:k1 + 1] - n0).tolist(),
     }
 
 

@@ -57,7 +57,7 @@ from higr_dist.data.shardio import (
     write_shard,
 )
 from higr_dist.etl.config import EtlConfig
-from higr_dist.etl.sequences import pref_group, slate_group, slate_samples
+from higr_dist.etl.sequences import pref_group, pref_windows_batch, slate_group, slate_samples
 from higr_dist.schema import FOLDERS, SCHEMAS
 
 #: Spark schema of the metadata rows a shard task returns (one per folder it writes).
@@ -115,14 +115,16 @@ def _user_rows(batch: pa.RecordBatch) -> Iterator[tuple]:
 def build_user_kinds(batch: pa.RecordBatch, cfg: EtlConfig) -> Iterator[tuple[int, Built]]:
     """Sequence rows -> records of every :data:`USER_KINDS` folder (index into it): the
     SLATE_GROUP (train), the val and test SLATEs and the PREF_GROUP of each user."""
-    for user, uhash, items, fb, ts in _user_rows(batch):
+    fb_lists = _Lists(batch, "fb")
+    windows = pref_windows_batch(fb_lists.offsets, fb_lists.values, cfg)  # the whole batch's
+    for row, (user, uhash, items, fb, ts) in enumerate(_user_rows(batch)):
         group = slate_group(user, uhash, items, fb, ts, cfg)
         if group is not None:
             yield 0, group
         for folder, split in ((1, "val"), (2, "test")):
             for built in slate_samples(user, uhash, items, fb, ts, split, cfg):
                 yield folder, built
-        prefs = pref_group(user, uhash, items, fb, ts, cfg)
+        prefs = pref_group(user, uhash, items, fb, ts, cfg, windows, row)
         if prefs is not None:
             yield 3, prefs
 
