@@ -353,6 +353,24 @@ def test_typed_parquet_log_gives_the_csv_shards_and_keeps_its_types(spark, tmp_p
         r for r, n in want.items() for _ in range(n))
 
 
+@pytest.mark.parametrize("kind", ["timestamp", "date"])
+def test_parquet_timestamp_and_date_columns_become_epoch_seconds(spark, tmp_path, kind):
+    """A data-lake log with a real TIMESTAMP (or DATE) column needs no conversion first."""
+    when = [datetime(2020, 9, 13, 12, 26, 40, tzinfo=ZoneInfo("UTC")),
+            datetime(2021, 1, 2, 0, 0, 0, tzinfo=ZoneInfo("UTC")), None]
+    values = (pa.array(when, pa.timestamp("us", tz="UTC")) if kind == "timestamp"
+              else pa.array([w.date() if w else None for w in when], pa.date32()))
+    table = pa.table({"user_id": ["u1", "u1", "u2"], "item_id": ["i00", "i01", "i02"],
+                      "timestamp": values, "watch_ratio": [1.0, 0.5, 2.0]})
+    pq.write_table(table, tmp_path / "log.parquet")
+    src = read_interactions(spark, str(tmp_path / "log.parquet"), _hand_cfg().source)
+    got = [r["_ts"] for r in src.df.orderBy("item_id").select("_ts").collect()]
+    expect = [w.timestamp() if kind == "timestamp" else
+              datetime(w.year, w.month, w.day, tzinfo=ZoneInfo("UTC")).timestamp()
+              for w in when[:2]]
+    assert got == [*expect, None]  # a missing time stays null -> bad_timestamp
+
+
 def test_kuairec_files_map_onto_the_generic_schema(spark, tmp_path):
     header = ["user_id", "video_id", "play_duration", "video_duration", "time", "date",
               "timestamp", "watch_ratio"]

@@ -35,7 +35,8 @@ class SourceConfig:
     item_col: str = "item_id"
     """interactions: item id column"""
     time_col: str = "timestamp"
-    """interactions: epoch seconds (integer or float) column"""
+    """interactions: epoch seconds (integer or float) column; in Parquet also a TIMESTAMP or
+    DATE column (converted to epoch seconds, UTC)"""
     feedback_col: str = "watch_ratio"
     """interactions: the feedback signal every sample carries (watch ratio)"""
     extra_feedback_cols: list[str] = field(default_factory=lambda: ["play_duration", "like"])
