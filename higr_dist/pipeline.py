@@ -291,14 +291,13 @@ def stale_stages(cfg: PipelineConfig) -> list[str]:
     problems = []
     rd = cfg.run_dir.resolve()
     manifest = cfg.run_dir / "etl" / "manifest.json"
-    if manifest.is_file():
-        found = json.loads(manifest.read_text()).get("schema_version")
-        if found != SCHEMA_VERSION:  # shards written by older code: this code cannot read them
-            problems.append(f"etl: {manifest.parent} holds shards of schema {found}, this "
-                            f"version reads {SCHEMA_VERSION}; use a new --name, or delete "
-                            f"the run folder")
-    etl_changed = manifest.is_file() and (
-        json.loads(manifest.read_text()).get("config_hash") != config_hash(_etl_config(cfg)))
+    etl = json.loads(manifest.read_text()) if manifest.is_file() else None
+    if etl is not None and etl.get("schema_version") != SCHEMA_VERSION:
+        # shards written by older code: this code cannot read them
+        problems.append(f"etl: {manifest.parent} holds shards of schema "
+                        f"{etl.get('schema_version')}, this version reads {SCHEMA_VERSION}; "
+                        f"use a new --name, or delete the run folder")
+    etl_changed = etl is not None and etl.get("config_hash") != config_hash(_etl_config(cfg))
     for stage in (s for s in STAGE_ORDER if s in cfg.stages):
         out = cfg.run_dir / stage
         resolved = out / "resolved_config.yaml"

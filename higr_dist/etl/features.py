@@ -282,16 +282,16 @@ class CollabTask:
         top = order[rank <= self.pairs_per_item]
         rank = rank[rank <= self.pairs_per_item]
         n_vec, n_pair = len(items), len(top)
-        null_vec = pa.nulls(n_pair, pa.binary())
+        vec_row = np.arange(n_vec + n_pair) < n_vec  # vector rows first: their pair fields null
         return pa.RecordBatch.from_arrays([
             pa.array(np.concatenate([items, A[top]]), pa.int64()),
-            pa.concat_arrays([_binary_rows(x), null_vec]),  # x: [U, collab_dim]
+            pa.concat_arrays([_binary_rows(x), pa.nulls(n_pair, pa.binary())]),  # x: [U, dim]
             pa.array(np.concatenate([np.zeros(n_vec, np.int64), B[top]]), pa.int64(),
-                     mask=np.arange(n_vec + n_pair) < n_vec),
+                     mask=vec_row),
             pa.array(np.concatenate([np.zeros(n_vec), W[top].astype(np.float64)]),
-                     pa.float64(), mask=np.arange(n_vec + n_pair) < n_vec),
+                     pa.float64(), mask=vec_row),
             pa.array(np.concatenate([np.zeros(n_vec, np.int32), rank.astype(np.int32)]),
-                     pa.int32(), mask=np.arange(n_vec + n_pair) < n_vec),
+                     pa.int32(), mask=vec_row),
         ], names=["item_idx", "x", "positive", "weight", "rank"])
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -316,12 +316,9 @@ def _hashed(cfg: EtlConfig, part: int, feature) -> F.Column:
 
 def _feature_rows(index: DataFrame, cfg: EtlConfig) -> DataFrame:
     """(item_idx, part, h, w): hashed category ids and caption n-grams (content features)."""
-    def hashed(part: int, feature) -> F.Column:
-        return _hashed(cfg, part, feature)
-
     cats = index.select("item_idx", F.posexplode("categories").alias("p", "c")).select(
         "item_idx", F.lit(_CONTENT).alias("part"),
-        hashed(_CONTENT, F.concat(F.lit("c:"), F.col("c").cast("string"))),
+        _hashed(cfg, _CONTENT, F.concat(F.lit("c:"), F.col("c").cast("string"))),
         F.when(F.col("p") == 0, cfg.primary_category_weight).otherwise(1).cast("long").alias("w"))
     text = F.trim(F.regexp_replace(F.lower(F.coalesce("caption", F.lit(""))), r"\s+", " "))
     grams = []
@@ -330,7 +327,7 @@ def _feature_rows(index: DataFrame, cfg: EtlConfig) -> DataFrame:
             F.sequence(F.lit(1), F.length(text) - n + 1), _ngram_at(text, n)))
         grams.append(F.coalesce(g, F.array().cast("array<string>")))
     caps = index.select("item_idx", F.explode(F.concat(*grams)).alias("f")).select(
-        "item_idx", F.lit(_CAPTION).alias("part"), hashed(_CAPTION, F.col("f")),
+        "item_idx", F.lit(_CAPTION).alias("part"), _hashed(cfg, _CAPTION, F.col("f")),
         F.lit(1).cast("long").alias("w"))
     return cats.unionByName(caps)
 

@@ -194,11 +194,16 @@ def pref_windows_batch(offsets: np.ndarray, fb: np.ndarray, cfg: EtlConfig) -> P
                        neg_offsets=np.concatenate([[0], np.cumsum(neg.sum(axis=1))]))
 
 
+def _one_user(fb: np.ndarray, cfg: EtlConfig) -> PrefWindows:
+    """:func:`pref_windows_batch` for a batch of one user."""
+    return pref_windows_batch(np.array([0, len(fb)]), np.asarray(fb), cfg)
+
+
 def pref_windows(items: np.ndarray, fb: np.ndarray,
                  cfg: EtlConfig) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(start, y+ positions, negative positions) of every preference window of one user with
-    >= N engaged items, oldest first (:func:`pref_windows_batch` for a batch of one)."""
-    pw = pref_windows_batch(np.array([0, len(fb)]), np.asarray(fb), cfg)
+    >= N engaged items, oldest first."""
+    pw = _one_user(fb, cfg)
     return [(int(pw.starts[k]), pw.top[k], pw.neg[pw.neg_offsets[k]:pw.neg_offsets[k + 1]])
             for k in range(len(pw.starts))]
 
@@ -212,7 +217,7 @@ def pref_group(user_id: str, uhash: int, items: np.ndarray, fb: np.ndarray, ts: 
     it; computed for this user alone when omitted.
     """
     if windows is None:
-        windows, row = pref_windows_batch(np.array([0, len(fb)]), np.asarray(fb), cfg), 0
+        windows, row = _one_user(fb, cfg), 0
     k0, k1 = int(windows.user_windows[row]), int(windows.user_windows[row + 1])
     if k0 == k1:
         return None

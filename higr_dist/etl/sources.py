@@ -128,25 +128,27 @@ def _number(col: Column) -> Column:
     return F.trim(col).try_cast("double")
 
 
-def _bad_number(raw: Column, numeric: bool = False) -> Column:
-    """A present optional feedback value that is unparseable, NaN, infinite or negative."""
-    v = raw.cast("double") if numeric else _number(raw)
-    present = raw.isNotNull() if numeric else raw.isNotNull() & (F.trim(raw) != "")
-    return present & (v.isNull() | F.isnan(v) | (F.abs(v) == float("inf")) | (v < 0))
+def _is_numeric(df: DataFrame, name: str) -> bool:
+    return isinstance(df.schema[name].dataType, NumericType)
 
 
-def _typed(df: DataFrame, name: str) -> tuple[Column, bool]:
-    """(the column as a string, whether it is numeric) for a column of any read type."""
-    dtype = df.schema[name].dataType
-    col = F.col(name)
-    return (col if isinstance(dtype, StringType) else col.cast("string"),
-            isinstance(dtype, NumericType))
+def _text(df: DataFrame, name: str) -> Column:
+    """A column of any read type as a string."""
+    return (F.col(name) if isinstance(df.schema[name].dataType, StringType)
+            else F.col(name).cast("string"))
 
 
 def _as_number(df: DataFrame, name: str) -> Column:
     """A column as double: a plain cast when numeric, else :func:`_number` of its text."""
-    text, numeric = _typed(df, name)
-    return F.col(name).cast("double") if numeric else _number(text)
+    return F.col(name).cast("double") if _is_numeric(df, name) else _number(_text(df, name))
+
+
+def _bad_number(df: DataFrame, name: str) -> Column:
+    """A present optional feedback value that is unparseable, NaN, infinite or negative."""
+    v, text = _as_number(df, name), _text(df, name)
+    present = (F.col(name).isNotNull() if _is_numeric(df, name)
+               else text.isNotNull() & (F.trim(text) != ""))
+    return present & (v.isNull() | F.isnan(v) | (F.abs(v) == float("inf")) | (v < 0))
 
 
 def _as_seconds(df: DataFrame, name: str) -> Column:
@@ -177,9 +179,9 @@ def read_interactions(spark: SparkSession, path: str, src: SourceConfig) -> Sour
     extras = [c for c in eff.extra_feedback_cols if c in cols]
     xbad = F.lit(False)
     for c in extras:
-        xbad = xbad | _bad_number(F.col(c), _typed(df, c)[1])
-    canonical = (("_user", _id(_typed(df, eff.user_col)[0])),
-                 ("_item", _id(_typed(df, eff.item_col)[0])),
+        xbad = xbad | _bad_number(df, c)
+    canonical = (("_user", _id(_text(df, eff.user_col))),
+                 ("_item", _id(_text(df, eff.item_col))),
                  ("_ts", ts),
                  ("_wr", _as_number(df, eff.feedback_col)),
                  ("_xbad", xbad))

@@ -130,13 +130,12 @@ class SampleSchema:
     def encode(self, sample: dict) -> bytes:
         """dict with exactly the schema's fields -> zstd(JSON) bytes. Deterministic."""
         names = self._name_set
-        if len(sample) != len(names) or not names.issuperset(sample):  # checked per record
+        if len(sample) != len(names) or not names.issuperset(sample):  # lists only on a mismatch
             missing = [f.name for f in self.fields if f.name not in sample]
             extra = [k for k in sample if k not in names and not k.startswith("__")]
-        else:
-            missing = extra = []
-        if missing or extra:
-            raise SchemaError(f"{self.kind} v{self.version}: missing {missing}, unexpected {extra}")
+            if missing or extra:
+                raise SchemaError(f"{self.kind} v{self.version}: missing {missing}, "
+                                  f"unexpected {extra}")
         body = {f.name: _enc_value(f.kind, sample[f.name], f.name) for f in self.fields}
         body["_v"] = self.version
         raw = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)  # compact, sorted keys
