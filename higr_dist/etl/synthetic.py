@@ -273,6 +273,45 @@ def init_users(users: np.ndarray, cfg: SyntheticConfig) -> UserState:
 Draw = Callable[[int, int], np.ndarray]
 
 
+def drift_prefs(prefs: np.ndarray, drift: np.ndarray, u_slot: np.ndarray, u_sib: np.ndarray,
+                u_far: np.ndarray, u_kind: np.ndarray, cfg: SyntheticConfig) -> None:
+    """Move one preference slot of each ``drift`` row of ``prefs`` [B, K] in place: with
+    probability 0.7 to a sibling of the slot's sub-topic, else to a random one. The four
+    uniforms are [B] (one per row, drifting or not)."""
+    K, P = cfg.prefs_per_user, cfg.subtopics_per_top
+    rows = np.arange(len(prefs))
+    slot = np.minimum((u_slot * K).astype(np.int64), K - 1)
+    cur = prefs[rows, slot]
+    sib = (cur // P) * P + np.minimum((u_sib * P).astype(np.int64), P - 1)
+    far = _random_sub(_world(cfg), u_far)
+    new = np.where(u_kind < 0.7, sib, far)
+    prefs[rows[drift], slot[drift]] = new[drift]
+
+
+def drift_log_prob(old: np.ndarray, new: np.ndarray, cfg: SyntheticConfig) -> np.ndarray:
+    """log P(prefs ``new`` after one step's drift | ``old``) under :func:`drift_prefs` with
+    probability ``drift_prob``: [N, K] each -> [N]. ``new`` differs from ``old`` in at most
+    one slot (else the probability is 0)."""
+    K, P, d = cfg.prefs_per_user, cfg.subtopics_per_top, cfg.drift_prob
+    sw = _world(cfg).sub_weight
+    changed = new != old  # [N, K]
+    n_changed = changed.sum(axis=1)
+    k = changed.argmax(axis=1)
+    rows = np.arange(len(old))
+    cur, to = old[rows, k], new[rows, k]
+    p_change = d / K * (0.7 / P * (to // P == cur // P) + 0.3 * sw[to])
+    # a drift may land on the slot's own sub-topic: "no change" has that mass too
+    p_same = 1.0 - d + d / K * (0.7 * K / P + 0.3 * sw[old].sum(axis=1))
+    p = np.where(n_changed == 0, p_same, np.where(n_changed == 1, p_change, 0.0))
+    with np.errstate(divide="ignore"):
+        return np.log(p)
+
+
+def sub_topics(cfg: SyntheticConfig) -> np.ndarray:
+    """[I] the sub-topic of every item."""
+    return _world(cfg).sub_of_item
+
+
 def user_step(state: UserState, t: int, cfg: SyntheticConfig, draw: Draw,
               gauss: Draw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One interaction of every user in ``state`` (updated in place).
@@ -283,17 +322,13 @@ def user_step(state: UserState, t: int, cfg: SyntheticConfig, draw: Draw,
     log-normal's mean for the drawn item under the tastes at this step.
     """
     w = _world(cfg)
-    K, P = cfg.prefs_per_user, cfg.subtopics_per_top
+    K = cfg.prefs_per_user
     prefs, rows = state.prefs, np.arange(len(state.last_sub))
     # drift: one slot moves, usually to a sibling sub-topic
     drift = draw(_S_DRIFT, t) < cfg.drift_prob
     if drift.any():
-        slot = np.minimum((draw(_S_DRIFT_SLOT, t) * K).astype(np.int64), K - 1)
-        cur = prefs[rows, slot]
-        sib = (cur // P) * P + np.minimum((draw(_S_DRIFT_SUB, t) * P).astype(np.int64), P - 1)
-        far = _random_sub(w, draw(_S_DRIFT_SUB + 500, t))
-        new = np.where(draw(_S_DRIFT_KIND, t) < 0.7, sib, far)
-        prefs[rows[drift], slot[drift]] = new[drift]
+        drift_prefs(prefs, drift, draw(_S_DRIFT_SLOT, t), draw(_S_DRIFT_SUB, t),
+                    draw(_S_DRIFT_SUB + 500, t), draw(_S_DRIFT_KIND, t), cfg)
     mode = draw(_S_MODE, t)
     slot = np.minimum((state.cum_w < draw(_S_SLOT, t)[:, None]).sum(axis=1), K - 1)
     sub = np.where(mode < cfg.stay_prob, state.last_sub, prefs[rows, slot])
@@ -346,6 +381,76 @@ def next_item_probs(state: UserState, cfg: SyntheticConfig) -> np.ndarray:
     p_in_sub, p_global = _item_shares(cfg.seed, cfg.items, S, cfg.zipf_exponent,
                                       cfg.item_quality_std)
     return p_sub[:, w.sub_of_item] * p_in_sub + cfg.explore_prob * p_global
+
+
+def sample_prior(n: int, cfg: SyntheticConfig, rng: np.random.Generator) -> UserState:
+    """``n`` independent draws of a user's state before the first interaction, from the same
+    distribution as :func:`init_users` but with ``rng``: the prior of ``bench/oracle.py``'s
+    history-only filter."""
+    w = _world(cfg)
+    T, K, P = cfg.top_categories, cfg.prefs_per_user, cfg.subtopics_per_top
+    home = np.minimum((rng.random(n) * T).astype(np.int64), T - 1)  # [n]
+    prefs = np.empty((n, K), dtype=np.int64)  # [n, K]
+    for k in range(K):
+        in_home = rng.random(n) < cfg.home_share
+        sib = home * P + np.minimum((rng.random(n) * P).astype(np.int64), P - 1)
+        prefs[:, k] = np.where(in_home, sib, _random_sub(w, rng.random(n)))
+    weights = rng.exponential(size=(n, K))  # [n, K] -> Dirichlet(1) after normalising
+    cum_w = np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)
+    return UserState(prefs, cum_w, prefs[:, 0].copy())
+
+
+def prefs_log_prior(prefs: np.ndarray, cfg: SyntheticConfig) -> np.ndarray:
+    """[n, K] ordered preferred sub-topics -> [n] log P(prefs) under :func:`init_users`
+    (the home category summed out)."""
+    w = _world(cfg)
+    T, P = cfg.top_categories, cfg.subtopics_per_top
+    in_top = (prefs // P)[:, None, :] == np.arange(T)[None, :, None]  # [n, T, K]
+    per_slot = (cfg.home_share / P) * in_top + (1.0 - cfg.home_share) * w.sub_weight[prefs][:, None]
+    return np.log(per_slot.prod(axis=2).sum(axis=1) / T)
+
+
+def item_prob(prefs: np.ndarray, last_sub: np.ndarray, weights: np.ndarray, item: np.ndarray,
+              cfg: SyntheticConfig) -> np.ndarray:
+    """P(the next item shown is ``item``) for [N] states: :func:`next_item_probs` at one item.
+
+    prefs [N, K], last_sub [N] (before the step), item [N]; weights (not cumulative) [N, K]
+    -> [N], or [N or 1, G, K] (G candidate weight vectors per state) -> [N, G].
+    """
+    p_in_sub, p_global = _item_shares(cfg.seed, cfg.items, cfg.num_subtopics,
+                                      cfg.zipf_exponent, cfg.item_quality_std)
+    isub = _world(cfg).sub_of_item[item]  # [N]
+    hit = (prefs == isub[:, None]).astype(float)  # [N, K]
+    if weights.ndim == 3:
+        pref_mass = (hit @ weights[0].T if len(weights) == 1  # [N, G]
+                     else np.einsum("nk,ngk->ng", hit, weights))
+        col = (slice(None), None)  # [N] -> [N, 1]
+    else:
+        pref_mass, col = (hit * weights).sum(axis=1), slice(None)
+    pref_share = 1.0 - cfg.stay_prob - cfg.explore_prob
+    stay = cfg.stay_prob * (last_sub == isub)
+    return ((stay[col] + pref_share * pref_mass) * p_in_sub[item][col]
+            + cfg.explore_prob * p_global[item][col])
+
+
+def watch_log_density(prefs: np.ndarray, item: np.ndarray, watch_ratio: np.ndarray,
+                      cfg: SyntheticConfig) -> np.ndarray:
+    """log density of the logged watch ratio under tastes ``prefs`` [N, K], up to a constant
+    that is the same for every state (the log-normal of :func:`user_step`) -> [N]."""
+    mu = taste_log_mean(prefs, item, cfg) + _world(cfg).quality[item]
+    z = (np.log(np.maximum(watch_ratio, 5e-5)) - mu) / cfg.log_std  # rounded to 0: clamp
+    return -0.5 * z * z
+
+
+def step_log_likelihood(state: UserState, item: np.ndarray, watch_ratio: np.ndarray,
+                        cfg: SyntheticConfig) -> np.ndarray:
+    """log P(item, watch_ratio | state) of one observed interaction, up to a constant that is
+    the same for every state: [B] states (after this step's drift, ``last_sub`` before the
+    step) and [B] observations -> [B]."""
+    w_k = np.diff(state.cum_w, axis=1, prepend=0.0)  # [B, K]
+    with np.errstate(divide="ignore"):
+        p = np.log(item_prob(state.prefs, state.last_sub, w_k, item, cfg))
+    return p + watch_log_density(state.prefs, item, watch_ratio, cfg)
 
 
 @functools.lru_cache(maxsize=4)
