@@ -246,11 +246,13 @@ def posterior_state(users: np.ndarray, t0: int, cfg: SyntheticConfig, particles:
     base = log_prior - np.logaddexp(np.log(0.5) + log_prior, np.log(0.5) + log_e)  # [B*R]
     acc = np.zeros((B * R, Wg.shape[1]))  # [B*R, G] log-likelihood per weight vector
 
-    def marginal() -> np.ndarray:  # [B, R] normalised particle weights
+    def marginal() -> tuple[np.ndarray, np.ndarray]:
+        """([B, R] normalised particle weights, [B*R] log-likelihood summed over the grid)."""
         top = acc.max(axis=1)
-        lw = (base + top + np.log(np.exp(acc - top[:, None]).sum(axis=1))).reshape(B, R)
+        grid_lse = top + np.log(np.exp(acc - top[:, None]).sum(axis=1))
+        lw = (base + grid_lse).reshape(B, R)
         W = np.exp(lw - lw.max(axis=1, keepdims=True))
-        return W / W.sum(axis=1, keepdims=True)
+        return W / W.sum(axis=1, keepdims=True), grid_lse
 
     min_ess, resamples = float(R), 0
     for t in range(start, t0):
@@ -268,14 +270,14 @@ def posterior_state(users: np.ndarray, t0: int, cfg: SyntheticConfig, particles:
         prefs[rows, rng.integers(0, K, len(rows))] = sub_of[x[rows]]
         new = prefs[cand]
         log_p = drift_log_prob(old, new, cfg)
-        moved = (new != old).any(axis=1)
-        hits_s = (new == sub_of[x[cand]][:, None]) & (new != old)
-        g = np.where(moved, hits_s.any(axis=1) / K, 0.0)
+        changed = new != old  # [n_cand, K]: at most one slot
+        hits_s = (new == sub_of[x[cand]][:, None]) & changed
+        g = np.where(changed.any(axis=1), hits_s.any(axis=1) / K, 0.0)
         base[cand] += log_p - np.log((1.0 - guide) * np.exp(log_p) + guide * g)
         acc += np.log(item_prob(prefs, last_sub, Wg, x, cfg))
         base += watch_log_density(prefs, x, y, cfg)
         last_sub = np.where(y >= 1.0, sub_of[x], last_sub)
-        W = marginal()
+        W, grid_lse = marginal()
         ess = 1.0 / (W * W).sum(axis=1)  # [B]
         min_ess = min(min_ess, float(ess.min()))
         low = ess < R / 2
@@ -286,9 +288,8 @@ def posterior_state(users: np.ndarray, t0: int, cfg: SyntheticConfig, particles:
             prefs, last_sub, acc = prefs[idx], last_sub[idx], acc[idx]
             # a resampled particle's weight is 1/R: its likelihood now lives in acc only as
             # the shape over the grid (the weights' posterior), so remove its level
-            base = np.where(np.repeat(low, R), -acc.max(axis=1) - np.log(
-                np.exp(acc - acc.max(axis=1, keepdims=True)).sum(axis=1)), base[idx])
-    idx = (np.arange(B)[:, None] * R + _systematic(marginal(), rng, paths)).ravel()
+            base = np.where(np.repeat(low, R), -grid_lse[idx], base[idx])
+    idx = (np.arange(B)[:, None] * R + _systematic(marginal()[0], rng, paths)).ravel()
     post = np.exp(acc[idx] - acc[idx].max(axis=1, keepdims=True))  # [B*paths, G]
     post /= post.sum(axis=1, keepdims=True)
     G = post.shape[1]

@@ -251,18 +251,25 @@ class UserState:
     last_sub: np.ndarray  # [B] sub-topic of the last engaged item
 
 
+def _tastes(home: np.ndarray, u_in_home: np.ndarray, u_sib: np.ndarray, u_far: np.ndarray,
+            cfg: SyntheticConfig) -> np.ndarray:
+    """Preferred sub-topics [B, K] from the home categories [B] and three [B, K] uniforms:
+    a slot lies in the home category with probability ``home_share`` (a uniform sibling
+    there), else it is a random sub-topic by popularity. The law of :func:`init_users`,
+    shared with :func:`sample_prior`."""
+    P = cfg.subtopics_per_top
+    sib = home[:, None] * P + np.minimum((u_sib * P).astype(np.int64), P - 1)
+    return np.where(u_in_home < cfg.home_share, sib, _random_sub(_world(cfg), u_far))
+
+
 def init_users(users: np.ndarray, cfg: SyntheticConfig) -> UserState:
     """Each user's tastes before the first interaction (a pure function of seed and id)."""
-    w, seed = _world(cfg), cfg.seed
-    T, K, P = cfg.top_categories, cfg.prefs_per_user, cfg.subtopics_per_top
-    B = len(users)
+    seed = cfg.seed
+    T, K = cfg.top_categories, cfg.prefs_per_user
     home = np.minimum((uniform(seed, _S_HOME, users) * T).astype(np.int64), T - 1)  # [B]
-    prefs = np.empty((B, K), dtype=np.int64)  # [B, K] preferred sub-topics
-    for k in range(K):
-        uk = users * K + k
-        in_home = uniform(seed, _S_PREF, uk) < cfg.home_share
-        sib = home * P + np.minimum((uniform(seed, _S_PREF_SIB, uk) * P).astype(np.int64), P - 1)
-        prefs[:, k] = np.where(in_home, sib, _random_sub(w, uniform(seed, _S_PREF + 500, uk)))
+    uk = users[:, None] * K + np.arange(K)  # [B, K] one counter per (user, slot)
+    prefs = _tastes(home, uniform(seed, _S_PREF, uk), uniform(seed, _S_PREF_SIB, uk),
+                    uniform(seed, _S_PREF + 500, uk), cfg)  # [B, K] preferred sub-topics
     weights = -np.log1p(-np.stack([uniform(seed, _S_PREF_W, users * K + k) for k in range(K)],
                                   axis=1))  # [B, K] exponential -> Dirichlet(1) after norm
     cum_w = np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)  # [B, K]
@@ -387,14 +394,10 @@ def sample_prior(n: int, cfg: SyntheticConfig, rng: np.random.Generator) -> User
     """``n`` independent draws of a user's state before the first interaction, from the same
     distribution as :func:`init_users` but with ``rng``: the prior of ``bench/oracle.py``'s
     history-only filter."""
-    w = _world(cfg)
-    T, K, P = cfg.top_categories, cfg.prefs_per_user, cfg.subtopics_per_top
+    T, K = cfg.top_categories, cfg.prefs_per_user
     home = np.minimum((rng.random(n) * T).astype(np.int64), T - 1)  # [n]
-    prefs = np.empty((n, K), dtype=np.int64)  # [n, K]
-    for k in range(K):
-        in_home = rng.random(n) < cfg.home_share
-        sib = home * P + np.minimum((rng.random(n) * P).astype(np.int64), P - 1)
-        prefs[:, k] = np.where(in_home, sib, _random_sub(w, rng.random(n)))
+    u = np.stack([[rng.random(n) for _ in range(3)] for _ in range(K)], axis=-1)  # [3, n, K]
+    prefs = _tastes(home, u[0], u[1], u[2], cfg)  # [n, K]
     weights = rng.exponential(size=(n, K))  # [n, K] -> Dirichlet(1) after normalising
     cum_w = np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)
     return UserState(prefs, cum_w, prefs[:, 0].copy())
@@ -415,15 +418,15 @@ def item_prob(prefs: np.ndarray, last_sub: np.ndarray, weights: np.ndarray, item
     """P(the next item shown is ``item``) for [N] states: :func:`next_item_probs` at one item.
 
     prefs [N, K], last_sub [N] (before the step), item [N]; weights (not cumulative) [N, K]
-    -> [N], or [N or 1, G, K] (G candidate weight vectors per state) -> [N, G].
+    -> [N], or [1, G, K] (G candidate weight vectors shared by every state) -> [N, G].
     """
     p_in_sub, p_global = _item_shares(cfg.seed, cfg.items, cfg.num_subtopics,
                                       cfg.zipf_exponent, cfg.item_quality_std)
     isub = _world(cfg).sub_of_item[item]  # [N]
     hit = (prefs == isub[:, None]).astype(float)  # [N, K]
     if weights.ndim == 3:
-        pref_mass = (hit @ weights[0].T if len(weights) == 1  # [N, G]
-                     else np.einsum("nk,ngk->ng", hit, weights))
+        (grid,) = weights  # [G, K]: one shared grid
+        pref_mass = hit @ grid.T  # [N, G]
         col = (slice(None), None)  # [N] -> [N, 1]
     else:
         pref_mass, col = (hit * weights).sum(axis=1), slice(None)
@@ -440,17 +443,6 @@ def watch_log_density(prefs: np.ndarray, item: np.ndarray, watch_ratio: np.ndarr
     mu = taste_log_mean(prefs, item, cfg) + _world(cfg).quality[item]
     z = (np.log(np.maximum(watch_ratio, 5e-5)) - mu) / cfg.log_std  # rounded to 0: clamp
     return -0.5 * z * z
-
-
-def step_log_likelihood(state: UserState, item: np.ndarray, watch_ratio: np.ndarray,
-                        cfg: SyntheticConfig) -> np.ndarray:
-    """log P(item, watch_ratio | state) of one observed interaction, up to a constant that is
-    the same for every state: [B] states (after this step's drift, ``last_sub`` before the
-    step) and [B] observations -> [B]."""
-    w_k = np.diff(state.cum_w, axis=1, prepend=0.0)  # [B, K]
-    with np.errstate(divide="ignore"):
-        p = np.log(item_prob(state.prefs, state.last_sub, w_k, item, cfg))
-    return p + watch_log_density(state.prefs, item, watch_ratio, cfg)
 
 
 @functools.lru_cache(maxsize=4)
