@@ -11,7 +11,17 @@ times, each in the same session, on ``local[2]`` with 8 shuffle partitions:
   user: what building the per-user sequences costs at the least;
 - ``dedup_shuffle_noop``: one shuffle grouping identical rows (exact-duplicate detection);
 - ``shuffle_collect_mapInArrow``: the per-user shuffle feeding a pass-through Python
-  ``mapInArrow`` (the cost of handing user rows to Python workers).
+  ``mapInArrow`` (the cost of handing user rows to Python workers);
+- ``fused_floor``: the cheapest single-pass shape an ETL with this output could take, as one
+  Spark job: the per-user shuffle and sorted ``collect_list`` -> one Python pass that writes
+  ``--records-per-user`` tar members per user (webdataset ``TarWriter``, one zstd frame each, a
+  fixed ``--record-bytes`` JSON body compressed per member: record *building* costs nothing
+  here) and forms the co-occurrence pairs with the ETL's own numpy kernel
+  (``features.cooc_counts``) -> the shuffle of those partial counts by item, sorted by
+  (a, b) -> a pass-through Python ``mapInArrow``. Everything else the ETL does is left out:
+  validation reasons, duplicate detection, the catalogue, hashing and projecting the
+  co-occurrence rows, top pairs, items and pairs shards, the quarantine, counting passes. So
+  any ETL writing the same shards costs at least this on the same cores.
 
 The ETL needs at least two shuffles (per-user sequences and co-occurrence counts) plus its
 writers, so these numbers bound what ``bench/etl.py`` can reach on the same cores.
@@ -42,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--master", default="local[2]")
     p.add_argument("--work", default="runs/bench/spark_floor")
     p.add_argument("--out", default="bench/results/spark_floor.json")
+    p.add_argument("--records-per-user", type=int, default=4,
+                   help="tar members per user in fused_floor (slates/train, val, test, prefs)")
+    p.add_argument("--record-bytes", type=int, default=1100,
+                   help="JSON body of each fused_floor member before zstd (the ETL's mean)")
+    p.add_argument("--cooc-window", type=int, default=5,
+                   help="co-occurrence distance in fused_floor (0: no co-occurrence shuffle)")
+    p.add_argument("--fused-only", action="store_true", help="time fused_floor alone")
     args = p.parse_args(argv)
     spark = get_spark(app_name="spark-floor", master=args.master, shuffle_partitions=8)
     data = Path(args.work) / f"data{args.rows}"
@@ -67,22 +84,75 @@ def main(argv: list[str] | None = None) -> int:
 
     by_user = df.repartition(8, "user_id").groupBy("user_id").agg(F.sort_array(F.collect_list(
         F.struct("timestamp", "item_id", "watch_ratio"))).alias("ev"))
-    timed("scan_count", lambda: df.count())
-    timed("scan_count_again", lambda: df.count())
-    timed("scan_all_cols_noop", lambda: noop(df))
-    timed("shuffle_sort_collect_noop", lambda: noop(by_user))
-    timed("dedup_shuffle_noop", lambda: noop(df.repartition(8, "user_id")
-                                             .groupBy(*df.columns).count()))
-    timed("shuffle_collect_mapInArrow",
-          lambda: by_user.mapInArrow(passthrough, "n long").agg(F.sum("n")).collect())
+    if not args.fused_only:
+        timed("scan_count", lambda: df.count())
+        timed("scan_count_again", lambda: df.count())
+        timed("scan_all_cols_noop", lambda: noop(df))
+        timed("shuffle_sort_collect_noop", lambda: noop(by_user))
+        timed("dedup_shuffle_noop", lambda: noop(df.repartition(8, "user_id")
+                                                 .groupBy(*df.columns).count()))
+        timed("shuffle_collect_mapInArrow",
+              lambda: by_user.mapInArrow(passthrough, "n long").agg(F.sum("n")).collect())
+    fused = _fused_floor(by_user, Path(args.work) / "fused_shards", args)
+    shuffled: dict[str, int] = {}  # (a, b, w) rows through the second shuffle
+    timed("fused_floor", lambda: shuffled.update(n=int(fused.agg(F.sum("n")).first()[0] or 0)))
     out = {"bench": "spark_floor", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "machine": {"platform": platform.platform(), "spark": spark.version},
            "command": "python bench/spark_floor.py " + " ".join(sys.argv[1:]),
-           "rows": args.rows, "master": args.master, "gen_s": round(gen_s, 2), "seconds": res}
+           "rows": args.rows, "master": args.master, "gen_s": round(gen_s, 2), "seconds": res,
+           "fused_floor": {"records_per_user": args.records_per_user,
+                           "record_bytes": args.record_bytes, "cooc_window": args.cooc_window,
+                           "cooc_partial_rows": shuffled["n"]}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))
     return 0
+
+
+def _fused_floor(by_user, shard_dir: Path, args: argparse.Namespace):
+    """The ``fused_floor`` plan (see the module docstring); its rows: ``n`` per Python batch."""
+    import pyarrow as pa
+
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    from higr_dist.etl.config import EtlConfig
+
+    cfg = EtlConfig()  # the ETL's defaults: split sizes and feedback thresholds
+    kinds, body = args.records_per_user, (b"1234567890," * (args.record_bytes // 11 + 1))
+    body, window = body[:args.record_bytes], args.cooc_window
+
+    def user_pass(batches):
+        import webdataset as wds
+        import zstandard
+        from pyspark import TaskContext
+
+        from higr_dist.etl.features import cooc_counts
+
+        cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
+        pid = TaskContext.get().partitionId()
+        with open(shard_dir / f"shard-{pid}.tar", "wb") as fh:
+            tar = wds.TarWriter(fh, mtime=0, encoder=False)
+            for b in batches:
+                ev = b.column(b.schema.get_field_index("ev"))  # list<struct<t, item, wr>>
+                offsets = ev.offsets.to_numpy()
+                items = ev.values.field("item_id").to_numpy()
+                fb = ev.values.field("watch_ratio").to_numpy()
+                users = b.column(b.schema.get_field_index("user_id")).to_pylist()
+                for u in users:
+                    for k in range(kinds):
+                        tar.write({"__key__": f"{u:016x}{k}", "json.zst": cctx.compress(body)})
+                a, bb, w = cooc_counts(offsets, items, fb, cfg.holdout, cfg.min_user_interactions,
+                                       cfg.negative_threshold, window)
+                yield pa.RecordBatch.from_arrays([pa.array(a), pa.array(bb), pa.array(w)],
+                                                 names=["a", "b", "w"])
+            tar.close()
+
+    def count(batches):
+        for b in batches:
+            yield pa.RecordBatch.from_arrays([pa.array([b.num_rows], pa.int64())], names=["n"])
+
+    pairs = by_user.mapInArrow(user_pass, "a long, b long, w long")
+    return (pairs.repartition(8, "a").sortWithinPartitions("a", "b")
+            .mapInArrow(count, "n long"))
 
 
 if __name__ == "__main__":
