@@ -464,3 +464,17 @@ def test_synthetic_history_beats_popularity(spark, synthetic):
     assert len(hits_hist) == SYN.users
     assert np.mean(hits_hist) > np.mean(hits_pop) + 0.15, (np.mean(hits_hist),
                                                            np.mean(hits_pop))
+
+
+def test_numpy_xxhash64_equals_sparks(spark):
+    """The co-occurrence partner hash recomputed in numpy (so it stays out of the shuffle) is
+    Spark's own ``xxhash64(seed, part, b)``, for int32 and int64 seeds and any long."""
+    from higr_dist.etl.features import _COLLAB, _hashed, part_seed, xxhash64_long
+
+    values = [0, 1, -1, 7, 19_999, 2**31 - 1, 2**31, 2**40 + 3, -(2**63), 2**63 - 1]
+    df = spark.createDataFrame([(v,) for v in values], "b long")
+    for seed in (0, 7, 2**31, -5, 2**40):
+        cfg = EtlConfig(seed=seed)
+        got = [r["h"] for r in df.select(_hashed(cfg, _COLLAB, F.col("b"))).collect()]
+        want = xxhash64_long(np.array(values, dtype=np.int64), part_seed(seed, _COLLAB))
+        assert got == want.tolist(), seed

@@ -9,7 +9,16 @@ import pytest
 from higr_dist.config import ConfigError, load
 from higr_dist.etl import features
 from higr_dist.etl.config import EtlConfig
-from higr_dist.etl.features import CollabTask, ProjectTask, cooc_counts, project, sign_matrix
+from higr_dist.etl.features import (
+    CollabTask,
+    ProjectTask,
+    cooc_counts,
+    pack_partners,
+    part_seed,
+    project,
+    sign_matrix,
+    xxhash64_long,
+)
 from higr_dist.etl.sequences import (
     pref_group,
     pref_window_starts,
@@ -305,25 +314,32 @@ def test_cooc_counts_match_a_naive_count():
 
 
 def test_collab_task_equals_aggregate_then_project_then_top_p():
-    """CollabTask (partial (a, b, w) rows, split across Arrow batches) gives what summing the
-    counts, projecting each item's row and ranking its partners separately gives."""
+    """CollabTask (each sequence batch's packed partial counts, sorted by item and cut into
+    Arrow batches anywhere) gives what summing the counts, projecting each item's row and
+    ranking its partners separately gives."""
     rng = np.random.default_rng(3)
     n, dim, top_p = 400, 16, 3
-    a = np.sort(rng.integers(0, 9, n))
+    a = rng.integers(0, 9, n)
     b = rng.integers(0, 7, n)
-    order = np.lexsort((b, a))  # the Spark plan sorts by (a, b) inside a partition
-    a, b = a[order], b[order]
     w = rng.integers(1, 4, n)
-    h = b * np.int64(0x1F3D5B79) + 7  # any function of b (Spark's xxhash64 in the ETL)
-    batches = [pa.RecordBatch.from_pydict({"a": a[i:j], "b": b[i:j], "h": h[i:j], "w": w[i:j]})
-               for i, j in ((0, 57), (57, 58), (58, 300), (300, n))]
-    out = pa.Table.from_batches(list(CollabTask(dim, top_p)(iter(batches)))).to_pylist()
+    seed = part_seed(5, 2)
+    packed = []  # what CoocTask yields: per sequence batch, its distinct (a, b) counts
+    for part in np.array_split(np.arange(n), 4):
+        key, inv = np.unique((a[part] << 32) | b[part], return_inverse=True)
+        packed.append(pack_partners(key >> 32, key & 0xFFFFFFFF,
+                                    np.bincount(inv, weights=w[part]).astype(np.int64)))
+    rows = pa.Table.from_batches(packed)
+    rows = rows.take(np.argsort(rows.column("a").to_numpy(), kind="stable"))  # sort by a
+    cuts = [0, 5, 6, 17, rows.num_rows]  # Arrow batches split an item's rows
+    batches = [rows.slice(i, j - i).combine_chunks().to_batches()[0]
+               for i, j in zip(cuts, cuts[1:])]
+    out = pa.Table.from_batches(list(CollabTask(dim, top_p, seed)(iter(batches)))).to_pylist()
     counts = Counter()
     for x, y, c in zip(a.tolist(), b.tolist(), w.tolist()):
         counts[(x, y)] += c
     keys = sorted(counts)
     items, x = project(np.array([k[0] for k in keys]), np.full(len(keys), 2),
-                       np.array([k[1] * 0x1F3D5B79 + 7 for k in keys]),
+                       xxhash64_long(np.array([k[1] for k in keys]), seed),
                        np.array([counts[k] for k in keys]), 0, dim, 1.0)
     vectors = {r["item_idx"]: np.frombuffer(r["x"], "<f4") for r in out if r["positive"] is None}
     assert sorted(vectors) == items.tolist()

@@ -20,9 +20,21 @@ expressions per row a pure-SQL projection costs. Trade-off: one Python pass over
 rows (vectorised per Arrow batch, never per row).
 
 The collaborative part and the pairs come from one pass over the co-occurrence
-(:func:`collab`): the per-batch (a, b, w) partial counts are shuffled by ``a`` and sorted by
-(a, b), and :class:`CollabTask` sums each (a, b) run, projects item a's row and picks its top
-partners in the same numpy pass. At 10M interactions there are ~30M partial and ~20M distinct
+(:func:`collab`): each Arrow batch of user sequences gives its distinct (a, b, count) partial
+counts, travelling as *one row per item a* whose partners and counts are packed into two
+binary columns (:data:`COOC_SCHEMA`). Those rows are shuffled by ``a`` and sorted by ``a``,
+and :class:`CollabTask` merges an item's packed runs, sums each (a, b), projects item a's row
+and picks its top partners in the same numpy pass. The hash of ``b`` is Spark's ``xxhash64``
+recomputed in numpy (:func:`xxhash64_long`, checked against Spark in the tests), so it does
+not ride the shuffle.
+
+Trade-off of the packing: at 10M interactions there are ~32M partial (a, b) rows. As rows of
+longs, moving them through the shuffle, the sort and both Arrow crossings cost ~9 s of the
+ETL on 2 cores, ~4 s of it in the per-value JVM <-> Arrow conversion alone
+(``bench/spark_floor.py``-style probes); packed, ~0.3M rows of byte buffers move instead
+(memory copies) and the per-pair work is numpy's. The price is that an item's partial runs
+are decoded and re-sorted in Python, and that a packed row holds one item's partners of one
+batch (bounded by the catalogue size). At 10M interactions there are ~30M partial and ~20M distinct
 (a, b) rows; Spark aggregating them, persisting them, shuffling them again as feature rows and
 sorting them a third time for the top-P window cost ~40% of the ETL (and the hash
 aggregate's memory ran short in a 2 GiB heap). The output is one row per item with
@@ -46,7 +58,7 @@ co-occurrence plus ``pairs_per_item`` pair rows per item: small.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,12 +70,14 @@ from higr_dist.etl.config import EtlConfig
 
 _CONTENT, _CAPTION, _COLLAB = 0, 1, 2  # hash streams of the three projections
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-#: item_idx must fit 32 bits to pack a pair into one uint64 key
-_MAX_ITEMS = 1 << 32
+#: item_idx must fit 31 bits: partners travel as int32, and a pair packs into one int64 key
+_MAX_ITEMS = 1 << 31
 #: feature rows projected at once (bounds the [rows, dim] sign temporaries to a few MiB)
 _CHUNK = 8192
 
-COOC_SCHEMA = "a long, b long, w long"
+#: one row per (item a, sequence batch): ``b`` = its partners (little-endian int32, ascending),
+#: ``w`` = their counts in that batch (little-endian int64), both ``m`` values long
+COOC_SCHEMA = "a long, b binary, w binary"
 #: :class:`CollabTask` output: a vector row (``x`` set, ``positive`` null) per item with
 #: co-occurrence, and pair rows (``positive``, ``weight``, ``rank`` set, ``x`` null)
 COLLAB_SCHEMA = "item_idx long, x binary, positive long, weight double, rank int"
@@ -83,6 +97,66 @@ def _mix64(x: np.ndarray) -> np.ndarray:
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return x ^ (x >> np.uint64(31))
+
+
+_P1, _P2, _P3 = 0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9
+_P4, _P5 = 0x85EBCA77C2B2AE63, 0x27D4EB2F165667C5
+_M64 = (1 << 64) - 1
+#: Spark's xxhash64 seed (``XxHash64``'s default)
+_SPARK_XXHASH_SEED = 42
+
+
+def _fmix(h: int) -> int:
+    h = ((h ^ (h >> 33)) * _P2) & _M64
+    h = ((h ^ (h >> 29)) * _P3) & _M64
+    return h ^ (h >> 32)
+
+
+def _rotl(x: int, r: int) -> int:
+    return ((x << r) | (x >> (64 - r))) & _M64
+
+
+def _xxhash64_int(value: int, seed: int) -> int:
+    """Spark's ``XXH64.hashInt`` (a 4-byte input), on Python ints."""
+    h = (seed + _P5 + 4) & _M64
+    h ^= ((value & 0xFFFFFFFF) * _P1) & _M64
+    return _fmix((_rotl(h, 23) * _P2 + _P3) & _M64)
+
+
+def _xxhash64_long_py(value: int, seed: int) -> int:
+    """Spark's ``XXH64.hashLong`` (an 8-byte input), on Python ints."""
+    h = (seed + _P5 + 8) & _M64
+    h ^= (_rotl((value * _P2) & _M64, 31) * _P1) & _M64
+    return _fmix((_rotl(h, 27) * _P1 + _P4) & _M64)
+
+
+def _lit_hash(value: int, seed: int) -> int:
+    """Fold a Python int literal into the running hash the way ``F.lit`` types it: int32 ->
+    ``hashInt``, else ``hashLong``."""
+    if -(1 << 31) <= value < (1 << 31):
+        return _xxhash64_int(value, seed)
+    return _xxhash64_long_py(value, seed)
+
+
+def xxhash64_long(values: np.ndarray, seed: int) -> np.ndarray:
+    """Spark's xxhash64 of a long column given the running hash ``seed`` of the columns before
+    it: ``[n]`` int64 -> ``[n]`` int64, bit-identical to ``F.xxhash64(..., col)``."""
+    v = np.ascontiguousarray(values, dtype=np.int64).view(np.uint64)
+    with np.errstate(over="ignore"):
+        x = v * np.uint64(_P2)
+        x = (x << np.uint64(31)) | (x >> np.uint64(33))
+        h = np.uint64((seed + _P5 + 8) & _M64) ^ (x * np.uint64(_P1))
+        h = ((h << np.uint64(27)) | (h >> np.uint64(37))) * np.uint64(_P1) + np.uint64(_P4)
+        h = (h ^ (h >> np.uint64(33))) * np.uint64(_P2)
+        h = (h ^ (h >> np.uint64(29))) * np.uint64(_P3)
+        h ^= h >> np.uint64(32)
+    return h.view(np.int64)
+
+
+def part_seed(seed: int, part: int) -> int:
+    """The running hash after ``F.xxhash64(F.lit(seed), F.lit(part), ...)``'s first two
+    columns (:func:`_hashed`), to finish with :func:`xxhash64_long`."""
+    return _lit_hash(part, _lit_hash(seed, _SPARK_XXHASH_SEED))
 
 
 def sign_matrix(h: np.ndarray, dim: int) -> np.ndarray:
@@ -176,7 +250,8 @@ def _values(batch: pa.RecordBatch, name: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CoocTask:
-    """``mapInArrow``: sequence rows (``items``, ``fb``) -> pre-aggregated (a, b, w) rows."""
+    """``mapInArrow``: sequence rows (``items``, ``fb``) -> each batch's distinct (a, b) counts,
+    one packed row per item a (:func:`pack_partners`, :data:`COOC_SCHEMA`)."""
 
     holdout: int
     """val/test block size (excluded at the end of each sequence)"""
@@ -194,9 +269,7 @@ class CoocTask:
             a, b, w = cooc_counts(items.offsets.to_numpy(), items.values.to_numpy(),
                                   fb.values.to_numpy(), self.holdout, self.min_user,
                                   self.negative_threshold, self.window)
-            yield pa.RecordBatch.from_pydict({"a": pa.array(a, pa.int64()),
-                                              "b": pa.array(b, pa.int64()),
-                                              "w": pa.array(w, pa.int64())})
+            yield pack_partners(a, b, w)
 
 
 @dataclass(frozen=True)
@@ -220,8 +293,45 @@ class ProjectTask:
                                           names=["item_idx", "x"])
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for cols in _whole_keys(batches, ("item_idx", "part", "h", "w")):
+        names = ("item_idx", "part", "h", "w")
+        for cols in _whole_keys([_values(b, c) for c in names] for b in batches):
             yield self._emit(cols)
+
+
+def _binary_runs(values: np.ndarray, starts: np.ndarray) -> pa.BinaryArray:
+    """Runs ``values[starts[i]:starts[i + 1]]`` (the last to the end) as one binary value each:
+    the values' little-endian bytes, zero-copy offsets into one buffer."""
+    data = np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<")))
+    ends = np.append(starts, len(values)) * data.itemsize
+    if ends[-1] >= 1 << 31:
+        raise ValueError(f"a packed partner batch of {ends[-1]} bytes needs 64-bit offsets")
+    offsets = pa.py_buffer(ends.astype("<i4").tobytes())
+    return pa.BinaryArray.from_buffers(pa.binary(), len(starts),
+                                       [None, offsets, pa.py_buffer(data.tobytes())])
+
+
+def pack_partners(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> pa.RecordBatch:
+    """Distinct (a, b, count) rows sorted by (a, b) -> one :data:`COOC_SCHEMA` row per a."""
+    new = np.ones(len(a), dtype=bool)
+    new[1:] = a[1:] != a[:-1]
+    starts = np.flatnonzero(new)  # [A] first row of each item a
+    return pa.RecordBatch.from_arrays(
+        [pa.array(a[starts], pa.int64()), _binary_runs(b.astype(np.int32), starts),
+         _binary_runs(w.astype(np.int64), starts)], names=["a", "b", "w"])
+
+
+def unpack_partners(batch: pa.RecordBatch) -> list[np.ndarray]:
+    """:data:`COOC_SCHEMA` rows -> (a, b, w) per pair ``[m]`` each, in row order."""
+    cols = []
+    for name, dtype in (("b", "<i4"), ("w", "<i8")):
+        col = batch.column(batch.schema.get_field_index(name))
+        offsets = np.frombuffer(col.buffers()[1], "<i4")[col.offset:col.offset + len(col) + 1]
+        values = np.frombuffer(col.buffers()[2], dtype)
+        size = np.dtype(dtype).itemsize
+        cols.append((values[offsets[0] // size:offsets[-1] // size], np.diff(offsets) // size))
+    (b, n), (w, _) = cols
+    a = np.repeat(_values(batch, "a"), n)
+    return [a, b.astype(np.int64), w.astype(np.int64)]
 
 
 def _binary_rows(x: np.ndarray) -> pa.BinaryArray:
@@ -232,13 +342,11 @@ def _binary_rows(x: np.ndarray) -> pa.BinaryArray:
     return pa.BinaryArray.from_buffers(pa.binary(), len(x), [None, offsets.buffers()[1], data])
 
 
-def _whole_keys(batches: Iterator[pa.RecordBatch], names: tuple[str, ...]
-                ) -> Iterator[list[np.ndarray]]:
-    """Columns of batches sorted by ``names[0]``, re-cut so that no key straddles two chunks:
-    the rows of a batch's last key are held back and prepended to the next batch."""
+def _whole_keys(chunks: Iterable[list[np.ndarray]]) -> Iterator[list[np.ndarray]]:
+    """Column chunks sorted by their first column, re-cut so that no key straddles two chunks:
+    the rows of a chunk's last key are held back and prepended to the next one."""
     held: list[np.ndarray] | None = None
-    for batch in batches:
-        cols = [_values(batch, c) for c in names]
+    for cols in chunks:
         if held is not None:
             cols = [np.concatenate([x, y]) for x, y in zip(held, cols)]
         if len(cols[0]) == 0:
@@ -253,26 +361,30 @@ def _whole_keys(batches: Iterator[pa.RecordBatch], names: tuple[str, ...]
 
 @dataclass(frozen=True)
 class CollabTask:
-    """``mapInArrow``: partial co-occurrence rows (a, b, h_b, w) sorted by (a, b), every row of
-    an ``a`` in one partition -> per a: its collaborative vector and its top partners.
+    """``mapInArrow``: packed partial co-occurrence rows (:data:`COOC_SCHEMA`) sorted by a,
+    every row of an ``a`` in one partition -> per a: its collaborative vector and its top
+    partners.
 
-    ``h`` is ``xxhash64(seed, collab part, b)`` (computed by Spark before the shuffle, as for
-    every other feature hash). The vector is the L2-normalised ``sum_b count_ab * r(h_b)``
-    (:func:`project`, so bit-identical to projecting the aggregated counts); the partners
-    are the ``pairs_per_item`` largest counts, ties to the smaller b, ranks from 1.
+    ``h_b = xxhash64(seed, collab part, b)``, the hash Spark gives every other feature
+    (:func:`xxhash64_long` from ``hash_seed`` = :func:`part_seed`). The vector is the
+    L2-normalised ``sum_b count_ab * r(h_b)`` (:func:`project`, so bit-identical to projecting
+    the aggregated counts); the partners are the ``pairs_per_item`` largest counts, ties to the
+    smaller b, ranks from 1.
     """
 
     collab_dim: int
     """collaborative part size"""
     pairs_per_item: int
     """partners kept per item"""
+    hash_seed: int
+    """running xxhash64 state before ``b`` (:func:`part_seed` of the ETL seed, collab part)"""
 
-    def _emit(self, a: np.ndarray, b: np.ndarray, h: np.ndarray, w: np.ndarray
-              ) -> pa.RecordBatch:
+    def _emit(self, a: np.ndarray, b: np.ndarray, w: np.ndarray) -> pa.RecordBatch:
         new = np.ones(len(a), dtype=bool)
         new[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
         starts = np.flatnonzero(new)  # [G] first row of each distinct (a, b)
-        A, B, H = a[starts], b[starts], h[starts]
+        A, B = a[starts], b[starts]
+        H = xxhash64_long(B, self.hash_seed)  # [G] the hash of each partner
         W = np.add.reduceat(w.astype(np.int64), starts)  # [G] total count of each (a, b)
         items, x = project(A, np.full(len(A), _COLLAB), H, W, 0, self.collab_dim, 1.0)
         # top partners: by count desc, then b asc, inside each a (A is sorted)
@@ -295,8 +407,10 @@ class CollabTask:
         ], names=["item_idx", "x", "positive", "weight", "rank"])
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for cols in _whole_keys(batches, ("a", "b", "h", "w")):
-            yield self._emit(*cols)
+        for a, b, w in _whole_keys(unpack_partners(batch) for batch in batches):
+            # an item's runs come from several sequence batches: order its pairs by b
+            order = np.argsort((a << 32) | b, kind="stable")  # a < 2^31, b < 2^31
+            yield self._emit(a[order], b[order], w[order])
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,13 +465,13 @@ def collab(seq: DataFrame, cfg: EtlConfig, num_items: int | None = None) -> Data
     """User sequences -> :data:`COLLAB_SCHEMA` rows: each item's collaborative vector (from
     co-occurrence counts in training regions, both directions) and its top partners."""
     if num_items is not None and num_items > _MAX_ITEMS:
-        raise ValueError(f"co-occurrence packs item pairs into 64 bits: {num_items} items > 2^32")
+        raise ValueError(f"co-occurrence packs item_idx into 31 bits: {num_items} items > 2^31")
     task = CoocTask(cfg.holdout, cfg.min_user_interactions, cfg.negative_threshold,
                     cfg.cooc_window)
     partial = seq.select("items", "fb").mapInArrow(task, COOC_SCHEMA)
-    rows = partial.select("a", "b", _hashed(cfg, _COLLAB, F.col("b")), "w")
-    return (rows.repartition(cfg.shuffle_partitions, "a").sortWithinPartitions("a", "b")
-            .mapInArrow(CollabTask(cfg.collab_dim, cfg.pairs_per_item), COLLAB_SCHEMA))
+    return (partial.repartition(cfg.shuffle_partitions, "a").sortWithinPartitions("a")
+            .mapInArrow(CollabTask(cfg.collab_dim, cfg.pairs_per_item,
+                                   part_seed(cfg.seed, _COLLAB)), COLLAB_SCHEMA))
 
 
 def top_pairs(collab_rows: DataFrame, index: DataFrame) -> DataFrame:
