@@ -14,6 +14,7 @@ process, on real synthetic sequences, with no Spark around it, and splits the ti
 - ``write``: ``write_shard`` of every folder (encode + tar member + fsync + sha256), so
   ``write - encode`` is the tar and file part;
 - ``encode_stdlib_json``: the same record bodies through the standard library's ``json``
+  (numpy list fields converted with ``tolist()`` inside the timing)
   (what the codec used before orjson) + the same zstd, side by side in the same run.
 
 The sequences: the first ``--users`` users of a synthetic log (``higr_dist.etl.synthetic``,
@@ -54,6 +55,11 @@ def _log(args: argparse.Namespace) -> str:
                  str(data))
         spark.stop()
     return str(data / "interactions")
+
+
+def _as_list(value):
+    """The stdlib json's fallback for the numpy arrays records hold (their lists)."""
+    return value.tolist()
 
 
 def sequence_batch(log: str, users: int):
@@ -110,7 +116,7 @@ def run_once(batch, cfg, out_dir: Path) -> dict:
         for _, _, sample in records:
             body = {**{k: sample[k] for k in schema.field_names}, "_v": schema.version}
             cctx.compress(json.dumps(body, sort_keys=True, separators=(",", ":"),
-                                     allow_nan=False).encode())
+                                     allow_nan=False, default=_as_list).encode())
     t2b = time.perf_counter()
     for folder, records in enumerate(per_folder):
         write_shard(out_dir / f"f{folder}.tar", FOLDERS[USER_KINDS[folder]],

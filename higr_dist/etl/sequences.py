@@ -5,7 +5,8 @@ Design
 Spark builds one row per user (``user_id, uhash, items, fb, ts``: arrays in time order, ties
 broken by item_idx then watch ratio, so the order is total and deterministic) with a sorted
 ``collect_list`` inside the user partitions made by validation (no further shuffle). Record
-construction is plain Python over numpy slices (:func:`slate_samples` for val/test,
+construction is plain Python over numpy slices (list fields stay numpy arrays: the codec
+writes them without a Python object per element) (:func:`slate_samples` for val/test,
 :func:`slate_group` for train, :func:`pref_group` for prefs) run in the shard writers, so a
 record is built once, right where it is encoded. Training and preference windows are stored
 one record per user (``higr_dist.schema.slates``): the split and the y+/negative selection
@@ -126,8 +127,8 @@ def slate_samples(user_id: str, uhash: int, items: np.ndarray, fb: np.ndarray, t
         h0 = max(0, s - hl)
         yield _order(uhash, s), sample_key(uhash, s), {
             "user_id": user_id, "split": split, "ts": int(ts[s]),
-            "hist_items": items[h0:s].tolist(), "hist_fb": fb[h0:s].tolist(),
-            "target_items": items[s:s + N].tolist(), "target_fb": fb[s:s + N].tolist(),
+            "hist_items": items[h0:s], "hist_fb": fb[h0:s],
+            "target_items": items[s:s + N], "target_fb": fb[s:s + N],
         }
 
 
@@ -141,8 +142,8 @@ def slate_group(user_id: str, uhash: int, items: np.ndarray, fb: np.ndarray, ts:
     lo, hi = max(0, starts[0] - cfg.history_len), starts[-1] + cfg.slate_size
     return _order(uhash, 0), group_key(uhash), {
         "user_id": user_id, "offset": lo,
-        "items": items[lo:hi].tolist(), "fb": fb[lo:hi].tolist(),
-        "starts": [s - lo for s in starts], "start_ts": ts[starts].tolist(),
+        "items": items[lo:hi], "fb": fb[lo:hi],
+        "starts": [s - lo for s in starts], "start_ts": ts[starts],
         "history_len": cfg.history_len, "slate_size": cfg.slate_size,
     }
 
@@ -227,12 +228,12 @@ def pref_group(user_id: str, uhash: int, items: np.ndarray, fb: np.ndarray, ts: 
     n0, n1 = windows.neg_offsets[k0], windows.neg_offsets[k1]
     return _order(uhash, 0), group_key(uhash), {
         "user_id": user_id, "offset": lo,
-        "items": items[lo:hi].tolist(), "fb": fb[lo:hi].tolist(),
-        "starts": (starts - lo).tolist(), "start_ts": ts[starts].tolist(),
+        "items": items[lo:hi], "fb": fb[lo:hi],
+        "starts": starts - lo, "start_ts": ts[starts],
         "history_len": cfg.history_len, "slate_size": cfg.slate_size,
-        "pos": (windows.top[k0:k1].ravel() - lo).tolist(),
-        "neg": (windows.neg[n0:n1] - lo).tolist(),
-        "neg_offsets": (windows.neg_offsets[k0:k1 + 1] - n0).tolist(),
+        "pos": windows.top[k0:k1].ravel() - lo,
+        "neg": windows.neg[n0:n1] - lo,
+        "neg_offsets": windows.neg_offsets[k0:k1 + 1] - n0,
     }
 
 

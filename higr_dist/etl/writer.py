@@ -33,7 +33,7 @@ windows (``higr_dist.schema.slates``), so a shard's size target counts records (
 the manifest gives both ``records`` and ``samples`` (the windows they unpack to).
 
 Arrow: rows arrive as ``pyarrow.RecordBatch``; list columns are read as (offsets, values) numpy
-views, so building a sample is slicing plus ``tolist()``.
+views, so building a sample is slicing (the codec writes numpy arrays as JSON lists).
 """
 
 from __future__ import annotations

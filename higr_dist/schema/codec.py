@@ -77,8 +77,17 @@ def _enc_value(kind: FieldKind, v: Any, name: str) -> Any:
     if kind == "str":
         return str(v)
     if kind == "ints":
+        if isinstance(v, np.ndarray) and v.ndim == 1 and (
+                v.dtype.kind == "i" or (v.dtype.kind == "u" and v.dtype.itemsize < 8)):
+            return np.ascontiguousarray(v, dtype=np.int64)  # orjson writes it natively
         return [int(x) for x in v]
     if kind == "floats":
+        if isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind == "f":
+            arr = np.ascontiguousarray(v, dtype=np.float64)
+            if not np.isfinite(arr).all():
+                raise SchemaError(f"field {name!r}: holds NaN or an infinity "
+                                  "(floats must be finite)")
+            return arr
         out = [float(x) for x in v]
         if not math.isfinite(sum(out)) and not all(map(math.isfinite, out)):  # sum: one C pass
             raise SchemaError(f"field {name!r}: holds NaN or an infinity (floats must be finite)")
@@ -138,7 +147,9 @@ class SampleSchema:
                                   f"unexpected {extra}")
         body = {f.name: _enc_value(f.kind, sample[f.name], f.name) for f in self.fields}
         body["_v"] = self.version
-        raw = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)  # compact, sorted keys
+        # compact, sorted keys; 1-D int64/float64 arrays are written as the lists they hold
+        # (the same bytes as their .tolist(), without building Python objects per element)
+        raw = orjson.dumps(body, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY)
         return _cctx().compress(raw)
 
     def decode(self, blob: bytes) -> dict:
