@@ -17,8 +17,9 @@ times, each in the same session, on ``local[2]`` with 8 shuffle partitions:
   ``--records-per-user`` tar members per user (webdataset ``TarWriter``, one zstd frame each, a
   fixed ``--record-bytes`` JSON body compressed per member: record *building* costs nothing
   here) and forms the co-occurrence pairs with the ETL's own numpy kernel
-  (``features.cooc_counts``) -> the shuffle of those partial counts by item, sorted by
-  (a, b) -> a pass-through Python ``mapInArrow``. Everything else the ETL does is left out:
+  (``features.cooc_counts``), packed one row per item as the ETL ships them
+  (``features.pack_partners``) -> the shuffle of those packed partial counts by item, sorted
+  by item -> a Python ``mapInArrow`` that only unpacks them. Everything else the ETL does is left out:
   validation reasons, duplicate detection, the catalogue, hashing and projecting the
   co-occurrence rows, top pairs, items and pairs shards, the quarantine, counting passes. So
   any ETL writing the same shards costs at least this on the same cores.
@@ -125,7 +126,7 @@ def _fused_floor(by_user, shard_dir: Path, args: argparse.Namespace):
         import zstandard
         from pyspark import TaskContext
 
-        from higr_dist.etl.features import cooc_counts
+        from higr_dist.etl.features import cooc_counts, pack_partners
 
         cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
         pid = TaskContext.get().partitionId()
@@ -142,17 +143,20 @@ def _fused_floor(by_user, shard_dir: Path, args: argparse.Namespace):
                         tar.write({"__key__": f"{u:016x}{k}", "json.zst": cctx.compress(body)})
                 a, bb, w = cooc_counts(offsets, items, fb, cfg.holdout, cfg.min_user_interactions,
                                        cfg.negative_threshold, window)
-                yield pa.RecordBatch.from_arrays([pa.array(a), pa.array(bb), pa.array(w)],
-                                                 names=["a", "b", "w"])
+                yield pack_partners(a, bb, w)
             tar.close()
 
-    def count(batches):
-        for b in batches:
-            yield pa.RecordBatch.from_arrays([pa.array([b.num_rows], pa.int64())], names=["n"])
+    def count(batches):  # partial (a, b) pairs that went through the shuffle
+        from higr_dist.etl.features import unpack_partners
 
-    pairs = by_user.mapInArrow(user_pass, "a long, b long, w long")
-    return (pairs.repartition(8, "a").sortWithinPartitions("a", "b")
-            .mapInArrow(count, "n long"))
+        for b in batches:
+            n = len(unpack_partners(b)[0])
+            yield pa.RecordBatch.from_arrays([pa.array([n], pa.int64())], names=["n"])
+
+    from higr_dist.etl.features import COOC_SCHEMA
+
+    pairs = by_user.mapInArrow(user_pass, COOC_SCHEMA)
+    return pairs.repartition(8, "a").sortWithinPartitions("a").mapInArrow(count, "n long")
 
 
 if __name__ == "__main__":
