@@ -19,10 +19,10 @@ times, each in the same session, on ``local[2]`` with 8 shuffle partitions:
   here) and forms the co-occurrence pairs with the ETL's own numpy kernel
   (``features.cooc_counts``), packed one row per item as the ETL ships them
   (``features.pack_partners``) -> the shuffle of those packed partial counts by item, sorted
-  by item -> a Python ``mapInArrow`` that only unpacks them. Everything else the ETL does is left out:
-  validation reasons, duplicate detection, the catalogue, hashing and projecting the
-  co-occurrence rows, top pairs, items and pairs shards, the quarantine, counting passes. So
-  any ETL writing the same shards costs at least this on the same cores.
+  by item -> a Python ``mapInArrow`` that only unpacks them. Everything else the ETL does is
+  left out: validation reasons, duplicate detection, the catalogue, hashing and projecting
+  the co-occurrence rows, top pairs, items and pairs shards, the quarantine, counting passes.
+  So an ETL writing the same shards in this shape costs at least this on the same cores.
 
 The ETL needs at least two shuffles (per-user sequences and co-occurrence counts) plus its
 writers, so these numbers bound what ``bench/etl.py`` can reach on the same cores.
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         timed("shuffle_collect_mapInArrow",
               lambda: by_user.mapInArrow(passthrough, "n long").agg(F.sum("n")).collect())
     fused = _fused_floor(by_user, Path(args.work) / "fused_shards", args)
-    shuffled: dict[str, int] = {}  # (a, b, w) rows through the second shuffle
+    shuffled: dict[str, int] = {}  # (a, b) pairs through the second shuffle
     timed("fused_floor", lambda: shuffled.update(n=int(fused.agg(F.sum("n")).first()[0] or 0)))
     out = {"bench": "spark_floor", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "machine": {"platform": platform.platform(), "spark": spark.version},
@@ -114,9 +114,10 @@ def _fused_floor(by_user, shard_dir: Path, args: argparse.Namespace):
     """The ``fused_floor`` plan (see the module docstring); its rows: ``n`` per Python batch."""
     import pyarrow as pa
 
-    shard_dir.mkdir(parents=True, exist_ok=True)
     from higr_dist.etl.config import EtlConfig
+    from higr_dist.etl.features import COOC_SCHEMA
 
+    shard_dir.mkdir(parents=True, exist_ok=True)
     cfg = EtlConfig()  # the ETL's defaults: split sizes and feedback thresholds
     kinds, body = args.records_per_user, (b"1234567890," * (args.record_bytes // 11 + 1))
     body, window = body[:args.record_bytes], args.cooc_window
@@ -152,8 +153,6 @@ def _fused_floor(by_user, shard_dir: Path, args: argparse.Namespace):
         for b in batches:
             n = len(unpack_partners(b)[0])
             yield pa.RecordBatch.from_arrays([pa.array([n], pa.int64())], names=["n"])
-
-    from higr_dist.etl.features import COOC_SCHEMA
 
     pairs = by_user.mapInArrow(user_pass, COOC_SCHEMA)
     return pairs.repartition(8, "a").sortWithinPartitions("a").mapInArrow(count, "n long")

@@ -34,9 +34,11 @@ ETL on 2 cores, ~4 s of it in the per-value JVM <-> Arrow conversion alone
 (``bench/spark_floor.py``-style probes); packed, ~0.3M rows of byte buffers move instead
 (memory copies) and the per-pair work is numpy's. The price is that an item's partial runs
 are decoded and re-sorted in Python, and that a packed row holds one item's partners of one
-batch (bounded by the catalogue size). At 10M interactions there are ~30M partial and ~20M distinct
-(a, b) rows; Spark aggregating them, persisting them, shuffling them again as feature rows and
-sorting them a third time for the top-P window cost ~40% of the ETL (and the hash
+batch (bounded by the catalogue size).
+
+Why Spark does not aggregate the pairs: at 10M interactions the ~32M partial rows hold ~16M
+distinct (a, b); Spark aggregating them, persisting them, shuffling them again as feature rows
+and sorting them a third time for the top-P window cost ~40% of the ETL (and the hash
 aggregate's memory ran short in a 2 GiB heap). The output is one row per item with
 co-occurrence plus ``pairs_per_item`` pair rows per item: small.
 
@@ -106,36 +108,22 @@ _M64 = (1 << 64) - 1
 _SPARK_XXHASH_SEED = 42
 
 
-def _fmix(h: int) -> int:
-    h = ((h ^ (h >> 33)) * _P2) & _M64
+def _xxhash64_int(value: int, seed: int) -> int:
+    """Spark's ``XXH64.hashInt`` (a 4-byte input), on Python ints (unsigned 64-bit)."""
+    h = (seed + _P5 + 4) & _M64
+    h ^= ((value & 0xFFFFFFFF) * _P1) & _M64
+    h = ((((h << 23) | (h >> 41)) & _M64) * _P2 + _P3) & _M64  # rotl 23
+    h = ((h ^ (h >> 33)) * _P2) & _M64  # fmix
     h = ((h ^ (h >> 29)) * _P3) & _M64
     return h ^ (h >> 32)
 
 
-def _rotl(x: int, r: int) -> int:
-    return ((x << r) | (x >> (64 - r))) & _M64
-
-
-def _xxhash64_int(value: int, seed: int) -> int:
-    """Spark's ``XXH64.hashInt`` (a 4-byte input), on Python ints."""
-    h = (seed + _P5 + 4) & _M64
-    h ^= ((value & 0xFFFFFFFF) * _P1) & _M64
-    return _fmix((_rotl(h, 23) * _P2 + _P3) & _M64)
-
-
-def _xxhash64_long_py(value: int, seed: int) -> int:
-    """Spark's ``XXH64.hashLong`` (an 8-byte input), on Python ints."""
-    h = (seed + _P5 + 8) & _M64
-    h ^= (_rotl((value * _P2) & _M64, 31) * _P1) & _M64
-    return _fmix((_rotl(h, 27) * _P1 + _P4) & _M64)
-
-
 def _lit_hash(value: int, seed: int) -> int:
     """Fold a Python int literal into the running hash the way ``F.lit`` types it: int32 ->
-    ``hashInt``, else ``hashLong``."""
+    ``hashInt``, else ``hashLong`` (:func:`xxhash64_long`)."""
     if -(1 << 31) <= value < (1 << 31):
         return _xxhash64_int(value, seed)
-    return _xxhash64_long_py(value, seed)
+    return int(xxhash64_long(np.array([value], dtype=np.int64), seed).view(np.uint64)[0])
 
 
 def xxhash64_long(values: np.ndarray, seed: int) -> np.ndarray:
@@ -301,13 +289,13 @@ class ProjectTask:
 def _binary_runs(values: np.ndarray, starts: np.ndarray) -> pa.BinaryArray:
     """Runs ``values[starts[i]:starts[i + 1]]`` (the last to the end) as one binary value each:
     the values' little-endian bytes, zero-copy offsets into one buffer."""
-    data = np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<")))
+    data = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))  # no copy if so
     ends = np.append(starts, len(values)) * data.itemsize
     if ends[-1] >= 1 << 31:
         raise ValueError(f"a packed partner batch of {ends[-1]} bytes needs 64-bit offsets")
-    offsets = pa.py_buffer(ends.astype("<i4").tobytes())
+    offsets = pa.py_buffer(np.ascontiguousarray(ends, dtype="<i4"))
     return pa.BinaryArray.from_buffers(pa.binary(), len(starts),
-                                       [None, offsets, pa.py_buffer(data.tobytes())])
+                                       [None, offsets, pa.py_buffer(data)])
 
 
 def pack_partners(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> pa.RecordBatch:
@@ -316,8 +304,8 @@ def pack_partners(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> pa.RecordBatch
     new[1:] = a[1:] != a[:-1]
     starts = np.flatnonzero(new)  # [A] first row of each item a
     return pa.RecordBatch.from_arrays(
-        [pa.array(a[starts], pa.int64()), _binary_runs(b.astype(np.int32), starts),
-         _binary_runs(w.astype(np.int64), starts)], names=["a", "b", "w"])
+        [pa.array(a[starts], pa.int64()), _binary_runs(b.astype("<i4"), starts),
+         _binary_runs(w.astype("<i8"), starts)], names=["a", "b", "w"])
 
 
 def unpack_partners(batch: pa.RecordBatch) -> list[np.ndarray]:

@@ -5,10 +5,10 @@ Design
 Spark builds one row per user (``user_id, uhash, items, fb, ts``: arrays in time order, ties
 broken by item_idx then watch ratio, so the order is total and deterministic) with a sorted
 ``collect_list`` inside the user partitions made by validation (no further shuffle). Record
-construction is plain Python over numpy slices (list fields stay numpy arrays: the codec
-writes them without a Python object per element) (:func:`slate_samples` for val/test,
+construction is plain Python over numpy slices (:func:`slate_samples` for val/test,
 :func:`slate_group` for train, :func:`pref_group` for prefs) run in the shard writers, so a
-record is built once, right where it is encoded. Training and preference windows are stored
+record is built once, right where it is encoded; list fields stay numpy arrays, which the
+codec writes without a Python object per element. Training and preference windows are stored
 one record per user (``higr_dist.schema.slates``): the split and the y+/negative selection
 are decided here, the loader only cuts the windows out.
 
