@@ -353,6 +353,24 @@ def test_typed_parquet_log_gives_the_csv_shards_and_keeps_its_types(spark, tmp_p
         r for r, n in want.items() for _ in range(n))
 
 
+def test_duplicates_follow_sparks_value_equality(spark, tmp_path):
+    """Typed columns: -0.0 duplicates 0.0, NaN duplicates NaN (both stay bad_feedback), and a
+    null duplicates a null; every copy still comes out once."""
+    rows = [("u", "i01", T0, 0.0), ("u", "i01", T0, -0.0),  # kept + duplicate
+            ("u", "i02", T0, float("nan")), ("u", "i02", T0, float("nan")),  # bad_feedback x2
+            ("u", "i03", None, 1.0), ("u", "i03", None, 1.0)]  # bad_timestamp x2
+    table = pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                      "timestamp": pa.array([r[2] for r in rows], pa.int64()),
+                      "watch_ratio": [r[3] for r in rows]})
+    pq.write_table(table, tmp_path / "log.parquet")
+    cfg = _hand_cfg()
+    catalog = build_catalog(read_items(spark, _hand_items(tmp_path), cfg.source), cfg)
+    src = read_interactions(spark, str(tmp_path / "log.parquet"), cfg.source)
+    got = classify_interactions(src, catalog.index, catalog.num_items, cfg).collect()
+    assert Counter(r["reason"] for r in got) == {
+        "short_user": 1, "duplicate": 1, "bad_feedback": 2, "bad_timestamp": 2}
+
+
 @pytest.mark.parametrize("kind", ["timestamp", "date"])
 def test_parquet_timestamp_and_date_columns_become_epoch_seconds(spark, tmp_path, kind):
     """A data-lake log with a real TIMESTAMP (or DATE) column needs no conversion first."""

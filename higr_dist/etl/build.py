@@ -3,8 +3,8 @@
 Pipeline (see docs/DESIGN.md "ETL output folder" for the contract)::
 
     items table --validate--> catalogue (dense item_idx) --> item_index/, quarantine_items/
-    interactions --validate (1 shuffle, by user)--> quarantine/ + valid rows
-        valid rows --per-user sorted arrays--> sequences (persisted)
+    interactions --validate (1 shuffle, by user; 1 aggregate)--> quarantine/ + per-user
+        sorted arrays = sequences (persisted)
             sequences --> co-occurrence (training regions) --> collaborative vectors + top
                           pairs (one numpy pass per item: features.collab)
             catalogue --> content vectors (category ids + caption n-grams)
@@ -38,7 +38,6 @@ from pathlib import Path
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
 
 from higr_dist.config import ConfigError, config_hash, load, to_dict
 from higr_dist.etl import features
@@ -47,7 +46,7 @@ from higr_dist.etl.config import INTERACTION_REASONS, EtlConfig, SourceConfig
 from higr_dist.etl.sequences import build_sequences, sample_counts
 from higr_dist.etl.sources import read_interactions, read_items, resolve_format
 from higr_dist.etl.spark import materialise
-from higr_dist.etl.validate import classify_interactions
+from higr_dist.etl.validate import by_user, classify_interactions, quarantined, rows_kept
 from higr_dist.etl.writer import (
     USER_KINDS,
     build_items,
@@ -114,13 +113,13 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _reason_counts(classified: DataFrame) -> tuple[int, dict[str, int]]:
-    counts = {r["reason"]: r["count"] for r in classified.groupBy("reason").count().collect()}
-    kept = counts.pop(None, 0)
+def _reason_counts(quarantine: DataFrame) -> dict[str, int]:
+    """Quarantined rows per reason (every reason listed, zeros included)."""
+    counts = {r["reason"]: r["count"] for r in quarantine.groupBy("reason").count().collect()}
     unknown = set(counts) - set(INTERACTION_REASONS)
     if unknown:
         raise RuntimeError(f"unexpected quarantine reasons {sorted(unknown)}")
-    return kept, {r: counts.get(r, 0) for r in INTERACTION_REASONS}
+    return {r: counts.get(r, 0) for r in INTERACTION_REASONS}
 
 
 def _records(expected: dict, kind_dir: str) -> int:
@@ -145,7 +144,9 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str,
     persisted: list[DataFrame] = []
 
     def keep(df: DataFrame) -> DataFrame:
-        persisted.append(df.persist(StorageLevel.MEMORY_AND_DISK))
+        # deserialized: the columnar cache's batches are kept as built; the serialized level
+        # (pyspark's MEMORY_AND_DISK) serializes every batch again, ~2-4 s at 10M rows
+        persisted.append(df.persist(StorageLevel.MEMORY_AND_DISK_DESER))
         return persisted[-1]
 
     t_start = time.perf_counter()
@@ -174,21 +175,21 @@ def _run(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str, out
         index = spark.read.parquet(str(out / "item_index"))
 
     with timer.phase("validate"):
+        # validation, the quarantine and the per-user sequences: one shuffle, one aggregate
         source = read_interactions(spark, interactions, cfg.source)
-        classified = keep(classify_interactions(source, index, catalog.num_items, cfg))
-        rows_out, by_reason = _reason_counts(classified)
+        users = keep(by_user(classify_interactions(source, index, catalog.num_items, cfg),
+                             source.columns))
+        seq = build_sequences(users)
+        expected = sample_counts(seq, cfg)  # computes and caches ``users``
+        rows_out = rows_kept(users)
+        bad = quarantined(users)
+        by_reason = _reason_counts(bad)
         rows_in = source.df.count()
-        quarantined = sum(by_reason.values())
-        if rows_in != rows_out + quarantined:
+        quarantined_rows = sum(by_reason.values())
+        if rows_in != rows_out + quarantined_rows:
             raise RuntimeError(f"row accounting broken: {rows_in} in != {rows_out} out + "
-                               f"{quarantined} quarantined")
-        (classified.where(F.col("reason").isNotNull()).select(*source.columns, "reason")
-         .write.mode("overwrite").parquet(str(out / "quarantine")))
-
-    with timer.phase("sequences"):
-        seq = keep(build_sequences(classified.where(F.col("reason").isNull())))
-        expected = sample_counts(seq, cfg)
-        classified.unpersist()
+                               f"{quarantined_rows} quarantined")
+        bad.write.mode("overwrite").parquet(str(out / "quarantine"))
 
     with timer.phase("features"):
         collab = materialise(features.collab(seq, cfg, catalog.num_items))
@@ -227,7 +228,7 @@ def _run(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str, out
                    "format": resolve_format(cfg.source, interactions)},
         "rows_in": rows_in,
         "rows_out": rows_out,
-        "rows_quarantined": quarantined,
+        "rows_quarantined": quarantined_rows,
         "quarantine_by_reason": by_reason,
         "items_table": {"rows_in": catalog.rows_in, "rows_out": catalog.num_items,
                         "rows_quarantined": sum(catalog.quarantine_by_reason.values()),

@@ -4,7 +4,8 @@ Design
 ------
 Spark builds one row per user (``user_id, uhash, items, fb, ts``: arrays in time order, ties
 broken by item_idx then watch ratio, so the order is total and deterministic) with a sorted
-``collect_list`` inside the user partitions made by validation (no further shuffle). Record
+``collect_list`` inside the user partitions made by validation (no further shuffle; the
+aggregate is ``higr_dist.etl.validate.by_user``, which also sets the quarantined rows apart). Record
 construction is plain Python over numpy slices (:func:`slate_samples` for val/test,
 :func:`slate_group` for train, :func:`pref_group` for prefs) run in the shard writers, so a
 record is built once, right where it is encoded; list fields stay numpy arrays, which the
@@ -47,11 +48,10 @@ SPLITS = ("train", "val", "test")
 _M64 = (1 << 64) - 1
 
 
-def build_sequences(valid: DataFrame) -> DataFrame:
-    """Valid rows (``_user, _idx, _ts, _wr``) -> one row per user with time-ordered arrays."""
-    ev = F.sort_array(F.collect_list(F.struct(
-        F.col("_ts").alias("t"), F.col("_idx").alias("i"), F.col("_wr").alias("w"))))
-    return valid.groupBy("_user").agg(ev.alias("ev")).select(
+def build_sequences(users: DataFrame) -> DataFrame:
+    """``higr_dist.etl.validate.by_user``'s output -> one row per user with time-ordered arrays
+    (``user_id, uhash, items, fb, ts``)."""
+    return users.where(F.col("_grp") == 0).select(
         F.col("_user").alias("user_id"),
         F.xxhash64("_user").alias("uhash"),
         F.col("ev.i").alias("items"),
