@@ -496,3 +496,11 @@ def test_numpy_xxhash64_equals_sparks(spark):
         got = [r["h"] for r in df.select(_hashed(cfg, _COLLAB, F.col("b"))).collect()]
         want = xxhash64_long(np.array(values, dtype=np.int64), part_seed(seed, _COLLAB))
         assert got == want.tolist(), seed
+
+
+def test_a_session_we_launch_uses_the_parallel_gc(spark):
+    """get_spark's JVM runs the throughput collector (module docstring of etl.spark)."""
+    beans = spark.sparkContext._jvm.java.lang.management.ManagementFactory
+    args = [str(a) for a in beans.getRuntimeMXBean().getInputArguments()]
+    assert "-XX:+UseParallelGC" in args
+    assert any(str(g.getName()).startswith("PS ") for g in beans.getGarbageCollectorMXBeans())
