@@ -69,13 +69,18 @@ def classify_interactions(src: Source, item_ids: DataFrame, num_items: int,
     """
     cols = list(src.columns)
     derived = [e.alias(n) for n, e in src.canonical if n != "_user"]  # _item, _ts, _wr, _xbad
-    # the shuffle carries the source columns and _user only; the rest is derived after it
-    parts = (src.df.select(*cols, "_user").repartition(cfg.shuffle_partitions, "_user")
-             .select(*cols, "_user", *derived))
     ids = item_ids.select(F.col("item_id").alias("_item_key"), F.col("item_idx").alias("_idx"))
     if num_items <= cfg.broadcast_items_max:
-        ids = F.broadcast(ids)
-    joined = parts.join(ids, parts["_item"] == ids["_item_key"], "left").drop("_item_key")
+        # the shuffle carries the source columns and _user only; the rest is derived after it
+        parts = (src.df.select(*cols, "_user").repartition(cfg.shuffle_partitions, "_user")
+                 .select(*cols, "_user", *derived))
+        joined = parts.join(F.broadcast(ids), parts["_item"] == ids["_item_key"], "left")
+    else:
+        # a catalogue too big to broadcast: join first (a shuffle by item), then by user
+        rows = src.df.select(*cols, "_user", *derived)
+        joined = (rows.join(ids, rows["_item"] == ids["_item_key"], "left")
+                  .repartition(cfg.shuffle_partitions, "_user"))
+    joined = joined.drop("_item_key")
     # copies of one distinct row are numbered 1..n (any order: they are equal)
     same_row = Window.partitionBy("_user", *cols).orderBy(*cols)
     rows = (joined.withColumn("_reason0", _row_reason(cfg))
