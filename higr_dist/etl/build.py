@@ -46,7 +46,7 @@ from higr_dist.etl.config import INTERACTION_REASONS, EtlConfig, SourceConfig
 from higr_dist.etl.sequences import build_sequences, sample_counts
 from higr_dist.etl.sources import read_interactions, read_items, resolve_format
 from higr_dist.etl.spark import materialise
-from higr_dist.etl.validate import by_user, classify_interactions, quarantined, rows_kept
+from higr_dist.etl.validate import by_user, classify_interactions, quarantined
 from higr_dist.etl.writer import (
     USER_KINDS,
     build_items,
@@ -181,7 +181,7 @@ def _run(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str, out
                              source.columns))
         seq = build_sequences(users)
         expected = sample_counts(seq, cfg)  # computes and caches ``users``
-        rows_out = rows_kept(users)
+        rows_out = expected["rows"]  # the kept rows: all in the sequences
         bad = quarantined(users)
         by_reason = _reason_counts(bad)
         rows_in = source.df.count()

@@ -5,8 +5,8 @@ Design
 Spark builds one row per user (``user_id, uhash, items, fb, ts``: arrays in time order, ties
 broken by item_idx then watch ratio, so the order is total and deterministic) with a sorted
 ``collect_list`` inside the user partitions made by validation (no further shuffle; the
-aggregate is ``higr_dist.etl.validate.by_user``, which also sets the quarantined rows apart). Record
-construction is plain Python over numpy slices (:func:`slate_samples` for val/test,
+aggregate is ``higr_dist.etl.validate.by_user``, which also sets the quarantined rows apart).
+Record construction is plain Python over numpy slices (:func:`slate_samples` for val/test,
 :func:`slate_group` for train, :func:`pref_group` for prefs) run in the shard writers, so a
 record is built once, right where it is encoded; list fields stay numpy arrays, which the
 codec writes without a Python object per element. Training and preference windows are stored
@@ -262,7 +262,8 @@ def _pref_count(n: Column, fb: Column, cfg: EtlConfig) -> Column:
 
 
 def sample_counts(seq: DataFrame, cfg: EtlConfig) -> dict[str, int]:
-    """Samples each kind will get (one aggregate row reaches the driver)."""
+    """Samples each kind will get, and ``rows``: the interactions the sequences hold (one
+    aggregate row reaches the driver)."""
     n = F.size("items")
     ok = n >= cfg.min_user_interactions
     train = F.when(ok, _train_count(n, cfg)).otherwise(0)
@@ -271,10 +272,11 @@ def sample_counts(seq: DataFrame, cfg: EtlConfig) -> dict[str, int]:
         F.sum(train).alias("train"), F.sum(F.when(train > 0, 1).otherwise(0)).alias("train_g"),
         F.sum(F.when(ok, 1).otherwise(0)).alias("users"),
         F.sum(prefs).alias("prefs"), F.sum(F.when(prefs > 0, 1).otherwise(0)).alias("prefs_g"),
+        F.sum(n).alias("rows"),
     ).first()
     users = int(row["users"] or 0)
     return {"slates/train": int(row["train"] or 0), "slates/val": users, "slates/test": users,
-            "prefs": int(row["prefs"] or 0), "users": users,
+            "prefs": int(row["prefs"] or 0), "users": users, "rows": int(row["rows"] or 0),
             # records of the grouped kinds (one per user with >= 1 window)
             "groups": {"slates/train": int(row["train_g"] or 0),
                        "prefs": int(row["prefs_g"] or 0)}}

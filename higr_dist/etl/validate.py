@@ -77,8 +77,8 @@ def classify_interactions(src: Source, item_ids: DataFrame, num_items: int,
         joined = parts.join(F.broadcast(ids), parts["_item"] == ids["_item_key"], "left")
     else:
         # a catalogue too big to broadcast: join first (a shuffle by item), then by user
-        rows = src.df.select(*cols, "_user", *derived)
-        joined = (rows.join(ids, rows["_item"] == ids["_item_key"], "left")
+        logged = src.df.select(*cols, "_user", *derived)
+        joined = (logged.join(ids, logged["_item"] == ids["_item_key"], "left")
                   .repartition(cfg.shuffle_partitions, "_user"))
     joined = joined.drop("_item_key")
     # copies of one distinct row are numbered 1..n (any order: they are equal)
@@ -136,8 +136,3 @@ def by_user(classified: DataFrame, columns: Sequence[str]) -> DataFrame:
 def quarantined(users: DataFrame) -> DataFrame:
     """The quarantined rows of :func:`by_user`'s output: the source columns and ``reason``."""
     return users.where(F.col("_grp") > 0).select(F.explode("bad").alias("_b")).select("_b.*")
-
-
-def rows_kept(users: DataFrame) -> int:
-    """Kept rows of :func:`by_user`'s output (one aggregate row reaches the driver)."""
-    return int(users.where(F.col("_grp") == 0).agg(F.sum(F.size("ev"))).first()[0] or 0)
