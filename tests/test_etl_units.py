@@ -17,6 +17,7 @@ from higr_dist.etl.features import (
     part_seed,
     project,
     sign_matrix,
+    signed_sums,
     xxhash64_long,
 )
 from higr_dist.etl.sequences import (
@@ -336,6 +337,40 @@ def test_cooc_counts_match_a_naive_count():
                     want[(i, j)] += 1
                     want[(j, i)] += 1
     assert dict(zip(zip(a.tolist(), b.tolist()), w.tolist())) == dict(want)
+
+
+def test_signed_sums_equal_per_row_integer_sums(monkeypatch):
+    """The sparse product (signs drawn once per distinct hash, column chunks) gives exactly
+    the int64 sum of each row's signs times its count, large counts included."""
+    rng = np.random.default_rng(7)
+    n, groups, dim = 500, 23, 70
+    group = np.sort(rng.integers(0, groups, n))
+    h = rng.choice(rng.integers(-(2**63), 2**63 - 1, 40, dtype=np.int64), n)  # repeats
+    w = rng.integers(1, 2**40, n)  # int64 sums far above float32's exact range
+    want = np.zeros((groups, dim), dtype=np.int64)
+    np.add.at(want, group, sign_matrix(h, dim).astype(np.int64) * w[:, None])
+    monkeypatch.setattr(features, "_CHUNK", 7)  # several column chunks
+    got = signed_sums(group, groups, h, w, dim)
+    assert got.dtype == np.float64 and np.array_equal(got.astype(np.int64), want)
+
+
+@pytest.mark.parametrize("spread", [50, 10**9])  # presence map; np.unique fallback
+def test_small_unique_equals_numpy_unique(spread):
+    v = np.random.default_rng(spread).integers(0, spread, 300)
+    uniq, inverse = features._small_unique(v)
+    want, want_inverse = np.unique(v, return_inverse=True)
+    assert np.array_equal(uniq, want) and np.array_equal(inverse, want_inverse.ravel())
+    assert np.array_equal(uniq[inverse], v)
+
+
+@pytest.mark.parametrize("top", [5, 2**62])  # one packed key; lexsort fallback
+def test_by_group_then_desc_is_a_stable_lexsort(top):
+    rng = np.random.default_rng(top % 97)
+    group = np.sort(rng.integers(0, 30, 400))
+    value = rng.integers(0, 6, 400)
+    value[0] = top
+    order = features._by_group_then_desc(group, value)
+    assert np.array_equal(order, np.lexsort((-value, group)))
 
 
 def test_collab_task_equals_aggregate_then_project_then_top_p():
