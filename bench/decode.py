@@ -211,7 +211,7 @@ def load_run(run_dir: str | Path, batch_size: int, max_users: int = 0
     from higr_dist.data.loader import iterate_samples
     from higr_dist.data.shardio import list_shards
     from higr_dist.eval.harness import load_stage_model, load_trie
-    from higr_dist.schema import SLATE
+    from higr_dist.schema import FOLDERS
     from higr_dist.stages.hsd import SlateCollate
 
     run = Path(run_dir)
@@ -228,7 +228,8 @@ def load_run(run_dir: str | Path, batch_size: int, max_users: int = 0
     if cfg is None:
         raise FileNotFoundError(f"no trained hsd/orpo/flat model under {run}")
     collate = SlateCollate(sid_dir, cfg.N, cfg.history_len)
-    samples = list(iterate_samples(list_shards(run / "etl" / "slates" / "test"), SLATE))
+    samples = list(iterate_samples(list_shards(run / "etl" / "slates" / "test"),
+                                   FOLDERS["slates/test"]))
     if max_users:
         samples = samples[:max_users]
     batches = [collate(samples[i: i + batch_size]) for i in range(0, len(samples), batch_size)]

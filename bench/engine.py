@@ -106,7 +106,7 @@ def _write_pairs_etl(out: Path, n_shards: int, per_shard: int, dim: int) -> None
     import numpy as np
 
     from higr_dist.data.shardio import write_listing, write_shard
-    from higr_dist.schema import ITEM, PAIR
+    from higr_dist.schema import ITEM, PAIR_BLOCK, blocks
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(64, dim)).astype(np.float32)
@@ -124,10 +124,10 @@ def _write_pairs_etl(out: Path, n_shards: int, per_shard: int, dim: int) -> None
     for s in range(n_shards):
         a = rng.integers(0, N_ITEMS, size=per_shard)
         b = np.where(rng.random(per_shard) < 0.5, a, rng.integers(0, N_ITEMS, size=per_shard))
-        entries.append(write_shard(out / "pairs" / f"shard-{s:06d}.tar", PAIR, (
+        entries.append(write_shard(out / "pairs" / f"shard-{s:06d}.tar", PAIR_BLOCK, blocks((
             (f"s{s}_{i}", {"anchor": int(a[i]), "positive": int(b[i]), "weight": 1.0,
                            "x_anchor": x[a[i]], "x_positive": x[b[i]]})
-            for i in range(per_shard))))
+            for i in range(per_shard)), 32)))
     write_listing(out / "pairs", entries)
 
 
@@ -137,7 +137,7 @@ def _write_slates_etl(out: Path, n_shards: int, per_shard: int, K: int, L: int, 
     import numpy as np
 
     from higr_dist.data.shardio import write_listing, write_shard
-    from higr_dist.schema import SLATE_GROUP
+    from higr_dist.schema import SLATE_GROUP_BLOCK, blocks
     from higr_dist.schema.slates import slate_group_of
 
     rng = np.random.default_rng(0)
@@ -158,7 +158,8 @@ def _write_slates_etl(out: Path, n_shards: int, per_shard: int, K: int, L: int, 
                     "hist_fb": rng.gamma(2.0, 0.5, size=h).round(3).tolist(),
                     "target_items": rng.integers(0, N_ITEMS, size=N).tolist(),
                     "target_fb": rng.gamma(2.0, 0.5, size=N).round(3).tolist()})
-        entries.append(write_shard(folder / f"shard-{s:06d}.tar", SLATE_GROUP, samples()))
+        entries.append(write_shard(folder / f"shard-{s:06d}.tar", SLATE_GROUP_BLOCK,
+                                   blocks(samples(), 32)))
     write_listing(folder, entries)
 
 

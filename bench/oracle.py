@@ -82,7 +82,7 @@ from higr_dist.etl.synthetic import (  # noqa: E402
     watch_log_density,
 )
 from higr_dist.eval.metrics import SlateMetrics  # noqa: E402
-from higr_dist.schema import SLATE  # noqa: E402
+from higr_dist.schema import FOLDERS  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,7 +131,7 @@ def heldout(etl_dir: Path, split: str) -> tuple[dict[int, tuple[list, list]], di
     idx_of = dict(zip((int(i) for i in t.column("item_id").to_pylist()),
                       t.column("item_idx").to_pylist()))
     users = {}
-    for s in iterate_samples(list_shards(etl_dir / "slates" / split), SLATE):
+    for s in iterate_samples(list_shards(etl_dir / "slates" / split), FOLDERS[f"slates/{split}"]):
         users[int(s["user_id"])] = (list(s["target_items"]), list(s["target_fb"]))
     return users, idx_of
 

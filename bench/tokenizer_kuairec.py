@@ -251,8 +251,8 @@ def load_etl_data(etl_dir: Path, cfg: BenchConfig) -> BenchData:
     """
     from higr_dist.data.loader import iterate_samples
     from higr_dist.data.shardio import list_shards
+    from higr_dist.schema import FOLDERS
     from higr_dist.schema.items import ITEM
-    from higr_dist.schema.pairs import PAIR
 
     t0 = time.perf_counter()
     idx, xs, c1, c2 = [], [], [], []
@@ -270,7 +270,7 @@ def load_etl_data(etl_dir: Path, cfg: BenchConfig) -> BenchData:
     cat1 = np.asarray(c1, dtype=np.int64)[order]
     cat2 = np.asarray(c2, dtype=np.int64)[order]
     a, p, w = [], [], []
-    for s in iterate_samples(list_shards(etl_dir / "pairs"), PAIR):
+    for s in iterate_samples(list_shards(etl_dir / "pairs"), FOLDERS["pairs"]):
         a.append(int(s["anchor"]))
         p.append(int(s["positive"]))
         w.append(float(s["weight"]))

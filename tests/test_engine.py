@@ -29,7 +29,7 @@ from higr_dist.engine.ds_config import (
 )
 from higr_dist.engine.logging import format_line, metric_tag
 from higr_dist.engine.trainer import clip_gradients, schema_for, total_steps_for
-from higr_dist.schema import ITEM, PAIR
+from higr_dist.schema import ITEM, PAIR_BLOCK, blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny" / "tokenizer.yaml"
@@ -63,10 +63,10 @@ def write_tiny_etl(out: Path, pair_shards: tuple[int, ...] = (56, 56, 56, 24),
     entries, k = [], 0
     for s, n in enumerate(pair_shards):
         chunk = pairs[k:k + n]
-        entries.append(write_shard(folder / f"shard-{s:06d}.tar", PAIR, (
+        entries.append(write_shard(folder / f"shard-{s:06d}.tar", PAIR_BLOCK, blocks((
             (f"p{k + t:06d}", {"anchor": a, "positive": b, "weight": 1.0, "x_anchor": x[a],
                                "x_positive": x[b]})
-            for t, (a, b) in enumerate(chunk))))
+            for t, (a, b) in enumerate(chunk)), 4)))
         k += n
     write_listing(folder, entries)
     return out
@@ -133,7 +133,8 @@ def test_total_steps_from_epochs_uses_the_listing(tmp_path):
     assert total_steps_for(t, etl / "pairs") == 3 * math.ceil(192 / 64)
     t.max_steps = 5
     assert total_steps_for(t, etl / "pairs") == 5
-    assert schema_for("pairs") is PAIR and schema_for("slates/train").kind == "slate_group"
+    assert schema_for("pairs") is PAIR_BLOCK
+    assert schema_for("slates/train").kind == "slate_group_block"
 
 
 # --------------------------------------------------------------------------------------------

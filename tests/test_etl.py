@@ -43,7 +43,7 @@ T0 = 1_600_000_000
 HAND = ["slate_size=5", "holdout=5", "history_len=6", "stride=3", "min_history=2",
         "pref_window=10", "max_negatives=2", "pairs_per_item=2", "cooc_window=2",
         "content_dim=8", "collab_dim=8", "samples_per_shard=8", "min_shards=2",
-        "shuffle_partitions=2"]
+        "records_per_block=3", "shuffle_partitions=2"]
 
 #: alice's watch ratios at positions 10..19 (her one preference window)
 ALICE_FB = {10: 2.5, 11: 0.1, 12: 1.2, 13: 3.0, 14: 0.05, 15: 1.0, 16: 1.8, 17: 0.15, 18: 1.1,
@@ -237,13 +237,21 @@ def test_manifest_matches_shards(hand):
         entry = m["kinds"][kind_dir]
         listing = json.loads((out / kind_dir / "shards.json").read_text())
         assert listing["shards"] == entry["shards"]
-        # shards.json "samples" = tar records; a grouped kind's records unpack to more samples
-        assert entry["records"] == sum(s["samples"] for s in entry["shards"])
-        grouped = FOLDERS[kind_dir].unpack is not None
+        # shards.json "samples" = tar members; a block kind's member holds up to
+        # records_per_block records, and a grouped record unpacks to several samples
+        schema = FOLDERS[kind_dir]
+        assert entry["members"] == sum(s["samples"] for s in entry["shards"])
+        if schema.inner is not None:
+            assert (-(-entry["records"] // cfg.records_per_block) <= entry["members"]
+                    <= entry["records"])
+        else:
+            assert entry["members"] == entry["records"]
+        grouped = schema.unpack is not None
         unpacked = sum(s["unpacked"] if grouped else s["samples"] for s in entry["shards"])
         assert entry["samples"] == unpacked == len(_samples(out, kind_dir))
         assert listing.get("unpacked", listing["samples"]) == entry["samples"]
-        assert (entry["records"] <= entry["samples"]) if grouped else (
+        stored = schema.inner or schema  # the kind of one record
+        assert (entry["records"] <= entry["samples"]) if stored.unpack is not None else (
             entry["records"] == entry["samples"])
         assert len(entry["shards"]) >= cfg.min_shards
         # the four user folders are written by one stage, sized for a record per user

@@ -47,7 +47,15 @@ from higr_dist.etl.synthetic import (
     user_step,
 )
 from higr_dist.etl.writer import num_shards
-from higr_dist.schema import PREF, PREF_GROUP, SLATE, SLATE_GROUP
+from higr_dist.schema import (
+    PREF,
+    PREF_GROUP,
+    SLATE,
+    SLATE_BLOCK,
+    SLATE_GROUP,
+    SLATE_GROUP_BLOCK,
+    blocks,
+)
 from higr_dist.schema.codec import SchemaError
 
 
@@ -129,6 +137,41 @@ def test_slate_group_unpacks_to_the_per_window_samples():
     assert SLATE_GROUP.count(group) == len(windows)
     assert len(group["items"]) < n - 2 * cfg.holdout + 1  # never the val/test blocks
     assert slate_group("u", 9, items[:11], fb[:11], ts[:11], cfg) is None  # too short
+
+
+def test_blocks_round_trip_and_unpack_to_their_records_samples():
+    """A block of grouped records (train) and of plain records (val) unpacks, after a real
+    encode/decode, to exactly the samples of its records, each under its own key; the writer's
+    encode_block (records dumped once) gives the very bytes encode gives."""
+    cfg = _cfg(stride=2)
+    n = 40
+    users = [(f"u{u}", 9 + u, np.arange(300, 300 + n) + u, np.linspace(0, 3, n).round(4) + u,
+              1_600_000_000 + np.arange(n) * 10) for u in range(5)]
+    groups = [slate_group(u, h, it, fb, ts, cfg)[1:] for u, h, it, fb, ts in users]
+    want = [w for k, g in groups
+            for w in SLATE_GROUP.unpack(SLATE_GROUP.decode(SLATE_GROUP.encode(g)), k)]
+    got = []
+    for key, block in blocks(groups, 2):  # blocks of 2, 2 and 1 records
+        assert key == block["keys"][0] and len(block["records"]) <= 2
+        blob = SLATE_GROUP_BLOCK.encode(block)
+        assert blob == SLATE_GROUP_BLOCK.encode_block(
+            block["keys"], [SLATE_GROUP.dumps(r) for r in block["records"]])
+        stored = SLATE_GROUP_BLOCK.decode(blob)
+        assert SLATE_GROUP_BLOCK.count(stored) == sum(SLATE_GROUP.count(r) for r in
+                                                      block["records"])
+        got += list(SLATE_GROUP_BLOCK.unpack(stored, key))
+    assert got == want and len({s["__key__"] for s in got}) == len(got) > 10
+    vals = [next(slate_samples(u, h, it, fb, ts, "val", cfg))[1:] for u, h, it, fb, ts in users]
+    (key, block), = blocks(vals, 8)
+    stored = SLATE_BLOCK.decode(SLATE_BLOCK.encode(block))
+    assert list(SLATE_BLOCK.unpack(stored, key)) == [
+        dict(SLATE.decode(SLATE.encode(v)), __key__=k) for k, v in vals]
+    with pytest.raises(SchemaError, match="2 keys for 1 records"):
+        SLATE_BLOCK.encode({"keys": ["a", "b"], "records": [vals[0][1]]})
+    with pytest.raises(SchemaError, match="lacks field .keys"):  # a block is not its record
+        SLATE_BLOCK.decode(SLATE.encode(vals[0][1]))
+    with pytest.raises(ValueError, match="block size"):
+        list(blocks(vals, 0))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

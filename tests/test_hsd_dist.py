@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from higr_dist.data.shardio import write_listing, write_shard
-from higr_dist.schema import SLATE_GROUP
+from higr_dist.schema import SLATE_GROUP_BLOCK, blocks
 from higr_dist.schema.slates import slate_group_of
 
 pytestmark = pytest.mark.dist
@@ -69,8 +69,8 @@ def _write_inputs(root: Path) -> tuple[Path, Path]:
                 "user_id": f"u{s}_{u}", "split": "train", "ts": 1000 + u,
                 "hist_items": hist.tolist(), "hist_fb": rng.random(h).round(2).tolist(),
                 "target_items": tgt.tolist(), "target_fb": [1.0] * N}))
-        entries.append(write_shard(folder / f"shard-{s:06d}.tar", SLATE_GROUP,
-                                   [(k, slate_group_of(x)) for k, x in samples]))
+        entries.append(write_shard(folder / f"shard-{s:06d}.tar", SLATE_GROUP_BLOCK,
+                                   blocks([(k, slate_group_of(x)) for k, x in samples], 8)))
     write_listing(folder, entries)
     return root / "etl", sid
 

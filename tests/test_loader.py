@@ -22,7 +22,7 @@ from higr_dist.data.loader import (
     resolve_shards,
 )
 from higr_dist.data.shardio import list_shards, write_listing, write_shard
-from higr_dist.schema import ITEM, PAIR, SLATE, SLATE_GROUP
+from higr_dist.schema import ITEM, PAIR, SLATE, SLATE_GROUP, SLATE_GROUP_BLOCK, blocks
 
 TAR_BLOCK = 512
 
@@ -105,8 +105,10 @@ def test_exactly_once_across_two_ranks_two_workers(shards):
     assert not set(per_rank[0]) & set(per_rank[1])
 
 
-def write_slate_groups(directory: Path) -> tuple[list[str], set[str]]:
-    """6 shards of SLATE_GROUP records (users with 1-6 windows) -> (shards, window keys)."""
+def write_slate_groups(directory: Path, block: int | None = None
+                       ) -> tuple[list[str], set[str]]:
+    """6 shards of SLATE_GROUP records (users with 1-6 windows) -> (shards, window keys);
+    with ``block``, stored as SLATE_GROUP_BLOCK members of ``block`` records (as the ETL)."""
     directory.mkdir(parents=True, exist_ok=True)
     entries, keys, u = [], set(), 0
     for s, n_users in enumerate((3, 5, 2, 4, 6, 1)):
@@ -120,38 +122,45 @@ def write_slate_groups(directory: Path) -> tuple[list[str], set[str]]:
             records.append((f"g{u:04d}", record))
             keys |= {f"g{u:04d}_{10 + st:07d}" for st in starts}
             u += 1
-        entries.append(write_shard(directory / f"shard-{s:06d}.tar", SLATE_GROUP, records))
+        entries.append(write_shard(directory / f"shard-{s:06d}.tar", SLATE_GROUP, records)
+                       if block is None else
+                       write_shard(directory / f"shard-{s:06d}.tar", SLATE_GROUP_BLOCK,
+                                   blocks(records, block)))
     write_listing(directory, entries)
     return list_shards(directory), keys
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
-def test_grouped_kind_unpacks_exactly_once_and_resumes(tmp_path):
-    """slates/train stores one record per user: windows are the unit of exactly-once, of the
-    shuffle (batches mix users) and of the resume position."""
-    shards, keys = write_slate_groups(tmp_path / "groups")
+@pytest.mark.parametrize("block", [None, 2])
+def test_grouped_kind_unpacks_exactly_once_and_resumes(tmp_path, block):
+    """slates/train stores one record per user (and the ETL, blocks of such records): windows
+    are the unit of exactly-once, of the shuffle (batches mix users) and of the resume
+    position."""
+    shards, keys = write_slate_groups(tmp_path / "groups", block)
+    schema = SLATE_GROUP if block is None else SLATE_GROUP_BLOCK
     listing = json.loads((tmp_path / "groups" / "shards.json").read_text())
-    assert listing["samples"] == 21 and listing["unpacked"] == len(keys) > 21
-    one = list(iterate_samples(shards, SLATE_GROUP))
+    members = 21 if block is None else 12  # 3, 5, 2, 4, 6, 1 users per shard, in pairs
+    assert listing["samples"] == members and listing["unpacked"] == len(keys) > 21
+    one = list(iterate_samples(shards, schema))
     assert {s["__key__"] for s in one} == keys and len(one) == len(keys)
     w = next(s for s in one if s["__key__"] == "g0005_0000018")  # user 5's 3rd window
     assert w["hist_items"] == [4, 5, 6, 7] and w["target_items"] == [8, 9]
     assert set(w) == {*SLATE.field_names, "__key__", "__url__"}
-    per_rank = [flat(make(shards, rank=r, world=2, schema=SLATE_GROUP)) for r in (0, 1)]
+    per_rank = [flat(make(shards, rank=r, world=2, schema=schema)) for r in (0, 1)]
     union = per_rank[0] + per_rank[1]
     assert len(union) == len(set(union)) == len(keys) and set(union) == keys
     users = [k.split("_")[0] for k in per_rank[0]]
     assert users != sorted(users)  # windows of different users interleave
-    loader = make(shards, noisy_collate, schema=SLATE_GROUP)
+    loader = make(shards, noisy_collate, schema=schema)
     full = list(loader) + list(loader)
     for cut in (1, 4, len(full) // 2 - 1):
-        first = make(shards, noisy_collate, schema=SLATE_GROUP)
+        first = make(shards, noisy_collate, schema=schema)
         got = []
         for batch in first:
             got.append(batch)
             if len(got) == cut:
                 break
-        resumed = make(shards, noisy_collate, schema=SLATE_GROUP)
+        resumed = make(shards, noisy_collate, schema=schema)
         resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
         got += list(resumed) + list(resumed)
         assert got == full, f"cut={cut}"

@@ -29,7 +29,7 @@ import yaml
 
 from higr_dist.data.shardio import write_listing, write_shard
 from higr_dist.models.hsd import HSD, HSDConfig
-from higr_dist.schema import PREF_GROUP
+from higr_dist.schema import PREF_GROUP_BLOCK, blocks
 from higr_dist.schema.prefs import pref_group_of
 
 pytestmark = pytest.mark.dist
@@ -78,8 +78,8 @@ def _write_inputs(root: Path) -> tuple[Path, Path, Path]:
                 "hist_fb": rng.random(h).round(2).tolist(), "pos_items": pos.tolist(),
                 "pos_fb": [3.0, 2.0, 1.5], "neg_items": neg.tolist(),
                 "neg_fb": [0.1] * len(neg)}))
-        entries.append(write_shard(folder / f"shard-{s:06d}.tar", PREF_GROUP,
-                                   [(k, pref_group_of(x)) for k, x in samples]))
+        entries.append(write_shard(folder / f"shard-{s:06d}.tar", PREF_GROUP_BLOCK,
+                                   blocks([(k, pref_group_of(x)) for k, x in samples], 8)))
     write_listing(folder, entries)
     torch.manual_seed(0)
     init = root / "hsd_init.pt"

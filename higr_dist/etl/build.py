@@ -123,7 +123,8 @@ def _reason_counts(quarantine: DataFrame) -> dict[str, int]:
 
 
 def _records(expected: dict, kind_dir: str) -> int:
-    """Tar records a user kind gets: one per user with a window for the grouped kinds."""
+    """Records a user kind stores (blocks hold several): one per user with a window for the
+    grouped kinds."""
     return expected["groups"].get(kind_dir, expected[kind_dir])
 
 
@@ -206,13 +207,13 @@ def _run(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str, out
         small = catalog.num_items * dim * 4 <= _BROADCAST_FEATURE_BYTES
         kinds["pairs"] = write_kind(features.pair_rows(pairs, feats, small), out, "pairs",
                                     num_shards(num_pairs, cfg), ["anchor"], ["anchor", "rank"],
-                                    build_pairs, reorder=False)
+                                    build_pairs, reorder=False, block=cfg.records_per_block)
     with timer.phase("write_users"):
         # one stage for the four user folders, sized for the largest (val/test: a record per
         # user; train and prefs have at most one per user)
         kinds.update(write_kinds(seq, out, USER_KINDS, num_shards(expected["users"], cfg),
                                  ["user_id"], ["user_id"], user_kinds_builder(cfg),
-                                 reorder=True))
+                                 reorder=True, block=cfg.records_per_block))
 
     for kind_dir in USER_KINDS:
         wrote = (kinds[kind_dir]["samples"], kinds[kind_dir]["records"])

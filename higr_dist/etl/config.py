@@ -103,6 +103,10 @@ class EtlConfig:
     """target records per shard: items and pairs get max(min_shards, ceil(records / this))
     shards; the four user folders share one count, sized by the users (one val and one test
     record each; train and prefs have at most one record per user)"""
+    records_per_block: int = 32
+    """per-user records (val/test slates, a user's train or prefs group) stored per tar
+    member in the user folders (``higr_dist.schema.codec.block_of``): a member costs ~1 KB on
+    disk and ~50 us to write whatever its size; 1 = one record per member"""
     min_shards: int = 4
     """fewest shards per kind; >= ranks x loader workers of the largest training job"""
     seed: int = 0
@@ -120,7 +124,7 @@ class EtlConfig:
         problems = []
         positive = ("slate_size", "history_len", "stride", "min_history", "holdout", "pref_window",
                     "pairs_per_item", "cooc_window", "content_dim", "collab_dim",
-                    "samples_per_shard", "min_shards", "shuffle_partitions")
+                    "samples_per_shard", "min_shards", "shuffle_partitions", "records_per_block")
         for name in positive:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -24,9 +24,14 @@ by a mixed 64-bit hash of (user, position), so consecutive samples come from dif
 while the bytes stay a function of the input alone.
 
 Memory: a user-kind task holds its shards' records (up to ``samples_per_shard`` per folder) to
-re-order them, encoded: ~1.3 KB per record with its sort key, against ~6.4 KB as a dict
-(measured on the synthetic data), so ~100 MB per task at the cluster config's 20k records
-per shard x 4 folders instead of ~500 MB; items and pairs stream straight into the tar.
+re-order them, as their JSON (compressed per block once sorted): 0.8 KB (val, test) to 1.46 KB
+(train, prefs) per record on the 10M-row bench's data, against ~6.4 KB as a dict, so ~100 MB
+per task at the cluster config's 20k records per shard x 4 folders instead of ~500 MB; items and pairs stream straight
+into the tar (pairs ``records_per_block`` at a time).
+
+Blocks (``higr_dist.schema.codec.block_of``): the user folders and pairs store up to
+``records_per_block`` consecutive records per tar member, one zstd frame each: a member costs
+~1 KB on disk and ~50 us to write whatever it holds (``bench/shard_write.py``).
 
 Grouped kinds (``slates/train``, ``prefs``): one record per user holds all of that user's
 windows (``higr_dist.schema.slates``), so a shard's size target counts records (users), and
@@ -58,17 +63,18 @@ from higr_dist.data.shardio import (
 )
 from higr_dist.etl.config import EtlConfig
 from higr_dist.etl.sequences import pref_group, pref_windows_batch, slate_group, slate_samples
-from higr_dist.schema import FOLDERS, SCHEMAS
+from higr_dist.schema import FOLDERS, SCHEMAS, SampleSchema, blocks
 
 #: Spark schema of the metadata rows a shard task returns (one per folder it writes).
-META_SCHEMA = ("folder int, shard int, name string, samples long, unpacked long, bytes long, "
-               "sha256 string")
+META_SCHEMA = ("folder int, shard int, name string, samples long, unpacked long, records long, "
+               "bytes long, sha256 string")
 
 #: the folders written from the per-user sequences, in :func:`build_user_kinds` order
 USER_KINDS = ("slates/train", "slates/val", "slates/test", "prefs")
 
 Built = tuple[int, str, dict]  # (order, key, sample)
-Encoded = tuple[int, str, bytes, int]  # (order, key, schema.encode(sample), schema.count(sample))
+#: (order, key, schema.encode(sample) or, for a block kind, schema.inner.dumps(sample), count)
+Encoded = tuple[int, str, bytes, int]
 Builder = Callable[[pa.RecordBatch], Iterable[Built]]
 #: record batch -> (folder index, (order, key, sample)): one stage writing several folders
 MultiBuilder = Callable[[pa.RecordBatch], Iterable[tuple[int, Built]]]
@@ -182,22 +188,42 @@ class ShardTask:
     reorder: bool
     """sort each shard's samples by ``order`` (user kinds) instead of streaming them (only a
     single folder can stream)"""
+    block: int = 1
+    """records per tar member of a block kind (``higr_dist.schema.codec.block_of``)"""
+
+    def _members(self, schema: SampleSchema, records: list[tuple[str, bytes, int]]
+                 ) -> Iterator[tuple[str, bytes, int]]:
+        """Sorted records -> tar members: themselves, or blocks of ``block`` records."""
+        if schema.inner is None:
+            yield from records
+            return
+        for lo in range(0, len(records), self.block):
+            chunk = records[lo:lo + self.block]
+            yield chunk[0][0], schema.encode_block([k for k, _, _ in chunk],
+                                                   [d for _, d, _ in chunk]), sum(
+                c for _, _, c in chunk)
 
     def _write(self, folder: int, shard: int, built: Iterable[Built] | list[Encoded]
                ) -> pa.RecordBatch:
         directory, kind = self.folders[folder]
+        schema = SCHEMAS[kind]
         path = Path(directory) / SHARD_PATTERN.format(shard)
-        if self.reorder:  # built: encoded records, held to be sorted
-            records = sorted(built, key=lambda r: (r[0], r[1]))
-            meta = write_encoded(path, SCHEMAS[kind], _unique_keys(
-                ((key, blob, count) for _, key, blob, count in records), str(path)))
-        else:
-            meta = write_shard(path, SCHEMAS[kind], _unique_keys(
-                ((key, sample) for _, key, sample in built), str(path)))
+        if self.reorder:  # built: encoded (or dumped) records, held to be sorted
+            records = list(_unique_keys(((key, blob, count) for _, key, blob, count
+                                         in sorted(built, key=lambda r: (r[0], r[1]))),
+                                        str(path)))
+            meta = write_encoded(path, schema, self._members(schema, records))
+            stored = len(records)
+        else:  # built: streamed into the tar (a block kind: ``block`` records at a time)
+            records = _unique_keys(((key, sample) for _, key, sample in built), str(path))
+            meta = write_shard(path, schema, records if schema.inner is None else
+                               blocks(records, self.block))
+            stored = meta.get("unpacked", meta["samples"])
         return pa.RecordBatch.from_pydict({
             "folder": pa.array([folder], pa.int32()), "shard": pa.array([shard], pa.int32()),
             "name": [meta["name"]], "samples": pa.array([meta["samples"]], pa.int64()),
             "unpacked": pa.array([meta.get("unpacked", meta["samples"])], pa.int64()),
+            "records": pa.array([stored], pa.int64()),
             "bytes": pa.array([meta["bytes"]], pa.int64()), "sha256": [meta["sha256"]]})
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -210,28 +236,34 @@ class ShardTask:
             return
         if not self.reorder:
             raise ValueError("several folders from one task need reorder=True")
-        # a task holds its shards' records until it has them all (to sort them): encoded,
-        # ~5x smaller than their dicts (4 folders x samples_per_shard records each)
+        # a task holds its shards' records until it has them all (to sort them): encoded, or
+        # for a block kind its records' JSON (compressed per block once sorted); either is
+        # several times smaller than the dicts (4 folders x samples_per_shard records each)
         schemas = [SCHEMAS[kind] for _, kind in self.folders]
         per_folder: list[list[Encoded]] = [[] for _ in self.folders]
         for folder, (order, key, sample) in built:
             schema = schemas[folder]
-            per_folder[folder].append((order, key, schema.encode(sample), schema.count(sample)))
+            if schema.inner is not None:
+                blob, count = schema.inner.dumps(sample), schema.inner.count(sample)
+            else:
+                blob, count = schema.encode(sample), schema.count(sample)
+            per_folder[folder].append((order, key, blob, count))
         for folder, records in enumerate(per_folder):
             yield self._write(folder, shard, records)
 
 
 def write_kinds(df: DataFrame, out_dir: str | Path, kind_dirs: Sequence[str], shards: int,
                 partition_by: list[str], sort_by: list[str], builder: MultiBuilder,
-                reorder: bool) -> dict[str, dict]:
+                reorder: bool, block: int = 1) -> dict[str, dict]:
     """Write folders ``kind_dirs`` with exactly ``shards`` shards each in one Spark stage;
-    return their manifest entries. ``builder`` yields (index into ``kind_dirs``, record)."""
+    return their manifest entries. ``builder`` yields (index into ``kind_dirs``, record);
+    ``block``: records per member of the block kinds among them."""
     folders = []
     for kind_dir in kind_dirs:
         directory = Path(out_dir) / kind_dir
         directory.mkdir(parents=True, exist_ok=True)
         folders.append((str(directory.resolve()), FOLDERS[kind_dir].kind))
-    task = ShardTask(tuple(folders), builder, reorder)
+    task = ShardTask(tuple(folders), builder, reorder, block)
     rows = (df.repartition(shards, *partition_by).sortWithinPartitions(*sort_by)
             .mapInArrow(task, META_SCHEMA).collect())
     entries = {}
@@ -249,19 +281,20 @@ def write_kinds(df: DataFrame, out_dir: str | Path, kind_dirs: Sequence[str], sh
         tmp = directory / TMP_DIR
         if tmp.is_dir():  # write_shard's staging folder: empty, or leftovers of killed attempts
             shutil.rmtree(tmp)
-        # samples = what a stage trains on (a grouped kind's unpacked windows); records = tar
-        # members
+        # samples = what a stage trains on (a grouped kind's unpacked windows); records = the
+        # records stored (a user's group is one); members = tar members (blocks hold several)
         entries[kind_dir] = {"samples": sum(r["unpacked"] for r in mine),
-                             "records": sum(m["samples"] for m in metas), "shards": metas}
+                             "records": sum(r["records"] for r in mine),
+                             "members": sum(m["samples"] for m in metas), "shards": metas}
     return entries
 
 
 def write_kind(df: DataFrame, out_dir: str | Path, kind_dir: str, shards: int,
                partition_by: list[str], sort_by: list[str], builder: Builder,
-               reorder: bool) -> dict:
+               reorder: bool, block: int = 1) -> dict:
     """Write one kind folder with exactly ``shards`` shards; return its manifest entry."""
     return write_kinds(df, out_dir, [kind_dir], shards, partition_by, sort_by,
-                       functools.partial(_single, builder), reorder)[kind_dir]
+                       functools.partial(_single, builder), reorder, block)[kind_dir]
 
 
 def user_kinds_builder(cfg: EtlConfig) -> MultiBuilder:
