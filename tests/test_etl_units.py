@@ -480,7 +480,7 @@ def test_projection_is_split_invariant_and_normalised(monkeypatch):
     cuts = [0, 1, 57, 58, 150, 299, n]
     parts = list(task([batch(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]))
     assert pa.Table.from_batches(parts).equals(pa.Table.from_batches([whole]))
-    monkeypatch.setattr(features, "_CHUNK", 7)  # groups straddle projection chunks
+    monkeypatch.setattr(features, "_CHUNK", 7)  # the signs drawn 7 distinct hashes at a time
     assert task._emit([item, part, h, w]).equals(whole)
     x = np.stack([np.frombuffer(b, "<f4") for b in whole.column(1).to_pylist()])
     assert x.shape == (len(np.unique(item)), 78)

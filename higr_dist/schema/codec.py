@@ -187,7 +187,7 @@ class SampleSchema:
             raise SchemaError(f"{self.kind} is not a block kind")
         if len(keys) != len(dumped) or not dumped:
             raise SchemaError(f"{self.kind}: {len(keys)} keys for {len(dumped)} records")
-        body = {"_v": self.version, "keys": keys,
+        body = {"_v": self.version, "keys": [str(k) for k in keys],
                 "records": [orjson.Fragment(d) for d in dumped]}
         return _cctx().compress(orjson.dumps(body, option=_JSON_OPTIONS))
 
