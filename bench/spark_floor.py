@@ -14,9 +14,9 @@ times, each in the same session, on ``local[2]`` with 8 shuffle partitions:
   ``mapInArrow`` (the cost of handing user rows to Python workers);
 - ``fused_floor``: the cheapest single-pass shape an ETL with this output could take, as one
   Spark job: the per-user shuffle and sorted ``collect_list`` -> one Python pass that writes
-  ``--records-per-user`` tar members per user (webdataset ``TarWriter``, one zstd frame each, a
-  fixed ``--record-bytes`` JSON body compressed per member: record *building* costs nothing
-  here) and forms the co-occurrence pairs with the ETL's own numpy kernel
+  ``--records-per-user`` records per user (a fixed ``--record-bytes`` JSON body each: record
+  *building* costs nothing here) into tar members of ``--records-per-block`` records each
+  (webdataset ``TarWriter``, one zstd frame per member, as the ETL stores them since 06d317e) and forms the co-occurrence pairs with the ETL's own numpy kernel
   (``features.cooc_counts``), packed one row per item as the ETL ships them
   (``features.pack_partners``) -> the shuffle of those packed partial counts by item, sorted
   by item -> a Python ``mapInArrow`` that only unpacks them. Everything else the ETL does is
@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--records-per-user", type=int, default=4,
                    help="tar members per user in fused_floor (slates/train, val, test, prefs)")
     p.add_argument("--record-bytes", type=int, default=1100,
-                   help="JSON body of each fused_floor member before zstd (the ETL's mean)")
+                   help="JSON body of each fused_floor record before zstd (the ETL's mean)")
+    p.add_argument("--records-per-block", type=int, default=32,
+                   help="fused_floor records per tar member (1 = one member per record)")
     p.add_argument("--cooc-window", type=int, default=5,
                    help="co-occurrence distance in fused_floor (0: no co-occurrence shuffle)")
     p.add_argument("--fused-only", action="store_true", help="time fused_floor alone")
@@ -102,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
            "command": "python bench/spark_floor.py " + " ".join(sys.argv[1:]),
            "rows": args.rows, "master": args.master, "gen_s": round(gen_s, 2), "seconds": res,
            "fused_floor": {"records_per_user": args.records_per_user,
-                           "record_bytes": args.record_bytes, "cooc_window": args.cooc_window,
+                           "record_bytes": args.record_bytes,
+                           "records_per_block": args.records_per_block,
+                           "cooc_window": args.cooc_window,
                            "cooc_partial_rows": shuffled["n"]}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
@@ -120,7 +124,7 @@ def _fused_floor(by_user, shard_dir: Path, args: argparse.Namespace):
     shard_dir.mkdir(parents=True, exist_ok=True)
     cfg = EtlConfig()  # the ETL's defaults: split sizes and feedback thresholds
     kinds, body = args.records_per_user, (b"1234567890," * (args.record_bytes // 11 + 1))
-    body, window = body[:args.record_bytes], args.cooc_window
+    body, window, per_block = body[:args.record_bytes], args.cooc_window, args.records_per_block
 
     def user_pass(batches):
         import webdataset as wds
@@ -133,6 +137,13 @@ def _fused_floor(by_user, shard_dir: Path, args: argparse.Namespace):
         pid = TaskContext.get().partitionId()
         with open(shard_dir / f"shard-{pid}.tar", "wb") as fh:
             tar = wds.TarWriter(fh, mtime=0, encoder=False)
+            held: list[list[bytes]] = [[] for _ in range(kinds)]  # records per folder
+
+            def flush(k: int, key: str) -> None:
+                blob = b"[" + b",".join(held[k]) + b"]"
+                tar.write({"__key__": key, "json.zst": cctx.compress(blob)})
+                held[k].clear()
+
             for b in batches:
                 ev = b.column(b.schema.get_field_index("ev"))  # list<struct<t, item, wr>>
                 offsets = ev.offsets.to_numpy()
@@ -141,10 +152,15 @@ def _fused_floor(by_user, shard_dir: Path, args: argparse.Namespace):
                 users = b.column(b.schema.get_field_index("user_id")).to_pylist()
                 for u in users:
                     for k in range(kinds):
-                        tar.write({"__key__": f"{u:016x}{k}", "json.zst": cctx.compress(body)})
+                        held[k].append(body)
+                        if len(held[k]) == per_block:
+                            flush(k, f"{u:016x}{k}")
                 a, bb, w = cooc_counts(offsets, items, fb, cfg.holdout, cfg.min_user_interactions,
                                        cfg.negative_threshold, window)
                 yield pack_partners(a, bb, w)
+            for k in range(kinds):
+                if held[k]:
+                    flush(k, f"last{k}")
             tar.close()
 
     def count(batches):  # partial (a, b) pairs that went through the shuffle
