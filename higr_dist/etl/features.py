@@ -183,7 +183,7 @@ def signed_sums(group: np.ndarray, groups: int, h: np.ndarray, w: np.ndarray,
     import scipy.sparse as sp
 
     uniq, col = np.unique(h, return_inverse=True)  # [H] distinct hashes, [n] column of a row
-    counts = sp.csr_matrix((np.asarray(w, dtype=np.float64), (group, col.ravel())),
+    counts = sp.csc_matrix((np.asarray(w, dtype=np.float64), (group, col.ravel())),
                            shape=(groups, len(uniq)))  # [groups, H], duplicates summed
     return _times_signs(counts, uniq, dim)
 
@@ -191,7 +191,7 @@ def signed_sums(group: np.ndarray, groups: int, h: np.ndarray, w: np.ndarray,
 def _times_signs(counts, h: np.ndarray, dim: int) -> np.ndarray:
     """A sparse [G, H] count matrix times the signs of its H column hashes ``h``: [G, dim]
     float64, exact for integer counts. ``_CHUNK`` columns are signed at a time."""
-    counts = counts.tocsc()  # column slices are cheap
+    counts = counts.tocsc()  # column slices are cheap (no copy when already CSC)
     sums = np.zeros((counts.shape[0], dim))
     for lo in range(0, len(h), _CHUNK):
         hi = min(lo + _CHUNK, len(h))

@@ -26,8 +26,8 @@ while the bytes stay a function of the input alone.
 Memory: a user-kind task holds its shards' records (up to ``samples_per_shard`` per folder) to
 re-order them, as their JSON (compressed per block once sorted): 0.8 KB (val, test) to 1.46 KB
 (train, prefs) per record on the 10M-row bench's data, against ~6.4 KB as a dict, so ~100 MB
-per task at the cluster config's 20k records per shard x 4 folders instead of ~500 MB; items and pairs stream straight
-into the tar (pairs ``records_per_block`` at a time).
+per task at the cluster config's 20k records per shard x 4 folders instead of ~500 MB; items
+and pairs stream straight into the tar (pairs ``records_per_block`` at a time).
 
 Blocks (``higr_dist.schema.codec.block_of``): the user folders and pairs store up to
 ``records_per_block`` consecutive records per tar member, one zstd frame each: a member costs
@@ -64,6 +64,7 @@ from higr_dist.data.shardio import (
 from higr_dist.etl.config import EtlConfig
 from higr_dist.etl.sequences import pref_group, pref_windows_batch, slate_group, slate_samples
 from higr_dist.schema import FOLDERS, SCHEMAS, SampleSchema, blocks
+from higr_dist.schema.codec import chunks
 
 #: Spark schema of the metadata rows a shard task returns (one per folder it writes).
 META_SCHEMA = ("folder int, shard int, name string, samples long, unpacked long, records long, "
@@ -160,9 +161,10 @@ def build_pairs(batch: pa.RecordBatch) -> Iterator[Built]:
 # --------------------------------------------------------------------------------------------
 
 
-def _unique_keys(records: Iterable[tuple], where: str) -> Iterator[tuple]:
-    """``records`` (key first) unchanged, failing on a repeated key."""
-    seen: set[str] = set()
+def _unique_keys(records: Iterable[tuple], where: str, seen: set[str]
+                 ) -> Iterator[tuple]:
+    """``records`` (key first) unchanged, failing on a repeated key; ``seen`` collects the
+    keys (so its size is the records written)."""
     for record in records:
         if record[0] in seen:
             raise ValueError(f"{where}: duplicate sample key {record[0]!r}")
@@ -197,8 +199,7 @@ class ShardTask:
         if schema.inner is None:
             yield from records
             return
-        for lo in range(0, len(records), self.block):
-            chunk = records[lo:lo + self.block]
+        for chunk in chunks(records, self.block):
             yield chunk[0][0], schema.encode_block([k for k, _, _ in chunk],
                                                    [d for _, d, _ in chunk]), sum(
                 c for _, _, c in chunk)
@@ -208,22 +209,21 @@ class ShardTask:
         directory, kind = self.folders[folder]
         schema = SCHEMAS[kind]
         path = Path(directory) / SHARD_PATTERN.format(shard)
+        keys: set[str] = set()  # the keys of the records written
         if self.reorder:  # built: encoded (or dumped) records, held to be sorted
             records = list(_unique_keys(((key, blob, count) for _, key, blob, count
                                          in sorted(built, key=lambda r: (r[0], r[1]))),
-                                        str(path)))
+                                        str(path), keys))
             meta = write_encoded(path, schema, self._members(schema, records))
-            stored = len(records)
         else:  # built: streamed into the tar (a block kind: ``block`` records at a time)
-            records = _unique_keys(((key, sample) for _, key, sample in built), str(path))
+            records = _unique_keys(((key, sample) for _, key, sample in built), str(path), keys)
             meta = write_shard(path, schema, records if schema.inner is None else
                                blocks(records, self.block))
-            stored = meta.get("unpacked", meta["samples"])
         return pa.RecordBatch.from_pydict({
             "folder": pa.array([folder], pa.int32()), "shard": pa.array([shard], pa.int32()),
             "name": [meta["name"]], "samples": pa.array([meta["samples"]], pa.int64()),
             "unpacked": pa.array([meta.get("unpacked", meta["samples"])], pa.int64()),
-            "records": pa.array([stored], pa.int64()),
+            "records": pa.array([len(keys)], pa.int64()),
             "bytes": pa.array([meta["bytes"]], pa.int64()), "sha256": [meta["sha256"]]})
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

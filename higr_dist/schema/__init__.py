@@ -20,12 +20,12 @@ SCHEMAS: dict[str, SampleSchema] = {s.kind: s for s in (
 #: ETL output folder -> the schema of its records (the one place this mapping lives). Items:
 #: one record per member (one per catalogue item, few); pairs and the per-user folders: blocks.
 FOLDERS: dict[str, SampleSchema] = {
-    "items": ITEM, "pairs": PAIR_BLOCK, "slates/train": SLATE_GROUP_BLOCK, "slates/val": SLATE_BLOCK,
-    "slates/test": SLATE_BLOCK, "prefs": PREF_GROUP_BLOCK}
+    "items": ITEM, "pairs": PAIR_BLOCK, "slates/train": SLATE_GROUP_BLOCK,
+    "slates/val": SLATE_BLOCK, "slates/test": SLATE_BLOCK, "prefs": PREF_GROUP_BLOCK}
 
 #: bump when any schema changes incompatibly; recorded in every manifest.
 SCHEMA_VERSION = "items1-pair1-slate1-slategroup1-pref1-prefgroup1-blocks1"
 
 __all__ = ["Field", "SampleSchema", "SchemaError", "ITEM", "PAIR", "SLATE", "SLATE_GROUP",
-           "PREF", "PREF_GROUP", "SLATE_BLOCK", "SLATE_GROUP_BLOCK", "PREF_GROUP_BLOCK", "PAIR_BLOCK",
-           "SCHEMAS", "FOLDERS", "SCHEMA_VERSION", "block_of", "blocks"]
+           "PREF", "PREF_GROUP", "SLATE_BLOCK", "SLATE_GROUP_BLOCK", "PREF_GROUP_BLOCK",
+           "PAIR_BLOCK", "SCHEMAS", "FOLDERS", "SCHEMA_VERSION", "block_of", "blocks"]

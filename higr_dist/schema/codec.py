@@ -252,18 +252,23 @@ def block_of(inner: SampleSchema, version: int = 1) -> SampleSchema:
     )
 
 
+def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """``items`` in consecutive lists of ``size`` (the last may hold fewer): the records of
+    each block, in order."""
+    if size < 1:
+        raise ValueError(f"block size must be >= 1, got {size}")
+    held: list[Any] = []
+    for item in items:
+        held.append(item)
+        if len(held) == size:
+            yield held
+            held = []
+    if held:
+        yield held
+
+
 def blocks(records: Iterable[tuple[str, dict]], size: int) -> Iterator[tuple[str, dict]]:
     """``(key, record)`` pairs -> ``(block key, block)`` pairs of ``size`` records each (the
     last may hold fewer); a block's key is its first record's. For :func:`block_of` kinds."""
-    if size < 1:
-        raise ValueError(f"block size must be >= 1, got {size}")
-    keys: list[str] = []
-    held: list[dict] = []
-    for key, record in records:
-        keys.append(key)
-        held.append(record)
-        if len(held) == size:
-            yield keys[0], {"keys": keys, "records": held}
-            keys, held = [], []
-    if held:
-        yield keys[0], {"keys": keys, "records": held}
+    for chunk in chunks(records, size):
+        yield chunk[0][0], {"keys": [k for k, _ in chunk], "records": [r for _, r in chunk]}
