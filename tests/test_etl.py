@@ -30,7 +30,7 @@ from higr_dist.etl.catalog import build_catalog
 from higr_dist.etl.config import INTERACTION_REASONS, EtlConfig
 from higr_dist.etl.sources import read_interactions, read_items
 from higr_dist.etl.synthetic import SyntheticConfig, generate
-from higr_dist.etl.validate import classify_interactions
+from higr_dist.etl.validate import by_user, classify_interactions, quarantined
 from higr_dist.etl.writer import USER_KINDS
 from higr_dist.schema import FOLDERS, SCHEMA_VERSION
 
@@ -51,6 +51,14 @@ ALICE_FB = {10: 2.5, 11: 0.1, 12: 1.2, 13: 3.0, 14: 0.05, 15: 1.0, 16: 1.8, 17: 
 
 EXPECTED_REASONS = {"null_user": 2, "null_item": 1, "unknown_item": 2, "bad_timestamp": 4,
                     "bad_feedback": 4, "duplicate": 3, "short_user": 5}
+
+
+def _row_reasons(classified, columns) -> Counter:
+    """Every input row's reason (None: kept) from :func:`classify_interactions`' distinct rows,
+    the quarantined ones expanded to one row per copy as the ETL writes them."""
+    kept = classified.where(F.col("reason").isNull()).count()
+    bad = Counter(r["reason"] for r in quarantined(by_user(classified, columns)).collect())
+    return bad + Counter({None: kept})
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> str:
@@ -398,8 +406,8 @@ def test_duplicates_follow_sparks_value_equality(spark, tmp_path):
     cfg = _hand_cfg()
     catalog = build_catalog(read_items(spark, _hand_items(tmp_path), cfg.source), cfg)
     src = read_interactions(spark, str(tmp_path / "log.parquet"), cfg.source)
-    got = classify_interactions(src, catalog.index, catalog.num_items, cfg).collect()
-    assert Counter(r["reason"] for r in got) == {
+    got = classify_interactions(src, catalog.index, catalog.num_items, cfg)
+    assert _row_reasons(got, src.columns) == {
         "short_user": 1, "duplicate": 1, "bad_feedback": 2, "bad_timestamp": 2}
 
 
@@ -444,11 +452,10 @@ def test_kuairec_files_map_onto_the_generic_schema(spark, tmp_path):
     index = {r["item_id"]: list(r["categories"]) for r in catalog.index.collect()}
     assert index == {"148": [8], "183": [27, 9], "3649": [-1], "9": [1]}
     src = read_interactions(spark, log, cfg.source)
-    got = (classify_interactions(src, catalog.index, catalog.num_items, cfg)
-           .select(F.col("_user"), F.col("_idx"), F.col("_ts"), F.col("_wr"), "reason")
-           .collect())
-    reasons = Counter(r["reason"] for r in got)
+    classified = classify_interactions(src, catalog.index, catalog.num_items, cfg)
+    reasons = _row_reasons(classified, src.columns)
     assert reasons == {None: 3, "duplicate": 1, "bad_timestamp": 1, "bad_feedback": 1}
+    got = classified.select("_ts", "_wr", "reason").collect()
     kept = sorted((r["_ts"], r["_wr"]) for r in got if r["reason"] is None)
     local = datetime(2020, 7, 5, 5, 28, 0, 57000, tzinfo=ZoneInfo("Asia/Shanghai"))
     assert kept == [(1593898068, 0.722), (int(local.timestamp()), 1.907), (1593898100, 0.5)]

@@ -46,7 +46,12 @@ from higr_dist.etl.config import INTERACTION_REASONS, EtlConfig, SourceConfig
 from higr_dist.etl.sequences import build_sequences, sample_counts
 from higr_dist.etl.sources import read_interactions, read_items, resolve_format
 from higr_dist.etl.spark import materialise
-from higr_dist.etl.validate import by_user, classify_interactions, quarantined
+from higr_dist.etl.validate import (
+    by_user,
+    classify_interactions,
+    quarantined,
+    sort_aggregate,
+)
 from higr_dist.etl.writer import (
     USER_KINDS,
     build_items,
@@ -178,10 +183,11 @@ def _run(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str, out
     with timer.phase("validate"):
         # validation, the quarantine and the per-user sequences: one shuffle, one aggregate
         source = read_interactions(spark, interactions, cfg.source)
-        users = keep(by_user(classify_interactions(source, index, catalog.num_items, cfg),
-                             source.columns))
-        seq = build_sequences(users)
-        expected = sample_counts(seq, cfg)  # computes and caches ``users``
+        with sort_aggregate(spark):  # planned (and cached) as a streaming sort aggregate
+            users = keep(by_user(classify_interactions(source, index, catalog.num_items, cfg),
+                                 source.columns))
+            seq = build_sequences(users)
+            expected = sample_counts(seq, cfg)  # computes and caches ``users``
         rows_out = expected["rows"]  # the kept rows: all in the sequences
         bad = quarantined(users)
         by_reason = _reason_counts(bad)

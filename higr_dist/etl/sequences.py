@@ -51,7 +51,8 @@ _M64 = (1 << 64) - 1
 def build_sequences(users: DataFrame) -> DataFrame:
     """``higr_dist.etl.validate.by_user``'s output -> one row per user with time-ordered arrays
     (``user_id, uhash, items, fb, ts``)."""
-    return users.where(F.col("_grp") == 0).select(
+    # group 0 of a user with no kept row (short_user, say) has an empty ``ev``
+    return users.where((F.col("_grp") == 0) & (F.size("ev") > 0)).select(
         F.col("_user").alias("user_id"),
         F.xxhash64("_user").alias("uhash"),
         F.col("ev.i").alias("items"),
