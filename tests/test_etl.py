@@ -29,6 +29,7 @@ from higr_dist.etl.build import run_etl
 from higr_dist.etl.catalog import build_catalog
 from higr_dist.etl.config import INTERACTION_REASONS, EtlConfig
 from higr_dist.etl.sources import read_interactions, read_items
+from higr_dist.etl.spark import session_conf
 from higr_dist.etl.synthetic import SyntheticConfig, generate
 from higr_dist.etl.validate import by_user, classify_interactions, quarantined
 from higr_dist.etl.writer import USER_KINDS
@@ -278,17 +279,13 @@ def test_unbroadcast_catalogue_gives_the_same_output(hand, spark, tmp_path):
     """A catalogue over ``broadcast_items_max`` is joined by a shuffle (then the rows go by
     user): same counts, byte-identical shards."""
     cfg = load(EtlConfig, None, [*HAND, "broadcast_items_max=0"])
-    key = "spark.sql.autoBroadcastJoinThreshold"
-    before = spark.conf.get(key)
-    spark.conf.set(key, "-1")  # else Spark broadcasts the 40-item catalogue by itself
-    try:
+    # -1: else Spark broadcasts the 40-item catalogue by itself
+    with session_conf(spark, "spark.sql.autoBroadcastJoinThreshold", -1):
         m = run_etl(spark, cfg, hand["log"], hand["items"], tmp_path / "out")
         index = spark.read.parquet(str(tmp_path / "out" / "item_index"))
         src = read_interactions(spark, hand["log"], cfg.source)
         plan = (classify_interactions(src, index, m["num_items"], cfg)
                 ._jdf.queryExecution().executedPlan().toString())
-    finally:
-        spark.conf.set(key, before)
     assert "SortMergeJoin" in plan and "BroadcastHashJoin" not in plan
     want = hand["manifest"][0]
     assert m["quarantine_by_reason"] == want["quarantine_by_reason"]
@@ -543,3 +540,12 @@ def test_a_session_we_launch_uses_the_parallel_gc(spark):
     args = [str(a) for a in beans.getRuntimeMXBean().getInputArguments()]
     assert "-XX:+UseParallelGC" in args
     assert any(str(g.getName()).startswith("PS ") for g in beans.getGarbageCollectorMXBeans())
+
+
+def test_session_conf_restores_the_setting_even_when_the_block_raises(spark):
+    key = "spark.sql.shuffle.partitions"
+    before = spark.conf.get(key)
+    with pytest.raises(RuntimeError), session_conf(spark, key, 3):
+        assert spark.conf.get(key) == "3"
+        raise RuntimeError("inside")
+    assert spark.conf.get(key) == before

@@ -45,7 +45,7 @@ from higr_dist.etl.catalog import build_catalog
 from higr_dist.etl.config import INTERACTION_REASONS, EtlConfig, SourceConfig
 from higr_dist.etl.sequences import build_sequences, sample_counts
 from higr_dist.etl.sources import read_interactions, read_items, resolve_format
-from higr_dist.etl.spark import materialise
+from higr_dist.etl.spark import materialise, session_conf
 from higr_dist.etl.validate import (
     by_user,
     classify_interactions,
@@ -84,18 +84,6 @@ class _Timer:
         t0 = time.perf_counter()
         yield
         self.times[name] = round(time.perf_counter() - t0, 3)
-
-
-@contextmanager
-def _shuffle_partitions(spark: SparkSession, n: int) -> Iterator[None]:
-    """Use ``n`` shuffle partitions for the job, restoring the session's value afterwards."""
-    key = "spark.sql.shuffle.partitions"
-    before = spark.conf.get(key)
-    spark.conf.set(key, str(n))
-    try:
-        yield
-    finally:
-        spark.conf.set(key, before)
 
 
 def _prepare_output(out_dir: Path, overwrite: bool) -> None:
@@ -157,7 +145,7 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str,
 
     t_start = time.perf_counter()
     try:
-        with _shuffle_partitions(spark, cfg.shuffle_partitions):
+        with session_conf(spark, "spark.sql.shuffle.partitions", cfg.shuffle_partitions):
             manifest = _run(spark, cfg, interactions, items, out, timer, keep)
     finally:
         for df in persisted:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _ROOT = str(Path(__file__).resolve().parents[2])
@@ -93,3 +95,16 @@ def materialise(df):
     if df.sparkSession.sparkContext.getCheckpointDir():
         return df.checkpoint(eager=True)
     return df.localCheckpoint(eager=True)
+
+
+@contextmanager
+def session_conf(spark, key: str, value) -> Iterator[None]:
+    """Set the SQL conf ``key`` to ``value`` inside the block and restore the session's value
+    afterwards (also when the block raises). Plans are fixed when a frame is planned: a frame
+    persisted or written inside the block keeps the setting."""
+    before = spark.conf.get(key)
+    spark.conf.set(key, str(value))
+    try:
+        yield
+    finally:
+        spark.conf.set(key, before)

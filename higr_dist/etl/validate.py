@@ -40,14 +40,14 @@ row a second time; see docs/BENCHMARKS.md.)
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from higr_dist.etl.config import EtlConfig
 from higr_dist.etl.sources import Source
+from higr_dist.etl.spark import session_conf
 
 
 def _row_reason(cfg: EtlConfig) -> F.Column:
@@ -152,18 +152,11 @@ def by_user(classified: DataFrame, columns: Sequence[str]) -> DataFrame:
         F.collect_list(F.when(has_bad, entry)).alias("bad"))
 
 
-@contextmanager
-def sort_aggregate(spark: SparkSession) -> Iterator[None]:
+def sort_aggregate(spark: SparkSession):
     """Plan ``collect_list`` aggregates as sort aggregates inside the block (see
     :func:`by_user`); a frame persisted inside it keeps that plan. The session's setting is
     restored afterwards."""
-    key = "spark.sql.execution.useObjectHashAggregateExec"
-    before = spark.conf.get(key)
-    spark.conf.set(key, "false")
-    try:
-        yield
-    finally:
-        spark.conf.set(key, before)
+    return session_conf(spark, "spark.sql.execution.useObjectHashAggregateExec", "false")
 
 
 def quarantined(users: DataFrame) -> DataFrame:
