@@ -23,6 +23,12 @@ times, each in the same session, on ``local[2]`` with 8 shuffle partitions:
   left out: validation reasons, duplicate detection, the catalogue, hashing and projecting
   the co-occurrence rows, top pairs, items and pairs shards, the quarantine, counting passes.
   So an ETL writing the same shards in this shape costs at least this on the same cores.
+- ``fused_floor_dedup``: ``fused_floor`` with exact-duplicate detection added the cheapest way
+  Spark offers: inside the same user shuffle, identical rows are grouped and counted
+  (``groupBy(all columns).count()``: a hash aggregate, no second exchange, as the user
+  partitioning satisfies it) before the per-user ``collect_list``, the count riding along. Duplicates must be found (the issue's quarantine
+  reason), so this is the floor of any ETL that writes these shards from a raw log; still
+  without validation reasons, the catalogue, features, items and pairs shards, the quarantine.
 
 The ETL needs at least two shuffles (per-user sequences and co-occurrence counts) plus its
 writers, so these numbers bound what ``bench/etl.py`` can reach on the same cores.
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="fused_floor records per tar member (1 = one member per record)")
     p.add_argument("--cooc-window", type=int, default=5,
                    help="co-occurrence distance in fused_floor (0: no co-occurrence shuffle)")
-    p.add_argument("--fused-only", action="store_true", help="time fused_floor alone")
+    p.add_argument("--fused-only", action="store_true", help="time fused_floor and fused_floor_dedup alone")
     args = p.parse_args(argv)
     spark = get_spark(app_name="spark-floor", master=args.master, shuffle_partitions=8)
     data = Path(args.work) / f"data{args.rows}"
@@ -99,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     fused = _fused_floor(by_user, Path(args.work) / "fused_shards", args)
     shuffled: dict[str, int] = {}  # (a, b) pairs through the second shuffle
     timed("fused_floor", lambda: shuffled.update(n=int(fused.agg(F.sum("n")).first()[0] or 0)))
+    # the same with the copies of each distinct row counted in the user shuffle
+    distinct = df.repartition(8, "user_id").groupBy(*df.columns).agg(F.count("*").alias("_n"))
+    # the copy count rides along (the ETL needs it for the quarantine), else Spark prunes it
+    by_user_dedup = distinct.groupBy("user_id").agg(F.sort_array(F.collect_list(
+        F.struct("timestamp", "item_id", "watch_ratio", "_n"))).alias("ev"))
+    fused_dedup = _fused_floor(by_user_dedup, Path(args.work) / "fused_dedup_shards", args)
+    timed("fused_floor_dedup", lambda: fused_dedup.agg(F.sum("n")).first())
     out = {"bench": "spark_floor", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "machine": {"platform": platform.platform(), "spark": spark.version},
            "command": "python bench/spark_floor.py " + " ".join(sys.argv[1:]),
