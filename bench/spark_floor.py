@@ -16,7 +16,8 @@ times, each in the same session, on ``local[2]`` with 8 shuffle partitions:
   Spark job: the per-user shuffle and sorted ``collect_list`` -> one Python pass that writes
   ``--records-per-user`` records per user (a fixed ``--record-bytes`` JSON body each: record
   *building* costs nothing here) into tar members of ``--records-per-block`` records each
-  (webdataset ``TarWriter``, one zstd frame per member, as the ETL stores them since 06d317e) and forms the co-occurrence pairs with the ETL's own numpy kernel
+  (webdataset ``TarWriter``, one zstd frame per member, as the ETL stores them since 06d317e)
+  and forms the co-occurrence pairs with the ETL's own numpy kernel
   (``features.cooc_counts``), packed one row per item as the ETL ships them
   (``features.pack_partners``) -> the shuffle of those packed partial counts by item, sorted
   by item -> a Python ``mapInArrow`` that only unpacks them. Everything else the ETL does is
@@ -26,9 +27,10 @@ times, each in the same session, on ``local[2]`` with 8 shuffle partitions:
 - ``fused_floor_dedup``: ``fused_floor`` with exact-duplicate detection added the cheapest way
   Spark offers: inside the same user shuffle, identical rows are grouped and counted
   (``groupBy(all columns).count()``: a hash aggregate, no second exchange, as the user
-  partitioning satisfies it) before the per-user ``collect_list``, the count riding along. Duplicates must be found (the issue's quarantine
-  reason), so this is the floor of any ETL that writes these shards from a raw log; still
-  without validation reasons, the catalogue, features, items and pairs shards, the quarantine.
+  partitioning satisfies it) before the per-user ``collect_list``, the count riding along.
+  Duplicates must be found (the issue's quarantine reason), so this is the floor of any ETL
+  that writes these shards from a raw log; still without validation reasons, the catalogue,
+  features, items and pairs shards, the quarantine.
 
 The ETL needs at least two shuffles (per-user sequences and co-occurrence counts) plus its
 writers, so these numbers bound what ``bench/etl.py`` can reach on the same cores.
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="fused_floor records per tar member (1 = one member per record)")
     p.add_argument("--cooc-window", type=int, default=5,
                    help="co-occurrence distance in fused_floor (0: no co-occurrence shuffle)")
-    p.add_argument("--fused-only", action="store_true", help="time fused_floor and fused_floor_dedup alone")
+    p.add_argument("--fused-only", action="store_true",
+                   help="time fused_floor and fused_floor_dedup alone")
     args = p.parse_args(argv)
     spark = get_spark(app_name="spark-floor", master=args.master, shuffle_partitions=8)
     data = Path(args.work) / f"data{args.rows}"
@@ -91,25 +94,29 @@ def main(argv: list[str] | None = None) -> int:
         for b in batches:
             yield pa.RecordBatch.from_arrays([pa.array([b.num_rows], pa.int64())], names=["n"])
 
-    by_user = df.repartition(8, "user_id").groupBy("user_id").agg(F.sort_array(F.collect_list(
-        F.struct("timestamp", "item_id", "watch_ratio"))).alias("ev"))
+    users = df.repartition(8, "user_id")  # the user shuffle every case starts from
+    copies = users.groupBy(*df.columns)  # identical rows (no second exchange)
+
+    def sequences(frame, *extra: str):
+        """One row per user: the time-sorted (timestamp, item, feedback, *extra) structs."""
+        return frame.groupBy("user_id").agg(F.sort_array(F.collect_list(
+            F.struct("timestamp", "item_id", "watch_ratio", *extra))).alias("ev"))
+
+    by_user = sequences(users)
     if not args.fused_only:
         timed("scan_count", lambda: df.count())
         timed("scan_count_again", lambda: df.count())
         timed("scan_all_cols_noop", lambda: noop(df))
         timed("shuffle_sort_collect_noop", lambda: noop(by_user))
-        timed("dedup_shuffle_noop", lambda: noop(df.repartition(8, "user_id")
-                                                 .groupBy(*df.columns).count()))
+        timed("dedup_shuffle_noop", lambda: noop(copies.count()))
         timed("shuffle_collect_mapInArrow",
               lambda: by_user.mapInArrow(passthrough, "n long").agg(F.sum("n")).collect())
     fused = _fused_floor(by_user, Path(args.work) / "fused_shards", args)
     shuffled: dict[str, int] = {}  # (a, b) pairs through the second shuffle
     timed("fused_floor", lambda: shuffled.update(n=int(fused.agg(F.sum("n")).first()[0] or 0)))
-    # the same with the copies of each distinct row counted in the user shuffle
-    distinct = df.repartition(8, "user_id").groupBy(*df.columns).agg(F.count("*").alias("_n"))
-    # the copy count rides along (the ETL needs it for the quarantine), else Spark prunes it
-    by_user_dedup = distinct.groupBy("user_id").agg(F.sort_array(F.collect_list(
-        F.struct("timestamp", "item_id", "watch_ratio", "_n"))).alias("ev"))
+    # the same with the copies of each distinct row counted in the user shuffle; the count
+    # rides along (the ETL needs it for the quarantine), else Spark prunes it
+    by_user_dedup = sequences(copies.agg(F.count("*").alias("_n")), "_n")
     fused_dedup = _fused_floor(by_user_dedup, Path(args.work) / "fused_dedup_shards", args)
     timed("fused_floor_dedup", lambda: fused_dedup.agg(F.sum("n")).first())
     out = {"bench": "spark_floor", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
