@@ -1,7 +1,13 @@
 """spark-submit entry point of the ETL (thin): see ``higr_dist.etl.build``.
 
     spark-submit etl/build_shards.py --interactions PATH --items PATH --output DIR \
-        [--config configs/<scale>/etl.yaml] [--format csv|parquet|kuairec] [key=value ...]
+        [--config configs/<scale>/etl.yaml] [--format csv|parquet|kuairec|movielens] \
+        [key=value ...]
+
+e.g. MovieLens-100k as GroupLens publishes it::
+
+    python etl/build_shards.py --format movielens --interactions ml-100k/u.data \
+        --items ml-100k/u.item --output data/ml-100k
 
 Also runnable as plain python (starts ``local[*]``, or ``--master``).
 """

@@ -72,7 +72,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> str:
 
 def _hand_items(d: Path) -> str:
     rows = [[f"i{k:02d}", f"{k % 4}|{10 + k % 8}", f"item {k} topic {k % 4}"] for k in range(40)]
-    rows += [["bad1", "x|1", "broken category"],  # bad_category
+    rows += [["bad1", "1.5|1", "broken category"],  # bad_category: a number, not an integer
              ["i05", "1|15", "item 5 topic 1"],  # exact duplicate of i05
              ["i06", "9", "other"]]  # conflicting_item (i06 already has "2|16")
     return _write_csv(d / "items.csv", ["item_id", "category", "caption"], rows)
@@ -100,7 +100,7 @@ def _hand_log(d: Path) -> str:
              ["bob", "bad1", str(T0), "1.0", "1"],  # unknown_item (quarantined in the items table)
              ["bob", "i02", "notatime", "1.0", "1"],  # bad_timestamp (x2: bad duplicates stay bad)
              ["bob", "i02", "notatime", "1.0", "1"],
-             ["bob", "i02", "100", "1.0", "1"],  # bad_timestamp: before timestamp_min
+             ["bob", "i02", "-100", "1.0", "1"],  # bad_timestamp: before timestamp_min
              ["bob", "i03", "", "1.0", "1"],  # bad_timestamp: missing
              ["bob", "i02", str(T0), "-1", "1"],  # bad_feedback: negative
              ["bob", "i02", str(T0), "NaN", "1"],  # bad_feedback: NaN
@@ -355,7 +355,7 @@ def test_typed_parquet_log_gives_the_csv_shards_and_keeps_its_types(spark, tmp_p
     rows += [rows[3], rows[3],  # 2 exact duplicates
              (None, "i01", T0, 1.0, 1.0),  # null_user
              (7, "zzz", T0, 1.0, 1.0),  # unknown_item
-             (7, "i02", 100, 1.0, 1.0),  # bad_timestamp: before timestamp_min
+             (7, "i02", -100, 1.0, 1.0),  # bad_timestamp: before timestamp_min
              (8, "i02", T0, float("nan"), 1.0),  # bad_feedback: NaN
              (8, "i03", T0, -1.0, 1.0),  # bad_feedback: negative
              (9, "i04", T0, 1.0, -3.0),  # bad_feedback: optional column negative

@@ -44,7 +44,12 @@ from higr_dist.etl import features
 from higr_dist.etl.catalog import build_catalog
 from higr_dist.etl.config import INTERACTION_REASONS, EtlConfig, SourceConfig
 from higr_dist.etl.sequences import build_sequences, sample_counts
-from higr_dist.etl.sources import read_interactions, read_items, resolve_format
+from higr_dist.etl.sources import (
+    movielens_layout,
+    read_interactions,
+    read_items,
+    resolve_format,
+)
 from higr_dist.etl.spark import materialise, session_conf
 from higr_dist.etl.validate import (
     by_user,
@@ -250,12 +255,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="build_shards.py",
         description="HiGR ETL: interaction log + items table -> WebDataset shards.")
-    p.add_argument("--interactions", required=True, help="interaction log (CSV/Parquet, any URI)")
-    p.add_argument("--items", required=True, help="items table (CSV/Parquet, any URI)")
+    p.add_argument("--interactions", required=True,
+                   help="interaction log (CSV/Parquet, any URI; movielens: u.data, "
+                        "ratings.dat or ratings.csv)")
+    p.add_argument("--items", required=True,
+                   help="items table (CSV/Parquet, any URI; movielens: u.item, movies.dat or "
+                        "movies.csv)")
     p.add_argument("--output", required=True, help="output folder (POSIX path seen by executors)")
     p.add_argument("--config", default=None, help="EtlConfig YAML (configs/<scale>/etl.yaml)")
-    p.add_argument("--format", choices=["auto", "csv", "parquet", "kuairec"], default=None,
-                   help="input format (sets source.format)")
+    p.add_argument("--format", choices=["auto", "csv", "parquet", "kuairec", "movielens"],
+                   default=None, help="input format (sets source.format); movielens: "
+                   "GroupLens's files as published, layout told by their names")
     p.add_argument("--master", default=None,
                    help="Spark master when run as plain python (default local[*])")
     p.add_argument("--overwrite", action="store_true", help="replace an existing ETL output")
@@ -311,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(problems)
         check_input_path(args.interactions, "--interactions")
         check_input_path(args.items, "--items")
+        if cfg.source.format == "movielens":  # a file name it cannot place: before Spark starts
+            movielens_layout(cfg.source, args.interactions, "ratings")
+            movielens_layout(cfg.source, args.items, "movies")
         out = check_output_path(args.output)
         spark = get_spark(app_name="higr-etl", master=args.master,
                           shuffle_partitions=cfg.shuffle_partitions)

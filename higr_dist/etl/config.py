@@ -12,6 +12,7 @@ collate functions downstream; the paper uses N = 5 for both.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,10 +27,13 @@ ITEM_REASONS = ("null_item", "bad_category", "duplicate", "conflicting_item")
 class SourceConfig:
     """How to read the interaction log and the items table (any Hadoop-FS URI Spark can read)."""
 
-    format: Literal["auto", "csv", "parquet", "kuairec"] = "auto"
+    format: Literal["auto", "csv", "parquet", "kuairec", "movielens"] = "auto"
     """``auto``: CSV when the path ends in .csv, else Parquet. ``kuairec``: KuaiRec's
     big/small_matrix.csv + item_categories.csv as published (video_id, feat "[27, 9]", float
-    timestamps with a text ``time`` column as fallback)."""
+    timestamps with a text ``time`` column as fallback). ``movielens``: GroupLens's MovieLens
+    files as published (u.data + u.item, ratings.dat + movies.dat, or ratings.csv + movies.csv;
+    see ``movielens_layout``): genres become category names, titles captions, ratings the
+    feedback through ``rating_feedback``; the column names below are not used."""
     user_col: str = "user_id"
     """interactions: user id column (integers or strings; compared as trimmed strings)"""
     item_col: str = "item_id"
@@ -46,13 +50,66 @@ class SourceConfig:
     items_item_col: str = "item_id"
     """items table: item id column"""
     items_category_col: str = "category"
-    """items table: category ids: "3", "3|17", "[27, 9]" or a Parquet list"""
+    """items table: categories: integer ids or names ("3", "3|17", "Action|Comedy", "[27, 9]" or
+    a Parquet list); names get integer ids in the catalogue (``higr_dist.etl.catalog``)"""
     items_caption_col: str = "caption"
     """items table: optional caption text (content features); absent -> no caption part"""
     category_separator: str = "|"
-    """separator of several category ids in one text field (KuaiRec's "[a, b]" uses ',')"""
+    """separator of several categories in one text field (KuaiRec's "[a, b]" uses ',')"""
     kuairec_time_zone: str = "Asia/Shanghai"
     """time zone of KuaiRec's text ``time`` column, used only when ``timestamp`` is missing"""
+    movielens_layout: Literal["auto", "ml-100k", "ml-1m", "ml-latest"] = "auto"
+    """``movielens``: which GroupLens layout the files have. ``auto`` tells it from each file's
+    published name: ``u.data`` (or ``u1.base`` ...) / ``u.item`` = ml-100k (tab / '|', no
+    header, 19 genre flags), ``ratings.dat`` / ``movies.dat`` = ml-1m ('::'), ``ratings.csv``
+    / ``movies.csv`` = ml-latest, ml-latest-small, ml-20m, ml-25m ... (CSV with a header,
+    half-star ratings, "(no genres listed)" = no genre); set it for renamed files"""
+    rating_feedback: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RATING_FEEDBACK))
+    """``movielens``: rating -> feedback (the watch-ratio value every sample carries, judged by
+    ``negative_threshold`` / ``engaged_threshold`` / ``effective_threshold``). The points are
+    joined by straight lines: a half star is interpolated between its neighbours (3.5 -> 1.5
+    with the default {0.5: 0.05, 1: 0.1, 2: 0.5, 3: 1.0, 4: 2.0, 5: 3.0}: >= 4 stars is an
+    effective view, 3 engaged, <= 1 negative feedback). A rating below the smallest or above
+    the largest point, unparseable or NaN is ``bad_feedback``. Keys are ratings (numbers;
+    YAML ``{1: 0.1, ...}``), values >= 0 and non-decreasing with the rating"""
+
+    def problems(self) -> list[str]:
+        """What is wrong with the section (reported by :meth:`EtlConfig.validate`)."""
+        try:
+            points = rating_points(self.rating_feedback)
+        except ValueError as e:
+            return [f"source.rating_feedback: {e}"]
+        values = [f for _, f in points]
+        if any(not math.isfinite(f) or f < 0 for f in values):
+            return [f"source.rating_feedback: feedback values must be finite and >= 0, "
+                    f"got {values}"]
+        if values != sorted(values):
+            return [f"source.rating_feedback: feedback must not decrease as the rating grows, "
+                    f"got {points}"]
+        return []
+
+
+#: ``SourceConfig.rating_feedback``'s default (MovieLens stars -> watch-ratio feedback)
+DEFAULT_RATING_FEEDBACK = {"0.5": 0.05, "1": 0.1, "2": 0.5, "3": 1.0, "4": 2.0, "5": 3.0}
+
+
+def rating_points(mapping: dict) -> list[tuple[float, float]]:
+    """``rating_feedback`` as (rating, feedback) points sorted by rating; ValueError (one line)
+    when empty, when a key is not a finite number, or when two keys are the same rating."""
+    if not mapping:
+        raise ValueError("needs at least one rating: feedback point")
+    points: dict[float, float] = {}
+    for key, value in mapping.items():
+        try:
+            rating = float(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"rating {key!r} is not a number") from None
+        if not math.isfinite(rating):
+            raise ValueError(f"rating {key!r} is not finite")
+        if rating in points:
+            raise ValueError(f"rating {key!r} is given twice")
+        points[rating] = float(value)
+    return sorted(points.items())
 
 
 @dataclass
@@ -113,15 +170,19 @@ class EtlConfig:
     """seed of the feature hashing / projections and of the within-shard sample order"""
     shuffle_partitions: int = 8
     """Spark shuffle partitions of the job (users are hash-partitioned into this many)"""
-    timestamp_min: int = 946684800
-    """earliest valid timestamp (epoch seconds, inclusive; default 2000-01-01)"""
+    timestamp_min: int = 0
+    """earliest valid timestamp (epoch seconds, inclusive; default 1970-01-01: MovieLens-100k
+    is from 1997, so plausible data is never quarantined; negative times are)"""
     timestamp_max: int = 4102444800
-    """latest valid timestamp (epoch seconds, exclusive; default 2100-01-01)"""
+    """latest valid timestamp (epoch seconds, exclusive; default 2100-01-01). It also catches
+    a time column in *milliseconds*: any millisecond time after 1970-02-17 (4.1e9 ms), e.g.
+    1.7e12 for 2023, is past 2100 read as seconds, so every such row is ``bad_timestamp``
+    (convert the column to seconds first)"""
     broadcast_items_max: int = 2_000_000
     """catalogues up to this many items are broadcast to the interaction join"""
 
     def validate(self) -> list[str]:
-        problems = []
+        problems = self.source.problems() if isinstance(self.source, SourceConfig) else []
         positive = ("slate_size", "history_len", "stride", "min_history", "holdout", "pref_window",
                     "pairs_per_item", "cooc_window", "content_dim", "collab_dim",
                     "samples_per_shard", "min_shards", "shuffle_partitions", "records_per_block")
