@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from higr_dist import sizing
 from higr_dist.config import ConfigError, load, to_dict, write_run_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,10 @@ class EvalSpec:
 
     beam: int = 10
     """Beam width for trie-constrained decoding (HiGR generator and flat baseline)."""
+    rank: str = "mass"
+    """How the SID decoders fill and order a slate (``higr_dist.decode.hier.RANKS``):
+    ``placed`` (the planner's placement order) or ``mass`` (the decoded candidates with the
+    largest expected presence). Also what validation selects models with."""
     batch_size: int = 64
     """Users per decoding batch."""
     max_users: int = 0
@@ -121,6 +126,9 @@ class PipelineConfig:
     default: it is the comparison for ORPO, evaluated as ``higr_dpo``)."""
     stage_overrides: dict[str, list[str]] = field(default_factory=dict)
     """Stage name -> ``key=value`` overrides (e.g. ``{hsd: [train.max_steps=50]}``)."""
+    sizing: sizing.SizingConfig = field(default_factory=sizing.SizingConfig)
+    """What is derived from the ETL manifest (codebook size, identity buckets, training
+    length, the catalogue bound): ``higr_dist.sizing``."""
     launch: LaunchSpec = field(default_factory=LaunchSpec)
     """How stages are launched."""
     eval: EvalSpec = field(default_factory=EvalSpec)
@@ -130,6 +138,11 @@ class PipelineConfig:
         problems = []
         if bool(self.source.interactions) != bool(self.source.items):
             problems.append("source: give both interactions and items, or neither (synthetic)")
+        from higr_dist.decode.hier import RANKS
+
+        if self.eval.rank not in RANKS:
+            problems.append(f"eval.rank: must be one of {', '.join(RANKS)}, got "
+                            f"{self.eval.rank!r}")
         for s in self.stages:
             if s not in STAGE_ORDER:
                 problems.append(f"stages: unknown stage {s!r}; known: {', '.join(STAGE_ORDER)}")
@@ -196,8 +209,10 @@ def step_etl(cfg: PipelineConfig, spark, interactions: str, items: str) -> dict:
     return run_etl(spark, etl_cfg, interactions, items, out, overwrite=True)
 
 
-def stage_overrides(cfg: PipelineConfig, stage: str) -> list[str]:
-    """The run-specific paths of one stage, then the user's overrides for it."""
+def stage_overrides(cfg: PipelineConfig, stage: str, sized: dict[str, list[str]] | None = None
+                    ) -> list[str]:
+    """The run-specific paths of one stage, then what sizing derived for it from the data
+    (``sized``, :func:`sized_overrides`), then the user's overrides for it (which win)."""
     rd = cfg.run_dir.resolve()
     ov = [f"run.name={cfg.name}-{stage}", f"run.out_dir={rd / stage}", f"run.seed={cfg.seed}",
           f"inputs.etl_dir={rd / 'etl'}"]
@@ -207,7 +222,47 @@ def stage_overrides(cfg: PipelineConfig, stage: str) -> list[str]:
         ov.append(f"inputs.init_from={rd / 'hsd' / 'final' / 'model_fp32.pt'}")
     if stage == "dpo":
         ov.append(f"inputs.reference_from={rd / 'hsd' / 'final' / 'model_fp32.pt'}")
-    return ov + list(cfg.stage_overrides.get(stage, []))
+    if stage != "tokenizer":  # models are selected with the evaluation's own decoding
+        ov += [f"validation.beam={cfg.eval.beam}", f"validation.rank={cfg.eval.rank}"]
+    return ov + list((sized or {}).get(stage, [])) + list(cfg.stage_overrides.get(stage, []))
+
+
+def sized_overrides(cfg: PipelineConfig, manifest: dict | None) -> dict[str, list[str]]:
+    """Stage -> overrides that :mod:`higr_dist.sizing` derives from the ETL manifest (none
+    before the ETL has run). Each stage's batch size and step count come from its config."""
+    if manifest is None or not cfg.sizing.enabled:
+        return {}
+    from higr_dist.engine.config import load_job
+
+    jobs = {s: load_job(_stage_config_path(cfg, s), list(cfg.stage_overrides.get(s, [])))
+            for s in cfg.stages}
+    return sizing.derive(manifest, cfg.sizing,
+                         batch={s: j.train.global_batch_size for s, j in jobs.items()},
+                         steps={s: j.train.max_steps for s, j in jobs.items()})
+
+
+def _manifest(cfg: PipelineConfig) -> dict | None:
+    path = cfg.run_dir / "etl" / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_samples(cfg: PipelineConfig, manifest: dict) -> None:
+    """Stop with one line when the ETL left a stage nothing to train or select on."""
+    kinds = manifest.get("kinds", {})
+    need = {"slates/train": "every slate model", "slates/val": "model selection",
+            "slates/test": "evaluation", "pairs": "the tokenizer"}
+    if any(s in cfg.stages for s in ("orpo", "dpo")):
+        need["prefs"] = "alignment (orpo/dpo)"
+    empty = [f"{kind} ({what})" for kind, what in need.items()
+             if int(kinds.get(kind, {}).get("samples", 0)) == 0]
+    if empty:
+        q = manifest.get("quarantine_by_reason", {})
+        top = ", ".join(f"{r} {n:,}" for r, n in sorted(q.items(), key=lambda kv: -kv[1]) if n)
+        raise ConfigError([
+            f"etl: no samples for {', '.join(empty)}: {manifest.get('rows_in', 0):,} rows in, "
+            f"{manifest.get('rows_quarantined', 0):,} quarantined ({top or 'none'}); see "
+            f"{cfg.run_dir / 'etl' / 'quarantine'} and the ETL config (holdout, min_history, "
+            f"timestamp bounds)"])
 
 
 def launch_command(cfg: PipelineConfig, config_path: str, overrides: list[str]) -> list[str]:
@@ -291,7 +346,8 @@ def stale_stages(cfg: PipelineConfig) -> list[str]:
     problems = []
     rd = cfg.run_dir.resolve()
     manifest = cfg.run_dir / "etl" / "manifest.json"
-    etl = json.loads(manifest.read_text()) if manifest.is_file() else None
+    etl = _manifest(cfg)
+    sized = sized_overrides(cfg, etl)
     if etl is not None and etl.get("schema_version") != SCHEMA_VERSION:
         # shards written by older code: this code cannot read them
         problems.append(f"etl: {manifest.parent} holds shards of schema "
@@ -310,7 +366,8 @@ def stale_stages(cfg: PipelineConfig) -> list[str]:
         if not resolved.is_file():
             problems.append(f"{stage}: {out} is finished but has no resolved_config.yaml")
             continue
-        want = _flat(to_dict(load_job(_stage_config_path(cfg, stage), stage_overrides(cfg, stage))))
+        want = _flat(to_dict(load_job(_stage_config_path(cfg, stage),
+                                      stage_overrides(cfg, stage, sized))))
         had = _flat(yaml.safe_load(resolved.read_text()))
         # a run folder that was moved or renamed is still the same run: compare its own paths
         # relative to it, and ignore the run's display name
@@ -328,7 +385,8 @@ def stale_stages(cfg: PipelineConfig) -> list[str]:
     return problems
 
 
-def step_stage(cfg: PipelineConfig, stage: str) -> dict:
+def step_stage(cfg: PipelineConfig, stage: str, sized: dict[str, list[str]] | None = None
+               ) -> dict:
     """Train one stage (skipped when its summary exists); returns its summary."""
     out = cfg.run_dir / stage
     summary = out / "summary.json"
@@ -336,7 +394,7 @@ def step_stage(cfg: PipelineConfig, stage: str) -> dict:
         _log(f"{stage}: reusing {out}")
         return json.loads(summary.read_text())
     config_path = _stage_config_path(cfg, stage)
-    overrides = stage_overrides(cfg, stage)
+    overrides = stage_overrides(cfg, stage, sized)
     t0 = time.perf_counter()
     if cfg.launch.mode == "inprocess":
         from higr_dist.engine.config import load_job
@@ -387,6 +445,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         if owned:
             spark.stop()  # free the JVM's memory before training starts
     timings["data+etl"] = time.perf_counter() - t
+    check_samples(cfg, manifest)
+    if cfg.sizing.enabled:
+        sizing.check_scale(manifest, cfg.sizing)
+    sized = sized_overrides(cfg, manifest)
+    for stage, ov in sized.items():
+        _log(f"sizing {stage} from the data ({manifest['num_items']:,} items, "
+             f"{manifest['rows_out']:,} rows): {' '.join(ov)}")
 
     summaries = {}
     world = _in_process_world() if cfg.launch.mode == "inprocess" else contextlib.nullcontext()
@@ -394,7 +459,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         for stage in STAGE_ORDER:
             if stage in cfg.stages:
                 t = time.perf_counter()
-                summaries[stage] = step_stage(cfg, stage)
+                summaries[stage] = step_stage(cfg, stage, sized)
                 timings[stage] = time.perf_counter() - t
 
     from higr_dist.eval.harness import evaluate_run

@@ -12,13 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from higr_dist.decode.flat import flat_beam_decode
-from higr_dist.decode.hier import coarse_to_fine_decode
+from higr_dist.decode.hier import RANKS, coarse_to_fine_decode, rank_by_mass
 from higr_dist.decode.trie import SidTrie
 from higr_dist.models.flat import Flat
 from higr_dist.models.hsd import HSD, HSDConfig
 
 TINY = HSDConfig(K=6, L=3, N=4, d_model=16, n_heads=2, ctx_layers=1, planner_layers=2,
-                 gen_layers=1, history_len=6, dropout=0.0)
+                 gen_layers=1, history_len=6, dropout=0.0, id_buckets=32)
 
 
 def _table(num_items: int, K: int, L: int, seed: int = 0) -> np.ndarray:
@@ -123,41 +123,47 @@ def test_trie_rejects_bad_tables():
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_valid(res, table: np.ndarray, N: int) -> None:
+def _check_valid(res, table: np.ndarray, N: int, rank: str = "placed") -> None:
     items = res.items
     assert items.shape[1] == N
     assert (items >= 0).all() and (items < table.shape[0]).all()
     assert torch.equal(res.codes, torch.from_numpy(table)[items])  # real SIDs of those items
     for row in items.tolist():
         assert len(set(row)) == N  # no repeats within a slate
-    assert torch.isfinite(res.scores).all() and (res.scores <= 0).all()
+    assert torch.isfinite(res.scores).all()
+    if rank == "placed":
+        assert (res.scores <= 0).all()  # log-probs
+    else:
+        assert (res.scores[:, :-1] >= res.scores[:, 1:] - 1e-6).all()  # best first
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), K=st.integers(2, 6), L=st.integers(1, 3),
-       N=st.integers(1, 4), beam=st.integers(1, 5), extra=st.integers(0, 12))
-def test_decoders_only_emit_real_distinct_items(seed, K, L, N, beam, extra):
+       N=st.integers(1, 4), beam=st.integers(1, 5), extra=st.integers(0, 12),
+       rank=st.sampled_from(RANKS), from_last=st.booleans())
+def test_decoders_only_emit_real_distinct_items(seed, K, L, N, beam, extra, rank, from_last):
     num_items = min(K ** L, N + extra)
     if num_items < N:
         return  # not enough SIDs for a slate of N: covered by test_too_small_catalogue
     torch.manual_seed(seed)
-    cfg = replace(TINY, K=K, L=L, N=N)
+    cfg = replace(TINY, K=K, L=L, N=N, start_from_last=from_last)
     table = _table(num_items, K, L, seed=seed)
     trie = SidTrie.from_table(table, K)
     hist = _history(cfg, table, B=3, seed=seed)
-    _check_valid(coarse_to_fine_decode(HSD(cfg), *hist, trie, beam=beam), table, N)
-    _check_valid(flat_beam_decode(Flat(cfg), *hist, trie, beam=beam), table, N)
+    _check_valid(coarse_to_fine_decode(HSD(cfg), *hist, trie, beam=beam, rank=rank), table, N,
+                 rank)
+    _check_valid(flat_beam_decode(Flat(cfg), *hist, trie, beam=beam, rank=rank), table, N, rank)
 
 
-@pytest.mark.parametrize("beam", [1, 3])
-def test_kv_cached_decoding_equals_uncached(beam):
+@pytest.mark.parametrize("beam,rank", [(1, "placed"), (3, "placed"), (3, "mass")])
+def test_kv_cached_decoding_equals_uncached(beam, rank):
     torch.manual_seed(0)
     table = _table(60, TINY.K, TINY.L, seed=2)
     trie = SidTrie.from_table(table, TINY.K)
     hist = _history(TINY, table, B=4)
     for model, decode in ((HSD(TINY), coarse_to_fine_decode), (Flat(TINY), flat_beam_decode)):
-        cached = decode(model, *hist, trie, beam=beam)
-        plain = decode(model, *hist, trie, beam=beam, use_cache=False)
+        cached = decode(model, *hist, trie, beam=beam, rank=rank)
+        plain = decode(model, *hist, trie, beam=beam, use_cache=False, rank=rank)
         assert torch.equal(cached.items, plain.items)
         assert torch.allclose(cached.scores, plain.scores, atol=1e-5)
 
@@ -271,3 +277,32 @@ def test_cuda_decoding_matches_cpu():
         cpu = decode(model, *hist, trie, beam=3)
         gpu = decode(model.cuda(), *(t.cuda() for t in hist), trie, beam=3)
         assert torch.equal(gpu.items.cpu(), cpu.items)
+
+
+def test_rank_by_mass_sums_duplicates_and_breaks_ties_by_item():
+    cand = torch.tensor([[7, 3, 7, -1, 5, 3], [2, 2, 9, 4, 1, -1]])
+    w = torch.tensor([[0.2, 0.3, 0.25, 9.0, 0.1, 0.05], [0.5, 0.5, 0.2, 0.2, 0.9, 5.0]])
+    items, mass = rank_by_mass(cand, w, 3)
+    assert items.tolist() == [[7, 3, 5], [2, 1, 4]]  # 4 before 9: equal mass, smaller id
+    assert torch.allclose(mass, torch.tensor([[0.45, 0.35, 0.1], [1.0, 0.9, 0.2]]))
+    with pytest.raises(RuntimeError):
+        rank_by_mass(torch.tensor([[1, 1, -1]]), torch.ones(1, 3), 2)
+
+
+@pytest.mark.parametrize("which", ["hier", "flat"])
+def test_mass_ranking_orders_by_expected_presence(which):
+    """``mass`` returns the placed slate's items and the other candidates by summed weight;
+    with a beam of one it has no other candidates, so it returns the placed items, reordered
+    by their path-weighted probabilities (monotone non-increasing along the plan)."""
+    torch.manual_seed(7)
+    table = _table(40, TINY.K, TINY.L, seed=8)
+    trie = SidTrie.from_table(table, TINY.K)
+    hist = _history(TINY, table, B=4, seed=3)
+    model = HSD(TINY) if which == "hier" else Flat(TINY)
+    decode = coarse_to_fine_decode if which == "hier" else flat_beam_decode
+    placed = decode(model, *hist, trie, beam=1, rank="placed")
+    mass = decode(model, *hist, trie, beam=1, rank="mass")
+    assert torch.equal(mass.items, placed.items)  # path weights only decrease along the plan
+    assert (mass.scores[:, :-1] >= mass.scores[:, 1:]).all()
+    wide = decode(model, *hist, trie, beam=6, rank="mass")
+    assert (wide.scores[:, :-1] >= wide.scores[:, 1:] - 1e-6).all()

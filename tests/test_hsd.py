@@ -31,7 +31,7 @@ from higr_dist.stages.base import StageInputs, get_stage
 from higr_dist.stages.hsd import SlateBatch, SlateCollate
 
 TINY = HSDConfig(K=8, L=3, N=4, d_model=16, n_heads=2, ctx_layers=1, planner_layers=2,
-                 gen_layers=1, history_len=6, dropout=0.0)
+                 gen_layers=1, history_len=6, dropout=0.0, id_buckets=64)
 
 
 def _table(num_items: int, K: int, L: int, seed: int = 0) -> np.ndarray:
@@ -211,7 +211,7 @@ def test_flat_kv_cached_steps_equal_teacher_forcing():
         ctx = model.encode_context(hc, hm, hf)
         cache = None
         for t in range(tokens.shape[1]):
-            logits, cache = model.step(ctx, cache, tokens[:, t - 1] if t else None)
+            logits, cache = model.step(ctx, cache, tokens[:, :t] if t else None)
             assert torch.allclose(logits, ref[:, t], atol=1e-5)
             assert torch.allclose(model.full_step(ctx, tokens[:, :t]), logits, atol=1e-5)
 
@@ -513,3 +513,49 @@ def test_flops_per_sample_scale_with_depth():
     assert flat.flops_per_sample(cfg) > hsd.flops_per_sample(cfg)
     deeper = replace(cfg, planner_layers=28)
     assert hsd.flops_per_sample(deeper) > hsd.flops_per_sample(cfg)
+
+
+def test_newest_item_ignores_padding_wherever_it_sits():
+    from higr_dist.models.hsd import newest_item
+
+    codes = torch.arange(2 * 4 * 3).reshape(2, 4, 3)
+    mask = torch.tensor([[True, True, False, False], [False, True, False, True]])
+    got, present = newest_item(codes, mask)
+    assert torch.equal(got, torch.stack([codes[0, 1], codes[1, 3]]))
+    assert present.all()
+    got, present = newest_item(codes, torch.zeros(2, 4, dtype=torch.bool))
+    assert not present.any() and (got == 0).all()
+
+
+def test_start_token_reads_the_newest_item_and_only_it():
+    """With ``start_from_last`` the first planner input changes with the newest history
+    item; changing an older item moves it only through the memory (cross-attention)."""
+    from higr_dist.models.hsd import start_token
+
+    model = HSD(TINY).eval()
+    hc, hm, hf, _ = _inputs(TINY, B=2, H=4)
+    hm[:] = True
+    s0 = start_token(model.bos, model.sid_emb, hc, hm, True, torch.float32)
+    older, newest = hc.clone(), hc.clone()
+    older[:, 0] = (older[:, 0] + 1) % TINY.K
+    newest[:, -1] = (newest[:, -1] + 1) % TINY.K
+    assert torch.equal(start_token(model.bos, model.sid_emb, older, hm, True, torch.float32), s0)
+    assert not torch.allclose(start_token(model.bos, model.sid_emb, newest, hm, True,
+                                          torch.float32), s0)
+    off = start_token(model.bos, model.sid_emb, hc, hm, False, torch.float32)
+    assert torch.equal(off, model.bos.expand(2, 1, -1))
+
+
+def test_hashed_identity_separates_items_that_share_codes():
+    from higr_dist.models.hsd import HashedIdEmbedding
+
+    torch.manual_seed(0)
+    emb = HashedIdEmbedding(K=8, L=3, buckets=64, d=4)
+    codes = torch.tensor([[1, 2, 3], [1, 2, 4], [1, 2, 3]])
+    h = emb.hashes(codes)
+    assert h.shape == (3, 2) and (h >= 0).all() and (h < 64).all()
+    assert torch.equal(h[0], h[2]) and not torch.equal(h[0], h[1])
+    # every SID of an 8^3 code space: two items never share both buckets here
+    allc = torch.cartesian_prod(*[torch.arange(8)] * 3)
+    pairs = emb.hashes(allc)
+    assert torch.unique(pairs[:, 0] * 64 + pairs[:, 1]).numel() > 0.9 * len(allc)

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from higr_dist.data.shardio import write_listing, write_shard
-from higr_dist.schema import SLATE_GROUP_BLOCK, blocks
+from higr_dist.schema import SLATE_BLOCK, SLATE_GROUP_BLOCK, blocks
 from higr_dist.schema.slates import slate_group_of
 
 pytestmark = pytest.mark.dist
@@ -72,15 +72,28 @@ def _write_inputs(root: Path) -> tuple[Path, Path]:
         entries.append(write_shard(folder / f"shard-{s:06d}.tar", SLATE_GROUP_BLOCK,
                                    blocks([(k, slate_group_of(x)) for k, x in samples], 8)))
     write_listing(folder, entries)
+    # a validation split (one held-out slate per user, all effective views) for model selection
+    val = root / "etl" / "slates" / "val"
+    val.mkdir(parents=True)
+    records = []
+    for u in range(48):
+        hist = rng.integers(0, NUM_ITEMS, H)
+        records.append((f"v{u}", {
+            "user_id": f"v{u}", "split": "val", "ts": 5000 + u, "hist_items": hist.tolist(),
+            "hist_fb": [1.0] * H, "target_items": ((hist[-1] + np.arange(1, N + 1))
+                                                   % NUM_ITEMS).tolist(),
+            "target_fb": [3.0] * N}))
+    write_listing(val, [write_shard(val / "shard-000000.tar", SLATE_BLOCK, blocks(records, 8))])
     return root / "etl", sid
 
 
-STEPS = {"hsd": 24, "flat": 40, "sasrec": 40}
+STEPS = {"hsd": 24, "flat": 40, "sasrec": 40, "hsd_val": 32, "hsd_last": 32}
 """Optimizer steps per stage (ZeRO-3 + bf16 on CPU is the slowest: fewer steps)."""
 
 
 def _job(stage: str, etl: Path, sid: Path, out: Path, zero: int, precision: str,
-         extra_train: dict | None = None) -> dict:
+         extra_train: dict | None = None, steps: int | None = None,
+         validation: dict | None = None) -> dict:
     model = ({"K": K, "L": L, "N": N, "d_model": 32, "n_heads": 2, "ctx_layers": 1,
               "planner_layers": 2, "gen_layers": 1, "history_len": H, "dropout": 0.0}
              if stage != "sasrec" else
@@ -92,9 +105,11 @@ def _job(stage: str, etl: Path, sid: Path, out: Path, zero: int, precision: str,
         "inputs": {"etl_dir": str(etl), "sid_dir": str(sid)},
         "data": {"num_workers": 0, "shuffle_buffer": 64},
         "train": {"zero_stage": zero, "precision": precision, "global_batch_size": 32,
-                  "micro_batch_size": 16, "max_steps": STEPS[stage], "lr": 1e-2, "warmup_steps": 2,
+                  "micro_batch_size": 16, "max_steps": steps or STEPS[stage], "lr": 1e-2,
+                  "warmup_steps": 2,
                   "weight_decay": 0.0, "checkpoint_every": 0, "log_every": 5,
                   "progress_bar": False, **(extra_train or {})},
+        "validation": validation or {},
         "model": model,
         "loss": {},
     }
@@ -107,7 +122,15 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     jobs = {"hsd": _job("hsd", etl, sid, root / "hsd", 3, "bf16",
                         {"activation_checkpointing": True}),
             "flat": _job("flat", etl, sid, root / "flat", 1, "fp32"),
-            "sasrec": _job("sasrec", etl, sid, root / "sasrec", 2, "fp32")}
+            "sasrec": _job("sasrec", etl, sid, root / "sasrec", 2, "fp32"),
+            # model selection: validation every 1/4 epoch (2 steps); a new best must gain 1.0
+            # NDCG, which never happens, so the first validation's weights must be the ones
+            # kept; hsd_last is the same run keeping its last weights
+            "hsd_val": _job("hsd", etl, sid, root / "hsd_val", 1, "fp32", steps=STEPS["hsd_val"],
+                            validation={"every_epochs": 0.25, "min_delta": 1.0, "beam": 4}),
+            "hsd_last": _job("hsd", etl, sid, root / "hsd_last", 1, "fp32",
+                             steps=STEPS["hsd_last"],
+                             validation={"every_epochs": 0.25, "beam": 4, "keep_best": False})}
     configs = []
     for name, job in jobs.items():
         path = root / f"{name}.yaml"
@@ -171,3 +194,33 @@ def test_exported_models_load_and_decode(runs):
             trained = model.slate_logprobs(hc, hm, hf, target).mean()
             fresh = cls(cfg).eval().slate_logprobs(hc, hm, hf, target).mean()
         assert trained > fresh + 0.3, (stage, trained.item(), fresh.item())
+
+
+def test_the_best_validation_weights_are_the_ones_kept(runs):
+    """Selection on validation: the exported weights are the best validation step's (here the
+    first, by construction), not the last; validating changes no training step; re-scoring the
+    exported model on the validation split gives the recorded best score."""
+    from higr_dist.engine.validate import ValidateConfig, Validator
+    from higr_dist.eval.harness import load_stage_model
+
+    s = json.loads((runs["hsd_val"] / "summary.json").read_text())
+    last = json.loads((runs["hsd_last"] / "summary.json").read_text())
+    val = s["validation"]
+    steps = [h["step"] for h in val["history"]]
+    assert steps == list(range(2, STEPS["hsd_val"] + 1, 2)), steps  # every 2 steps, and the end
+    assert val["kept"] == "best" and val["best"]["step"] == 2
+    assert last["validation"]["kept"] == "last"
+    # validation does not perturb training: same losses with and without selection
+    assert s["losses"]["final"] == last["losses"]["final"]
+    assert [h["ndcg5"] for h in val["history"]] == \
+        [h["ndcg5"] for h in last["validation"]["history"]]
+    kept = torch.load(runs["hsd_val"] / "final" / "model_fp32.pt", weights_only=True)
+    best = torch.load(runs["hsd_val"] / "best" / "model_fp32.pt", weights_only=True)
+    final_last = torch.load(runs["hsd_last"] / "final" / "model_fp32.pt", weights_only=True)
+    assert all(torch.equal(kept[k], best[k]) for k in kept)
+    assert any(not torch.equal(kept[k], final_last[k]) for k in kept)  # not the last weights
+    _, model = load_stage_model(runs["hsd_val"])
+    score = Validator(runs["root"] / "etl", runs["sid"], N, H,
+                      ValidateConfig(every_epochs=1, beam=4)).score(model)
+    assert score["ndcg5"] == pytest.approx(val["history"][0]["ndcg5"], abs=1e-9)
+    assert score["users"] == 48

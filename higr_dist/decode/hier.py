@@ -91,13 +91,15 @@ def beam_select(scores: Tensor, logp: Tensor, allowed: Tensor, beam: int) -> Bea
 
 
 def generate_item(model: HSD, ctx: HSDContext, plan: Tensor, trie: SidTrie, placed: Tensor,
-                  beam: int, use_cache: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+                  beam: int, use_cache: bool = True, keep: int = 1
+                  ) -> tuple[Tensor, Tensor, Tensor]:
     """Beam-search one item per context: plan [B, D] (P_j), placed [B, j] item_idx (excluded)
-    -> (codes [B, L] of the best allowed item, its log-prob [B] float32, its item_idx [B]).
+    -> the ``keep`` best allowed complete items, best first: (codes [B, keep, L], log-probs
+    [B, keep] float32 (-inf where fewer were allowed), item_idx [B, keep] (-1 there)).
 
     Each beam carries its trie node, so a step's constraint is one :meth:`SidTrie.allowed_at`
-    query; the last code only needs the best completion (top-1 instead of top-``beam``), and
-    nothing is reordered after it (the generator cache dies with the item)."""
+    query; the last code only needs the best ``keep`` completions (top-1 for placement alone),
+    and nothing is reordered after it (the generator cache dies with the item)."""
     B, L = plan.shape[0], model.cfg.L
     scores = torch.zeros(B, 1, dtype=torch.float32, device=plan.device)  # [B, G]
     prefix = torch.zeros(B, 1, 0, dtype=torch.long, device=plan.device)  # [B, G, l]
@@ -113,7 +115,7 @@ def generate_item(model: HSD, ctx: HSDContext, plan: Tensor, trie: SidTrie, plac
         else:
             logits = model.generator_full(ctx, plan_rows, prefix.reshape(plan_rows.shape[0], layer))
         logp = torch.log_softmax(logits.float(), dim=-1)  # [B*G, K]
-        sel = beam_select(scores, logp, trie.allowed_at(layer, node, excl), 1 if last else beam)
+        sel = beam_select(scores, logp, trie.allowed_at(layer, node, excl), keep if last else beam)
         prev = sel.code.reshape(-1)  # [B*G']
         prefix = torch.cat([prefix.gather(1, sel.parent[..., None].expand(-1, -1, layer)),
                             sel.code[..., None]], dim=2)  # [B, G', l+1]
@@ -125,26 +127,62 @@ def generate_item(model: HSD, ctx: HSDContext, plan: Tensor, trie: SidTrie, plac
                 cache = reorder_cache(cache, sel.rows)
     if not bool(torch.isfinite(scores[:, 0]).all()):
         raise RuntimeError("no allowed item left for some context (catalogue exhausted?)")
-    return prefix[:, 0], scores[:, 0], trie.leaf_items(node)
+    items = torch.where(torch.isfinite(scores), trie.leaf_items(node).view(B, -1), -1)
+    return prefix, scores, items
+
+
+def rank_by_mass(cand: Tensor, weight: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The ``n`` items with the largest summed weight per row: cand [B, C] item_idx (-1 =
+    none), weight [B, C] >= 0 -> (items [B, n], mass [B, n]), descending. Ties: smaller
+    item_idx first. A row must hold at least ``n`` distinct items."""
+    B, C = cand.shape
+    w = torch.where(cand >= 0, weight, 0.0)
+    order = torch.argsort(cand, dim=1, stable=True)  # group equal items
+    items = cand.gather(1, order)
+    w = w.gather(1, order)
+    new = torch.ones_like(items, dtype=torch.bool)
+    new[:, 1:] = items[:, 1:] != items[:, :-1]
+    seg = new.long().cumsum(1) - 1  # [B, C] segment of each candidate
+    mass = torch.zeros(B, C, dtype=w.dtype, device=w.device).scatter_add_(1, seg, w)
+    first = torch.full((B, C), -1, dtype=torch.long, device=cand.device)
+    first.scatter_(1, seg, items)  # the item of each segment (same for all its members)
+    valid = (torch.arange(C, device=cand.device)[None] <= seg[:, -1:]) & (first >= 0)
+    mass = torch.where(valid, mass, float("-inf"))
+    # descending mass, ties by ascending item: sort by item first (already), then stable mass
+    top = torch.argsort(-mass, dim=1, stable=True)[:, :n]
+    out_mass = mass.gather(1, top)
+    if not bool(torch.isfinite(out_mass).all()):
+        raise RuntimeError(f"fewer than {n} distinct candidate items for some context")
+    return first.gather(1, top), out_mass
 
 
 @torch.inference_mode()
 def coarse_to_fine_decode(model: HSD, hist_codes: Tensor, hist_mask: Tensor, hist_fb: Tensor,
                           trie: SidTrie, beam: int = 10, N: int | None = None,
-                          use_cache: bool = True) -> DecodeResult:
+                          use_cache: bool = True, rank: str = "placed") -> DecodeResult:
     """HiGR decoding of one slate per context: hist_codes [B, H, L], hist_mask [B, H],
-    hist_fb [B, H] -> :class:`DecodeResult` (items [B, N], codes [B, N, L], scores [B, N])."""
+    hist_fb [B, H] -> :class:`DecodeResult` (items [B, N], codes [B, N, L], scores [B, N]).
+
+    ``rank``: ``placed`` returns the items in the order the planner placed them (the paper's
+    slate; ``scores`` = each item's log-prob); ``mass`` walks the same greedy plan but returns
+    the N candidates with the largest expected presence in the slate (:data:`RANKS`;
+    ``scores`` = the log of that summed weight, descending)."""
     cfg = model.cfg
     N = cfg.N if N is None else int(N)
     if not 1 <= N <= cfg.N or beam < 1:
         raise ValueError(f"need 1 <= N <= {cfg.N} and beam >= 1 (got N={N}, beam={beam})")
+    if rank not in RANKS:
+        raise ValueError(f"rank must be one of {', '.join(RANKS)}, got {rank!r}")
     check_trie(trie, cfg.K, cfg.L, N)
     trie = trie.to(hist_codes.device)
     B = hist_codes.shape[0]
     dev = hist_codes.device
+    keep = beam if rank == "mass" else 1
     items = torch.full((B, N), -1, dtype=torch.long, device=dev)
     codes = torch.zeros(B, N, cfg.L, dtype=torch.long, device=dev)
     scores = torch.zeros(B, N, dtype=torch.float32, device=dev)
+    cand_items, cand_logw = [], []  # per position: [B, keep] candidates and log-weights
+    path = torch.zeros(B, dtype=torch.float32, device=dev)  # log P(items placed so far)
     with eval_mode(model):
         ctx = model.encode_context(hist_codes, hist_mask, hist_fb, beam=beam)
         pcache: Cache | None = None
@@ -153,8 +191,33 @@ def coarse_to_fine_decode(model: HSD, hist_codes: Tensor, hist_mask: Tensor, his
                 plan, pcache = model.planner_step(ctx, codes[:, j - 1] if j else None, pcache)
             else:
                 plan = model.planner_full(ctx, codes[:, :j])
-            codes[:, j], scores[:, j], items[:, j] = generate_item(model, ctx, plan, trie,
-                                                                   items[:, :j], beam, use_cache)
+            c, lp, it = generate_item(model, ctx, plan, trie, items[:, :j], beam, use_cache, keep)
+            codes[:, j], scores[:, j], items[:, j] = c[:, 0], lp[:, 0], it[:, 0]
+            cand_items.append(it)
+            cand_logw.append(path[:, None] + lp)
+            path = path + lp[:, 0]
     if bool((items < 0).any()):
         raise RuntimeError("decoding produced a SID outside the trie (bug)")
+    if rank == "mass":
+        logw = torch.cat(cand_logw, 1)
+        top = logw.amax(1, True)  # weights relative to the row's largest: no underflow
+        ranked, mass = rank_by_mass(torch.cat(cand_items, 1), (logw - top).exp(), N)
+        return DecodeResult(ranked, trie.table[ranked], (mass.log() + top).float())
     return DecodeResult(items, codes, scores)
+
+
+RANKS = ("placed", "mass")
+"""How a decoded slate is ordered and filled.
+
+- ``placed``: the N items the planner placed, in placement order (METHOD.md's decoding).
+- ``mass``: the same greedy walk, but every position's ``beam`` best complete items are kept as
+  candidates, weighted by ``P(items placed before) x p(item | context, placed before)``, and
+  the N candidates with the largest summed weight are returned, best first. That weight is
+  the model's probability of the item appearing at that position along the greedy plan, so
+  the slate maximises the expected number of its items the user goes on to engage with
+  (NDCG and recall reward exactly that), rather than following the single most likely
+  chain: where the next steps branch (a user moves from an item to one of several
+  successors) the placed chain commits to one branch after the first item, while the mass
+  ranking keeps the likely alternatives. Same cost as ``placed`` plus a top-``beam`` at the
+  last code of each item.
+"""

@@ -34,6 +34,8 @@ duplicates raises instead of silently dropping items.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -122,6 +124,13 @@ class SidTrie:
             keys.append(kd)
             counts.append(cnt)
         return cls(K, table, dense, sparse, counts, order, ancestors)
+
+    @classmethod
+    def from_export(cls, sid_dir: str | Path) -> SidTrie:
+        """The trie of a tokenizer export folder (``sid_table.npy`` + ``sid_meta.json``)."""
+        from higr_dist.data.sids import load_sid_meta, load_sid_table
+
+        return cls.from_table(load_sid_table(sid_dir), load_sid_meta(sid_dir).K)
 
     def to(self, device: torch.device | str) -> SidTrie:
         """This trie on ``device`` (self when already there)."""

@@ -224,3 +224,17 @@ def consolidated_fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:
         t = b.detach()
         out[name] = (t.float() if t.is_floating_point() else t).cpu().clone()
     return out
+
+
+def save_state_file(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a state dict atomically (temp file + ``os.replace``): readers see the previous
+    file or the new one, never a partial write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict written by :func:`save_state_file` (CPU tensors)."""
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -35,6 +35,7 @@ from higr_dist.config import (
     to_dict,
 )
 from higr_dist.data.loader import LoaderConfig
+from higr_dist.engine.validate import ValidateConfig
 from higr_dist.stages.base import (
     Stage,
     StageInputs,
@@ -194,6 +195,8 @@ class JobConfig:
     """Streaming loader settings."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Engine settings."""
+    validation: ValidateConfig = field(default_factory=ValidateConfig)
+    """Periodic validation and which weights the run keeps (slate models)."""
     model: Any = field(default_factory=dict)
     """The stage's model section (a ``stage.model_config_cls`` instance after :func:`load_job`)."""
     loss: Any = field(default_factory=dict)

@@ -87,6 +87,7 @@ from higr_dist.engine.ds_config import (
     use_deepspeed_optimizer,
 )
 from higr_dist.engine.logging import RunLogger, metric_tag
+from higr_dist.engine.validate import METRIC, Validator, gathered
 from higr_dist.schema import FOLDERS, SampleSchema
 from higr_dist.stages.base import Stage, get_stage
 
@@ -393,6 +394,13 @@ class Trainer:
         self.filler: Any = None
         self.filler_epoch = -1
         self.carry_s = self.carry_wait_s = 0.0  # time of an epoch-end probe, for the next step
+        # model selection on the validation split (restored from the checkpoint)
+        self.val_every = self._validation_interval()
+        self.val_history: list[dict] = []
+        self.best: dict | None = None  # {"step", METRIC, ...} of the best validation so far
+        self.stale = 0  # validations since the last new best
+        self.stopped_early = False
+        self.validator: Validator | None = None
 
     # ---------------------------------------------------------------- setup
 
@@ -446,12 +454,64 @@ class Trainer:
             self.filler_epoch = self.epoch
         return self.filler
 
+    # ---------------------------------------------------------------- validation
+
+    def _validation_interval(self) -> int:
+        """Optimizer steps between validations (0 = no validation): ``every_epochs`` epochs of
+        the listed training samples, at least one step."""
+        vcfg = self.job.validation
+        if not vcfg.enabled or not getattr(self.stage, "validates", False):
+            return 0
+        samples = listed_samples(self.shard_dir)
+        if samples is None:
+            raise FileNotFoundError(f"validation.every_epochs needs "
+                                    f"{self.shard_dir / 'shards.json'} to count an epoch")
+        per_epoch = max(1, math.ceil(samples / self.cfg.global_batch_size))
+        return max(1, round(vcfg.every_epochs * per_epoch))
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best" / "model_fp32.pt"
+
+    def _validate(self) -> None:
+        """Collective: score the model on the validation split; keep the best weights."""
+        if self.validator is None:
+            self.validator = Validator(
+                self.job.inputs.etl_dir, self.job.inputs.sid_dir, self.job.model.N,
+                self.job.model.history_len, self.job.validation, self.env.rank,
+                self.env.world_size)
+        t0 = time.perf_counter()
+        zero = effective_zero_stage(self.cfg.zero_stage, self.env.world_size)
+        with gathered(self.engine.module, zero):
+            scores = self.validator.score(self.engine.module)
+        vcfg = self.job.validation
+        record = {"step": self.step, "epoch": self.epoch, **scores}
+        self.val_history.append(record)
+        improved = self.best is None or scores[METRIC] > self.best[METRIC] + vcfg.min_delta
+        if improved:
+            self.best, self.stale = record, 0
+            state = ckpt.consolidated_fp32_state_dict(self.engine)
+            if self.is_main:
+                ckpt.save_state_file(state, self.best_path)
+        else:
+            self.stale += 1
+        self.log.log(self.step, {f"val/{METRIC}": scores[METRIC], "val/recall5": scores["recall5"],
+                                 f"val/best_{METRIC}": self.best[METRIC],
+                                 "perf/validation_s": time.perf_counter() - t0})
+        self.log.message(f"validation at step {self.step}: {METRIC} {scores[METRIC]:.4f} "
+                         f"(best {self.best[METRIC]:.4f} at step {self.best['step']})")
+        if vcfg.patience and self.stale >= vcfg.patience:
+            self.stopped_early = True
+            self.log.message(f"no better validation in {self.stale} tries: stopping at step "
+                             f"{self.step} (best at step {self.best['step']})")
+
     # ---------------------------------------------------------------- checkpoints
 
     def _save(self) -> None:
         shared = {"step": self.step, "epoch": self.epoch, "epoch_samples": self.epoch_samples,
                   "samples_per_epoch": self.samples_per_epoch, "first_log": self.first_log,
-                  "config": to_dict(self.job)}
+                  "val_history": self.val_history, "best": self.best, "stale": self.stale,
+                  "stopped_early": self.stopped_early, "config": to_dict(self.job)}
         mine = {"loader": self.loader.state_dict(), "exhausted": self.exhausted,
                 "rng": ckpt.rng_state(), "buffers": ckpt.buffer_state(self.engine.module)}
         tag = ckpt.save(self.engine, self.ckpt_dir, self.step, mine, shared, self.cfg.keep_last)
@@ -468,6 +528,9 @@ class Trainer:
         self.epoch_samples = float(client["epoch_samples"])
         self.samples_per_epoch = list(client["samples_per_epoch"])
         self.first_log = client["first_log"]
+        self.val_history = list(client.get("val_history", []))
+        self.best, self.stale = client.get("best"), int(client.get("stale", 0))
+        self.stopped_early = bool(client.get("stopped_early", False))
         self.loader.load_state_dict(mine["loader"])
         self.exhausted = bool(mine["exhausted"])
         self.iterator = iter(()) if self.exhausted else iter(self.loader)
@@ -581,7 +644,8 @@ class Trainer:
     # ---------------------------------------------------------------- the run
 
     def _finished(self) -> bool:
-        return bool((self.cfg.max_steps and self.step >= self.cfg.max_steps)
+        return bool(self.stopped_early
+                    or (self.cfg.max_steps and self.step >= self.cfg.max_steps)
                     or (self.cfg.epochs and self.epoch >= self.cfg.epochs))
 
     def _loop(self) -> None:
@@ -597,6 +661,8 @@ class Trainer:
             if self.step % self.cfg.log_every == 0:
                 self._log_window(window)
                 window = _Window()
+            if self.val_every and self.step % self.val_every == 0:
+                self._validate()
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self._save()
             if self.cfg.kill_at_step == self.step and self.resumed_from is None:
@@ -605,15 +671,20 @@ class Trainer:
                 os.kill(os.getpid(), signal.SIGKILL)
         if window.steps:
             self._log_window(window)
+        if self.val_every and (not self.val_history or self.val_history[-1]["step"] != self.step):
+            self._validate()  # the last weights are always a candidate
 
     def _export(self) -> dict:
-        """Collective: consolidated fp32 weights -> final/model_fp32.pt; rank 0 finalizes."""
-        state = ckpt.consolidated_fp32_state_dict(self.engine)
+        """Collective: the weights the run keeps (the best validation weights with
+        ``validation.keep_best``, else the last ones, consolidated to fp32) ->
+        final/model_fp32.pt; rank 0 finalizes."""
+        if self.val_every and self.job.validation.keep_best and self.best is not None:
+            state = ckpt.load_state_file(self.best_path) if self.is_main else {}
+        else:
+            state = ckpt.consolidated_fp32_state_dict(self.engine)
         result: dict = {}
         if self.is_main:
-            final = self.out_dir / "final"
-            final.mkdir(parents=True, exist_ok=True)
-            torch.save(state, final / "model_fp32.pt")
+            ckpt.save_state_file(state, self.out_dir / "final" / "model_fp32.pt")
             fresh, _ = self.stage.build(self.job.model, self.job.loss, self.job.inputs)
             fresh.load_state_dict(state, strict=True)
             fresh.eval()
@@ -654,6 +725,10 @@ class Trainer:
                 "mfu": last.get("perf/mfu"),
             },
             "wall_time_s": wall_s,
+            "validation": {"history": self.val_history, "best": self.best,
+                           "kept": ("best" if self.val_every and self.job.validation.keep_best
+                                    and self.best is not None else "last"),
+                           "stopped_early": self.stopped_early} if self.val_every else None,
             "export": export,
         }
 
@@ -727,6 +802,8 @@ class Trainer:
             f"{self.env.world_size} ranks, {self.total_steps} steps -> {self.out_dir}")
         self.engine.train()
         self.loss_module.train()
+        if self.val_every and self.job.validation.at_start and not self.val_history:
+            self._validate()  # the starting weights are a candidate too
         self._loop()
         if self.saved_step != self.step:
             self._save()

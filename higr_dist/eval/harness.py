@@ -41,11 +41,12 @@ import torch
 
 from higr_dist.data.loader import iterate_samples
 from higr_dist.data.shardio import list_shards
-from higr_dist.data.sids import load_sid_meta, load_sid_table
-from higr_dist.eval.metrics import SlateMetrics
+from higr_dist.data.slates import SlateCollate
+from higr_dist.decode.hier import RANKS
+from higr_dist.decode.trie import SidTrie
+from higr_dist.eval.metrics import SlateMetrics, paired_bootstrap
+from higr_dist.eval.predict import Predict, slate_predictor
 from higr_dist.schema import FOLDERS
-
-Predict = Callable[[object], np.ndarray]  # SlateBatch -> [B, N] item_idx
 
 
 def _threads() -> None:
@@ -92,62 +93,28 @@ def popularity_top(etl_dir: Path, k: int = 5) -> np.ndarray:
     return np.array([i for i, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]])
 
 
-def load_trie(sid_dir: Path):
-    """The SID prefix trie of a tokenizer export (decoding constraint)."""
-    from higr_dist.decode.trie import SidTrie
-
-    # np.array copies: the memory-mapped table is read-only
-    return SidTrie.from_table(np.array(load_sid_table(sid_dir)), load_sid_meta(sid_dir).K)
-
-
-def higr_predictor(model, trie, beam: int) -> Predict:
-    """Trie-constrained coarse-to-fine decoding (HSD, ORPO, DPO models)."""
-    from higr_dist.decode.hier import coarse_to_fine_decode
-
-    return lambda b: coarse_to_fine_decode(model, b.hist_codes, b.hist_mask, b.hist_fb, trie,
-                                           beam=beam).items.numpy()
-
-
-def flat_predictor(model, trie, beam: int) -> Predict:
-    """Trie-constrained beam search over the flattened slate (flat baseline)."""
-    from higr_dist.decode.flat import flat_beam_decode
-
-    return lambda b: flat_beam_decode(model, b.hist_codes, b.hist_mask, b.hist_fb, trie,
-                                      beam=beam).items.numpy()
-
-
-def sasrec_predictor(model) -> Predict:
-    """SASRec's top-5 next items."""
-    return lambda b: model.recommend(b.hist_items, b.hist_mask, k=5).numpy()
-
-
-def make_predictors(run_dir: Path, sid_dir: Path, beam: int) -> tuple[dict[str, Predict], dict]:
+def make_predictors(run_dir: Path, sid_dir: Path, beam: int, rank: str = "placed"
+                    ) -> tuple[dict[str, Predict], dict]:
     """name -> predictor for every trained model in the run, plus the models themselves."""
-    trie = load_trie(sid_dir)
+    trie = SidTrie.from_export(sid_dir)
     preds: dict[str, Predict] = {}
     models: dict = {"trie": trie}
 
-    def add(name: str, stage: str, make: Callable[[object], Predict]) -> None:
+    def add(name: str, stage: str) -> None:
         _, model = load_stage_model(run_dir / stage)
-        preds[name], models[name] = make(model), model
+        preds[name], models[name] = slate_predictor(model, trie, beam, rank), model
 
     def trained(stage: str) -> bool:
         return (run_dir / stage / "final" / "model_fp32.pt").is_file()
 
-    def higr(m):
-        return higr_predictor(m, trie, beam)
-
     if trained("orpo"):
-        add("higr", "orpo", higr)
-        add("higr_no_align", "hsd", higr)
+        add("higr", "orpo")
+        add("higr_no_align", "hsd")
     else:
-        add("higr", "hsd", higr)
-    if trained("dpo"):
-        add("higr_dpo", "dpo", higr)
-    if trained("flat"):
-        add("flat", "flat", lambda m: flat_predictor(m, trie, beam))
-    if trained("sasrec"):
-        add("sasrec", "sasrec", sasrec_predictor)
+        add("higr", "hsd")
+    for name, stage in (("higr_dpo", "dpo"), ("flat", "flat"), ("sasrec", "sasrec")):
+        if trained(stage):
+            add(name, stage)
     return preds, models
 
 
@@ -157,7 +124,7 @@ def evaluate(preds: dict[str, Predict], etl_dir: Path, collate, item_emb: np.nda
     from tqdm import tqdm
 
     pop = popularity_top(etl_dir)
-    acc = {name: SlateMetrics(effective_threshold) for name in [*preds, "popularity"]}
+    acc = {name: SlateMetrics(effective_threshold, per_user=[]) for name in [*preds, "popularity"]}
     spent = dict.fromkeys(preds, 0.0)
     with torch.inference_mode(), tqdm(desc="eval", unit="user", total=max_users or None) as bar:
         for batch, _ in test_batches(etl_dir, collate, batch_size, max_users):
@@ -171,6 +138,10 @@ def evaluate(preds: dict[str, Predict], etl_dir: Path, collate, item_emb: np.nda
     out = {name: a.result() for name, a in acc.items()}
     for name, sec in spent.items():
         out[name]["eval_seconds"] = round(sec, 2)
+    head = acc["higr"].per_user
+    for name, a in acc.items():
+        if name != "higr":  # HiGR minus this model, the same users (paired bootstrap)
+            out[name]["higr_minus_ndcg5"] = paired_bootstrap(head, a.per_user)
     return out
 
 
@@ -192,7 +163,8 @@ def time_decode(fn: Callable[[], object], repeats: int, budget_s: float = 0.0) -
             "repeats": len(times)}
 
 
-def decode_latency(models: dict, etl_dir: Path, collate, beam: int, batch_sizes: list[int],
+def decode_latency(models: dict, etl_dir: Path, collate, beam: int, rank: str,
+                   batch_sizes: list[int],
                    repeats: int, budget_s: float = 0.0) -> dict:
     """Median/p99 latency and slates/s of HiGR vs flat decoding on the same users."""
     from higr_dist.decode.flat import flat_beam_decode
@@ -204,10 +176,11 @@ def decode_latency(models: dict, etl_dir: Path, collate, beam: int, batch_sizes:
         batch, _ = next(test_batches(etl_dir, collate, bs, bs))
         n = batch.num_samples
         args = (batch.hist_codes, batch.hist_mask, batch.hist_fb, trie)
-        row = {"higr": time_decode(partial(coarse_to_fine_decode, models["higr"], *args, beam=beam),
-                                   repeats, budget_s)}
+        row = {"higr": time_decode(partial(coarse_to_fine_decode, models["higr"], *args, beam=beam,
+                                           rank=rank), repeats, budget_s)}
         if "flat" in models:
-            row["flat"] = time_decode(partial(flat_beam_decode, models["flat"], *args, beam=beam),
+            row["flat"] = time_decode(partial(flat_beam_decode, models["flat"], *args, beam=beam,
+                                              rank=rank),
                                       repeats, budget_s)
         for r in row.values():
             r["batch"] = n
@@ -278,12 +251,10 @@ def generate_slates(predict: Predict, etl_dir: Path, collate, num_users: int, ou
 
 def evaluate_run(cfg, manifest: dict, summaries: dict) -> dict:
     """Everything after training for a pipeline run; returns the report dict."""
-    from higr_dist.stages.hsd import SlateCollate
-
     _threads()
     run_dir = Path(cfg.run_dir)
     etl_dir, sid_dir = run_dir / "etl", run_dir / "tokenizer" / "export"
-    preds, models = make_predictors(run_dir, sid_dir, cfg.eval.beam)
+    preds, models = make_predictors(run_dir, sid_dir, cfg.eval.beam, cfg.eval.rank)
     hcfg = models["higr"].cfg
     collate = SlateCollate(sid_dir, hcfg.N, hcfg.history_len)
     item_emb = np.load(sid_dir / "item_features.npy", mmap_mode="r")
@@ -291,7 +262,8 @@ def evaluate_run(cfg, manifest: dict, summaries: dict) -> dict:
     evals = evaluate(preds, etl_dir, collate, item_emb, cfg.eval.batch_size, cfg.eval.max_users,
                      cfg.eval.effective_threshold)
     eval_s = time.perf_counter() - t
-    decode = decode_latency(models, etl_dir, collate, cfg.eval.beam, list(cfg.eval.latency_batches),
+    decode = decode_latency(models, etl_dir, collate, cfg.eval.beam, cfg.eval.rank,
+                            list(cfg.eval.latency_batches),
                             cfg.eval.latency_repeats, cfg.eval.latency_budget_s)
     n_slates = generate_slates(preds["higr"], etl_dir, collate, cfg.eval.generate_users,
                                run_dir / "slates.jsonl")
@@ -309,6 +281,8 @@ def evaluate_run(cfg, manifest: dict, summaries: dict) -> dict:
         "slates": {"file": str(run_dir / "slates.jsonl"), "users": n_slates},
         "stages": {s: {k: v for k, v in (summ or {}).items() if not isinstance(v, dict | list)}
                    for s, summ in summaries.items()},
+        "selection": {s: {"final_step": summ["final_step"], **summ["validation"]}
+                      for s, summ in summaries.items() if (summ or {}).get("validation")},
         "tensorboard": str(run_dir),
     }
 
@@ -352,20 +326,20 @@ def generate_main(argv: list[str] | None = None) -> int:
 
     Slates for users of the run's data, from each user's whole log (history and held-out window);
     ``--users`` is a file with one user_id per line."""
-    from higr_dist.stages.hsd import SlateCollate
-
     p = argparse.ArgumentParser(prog="higr-generate", description=generate_main.__doc__)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--num-users", type=int, default=100, help="users to generate for (0 = all)")
     p.add_argument("--users", default=None, help="file with one user_id per line")
     p.add_argument("--model", default="higr", choices=["higr", "higr_no_align", "flat", "sasrec"])
     p.add_argument("--beam", type=int, default=10)
+    p.add_argument("--rank", default="mass", choices=list(RANKS),
+                   help="slate ranking of the SID decoders (higr_dist.decode.hier.RANKS)")
     p.add_argument("--out", default=None, help="output JSONL (default <run-dir>/slates.jsonl)")
     args = p.parse_args(argv)
     _threads()
     run_dir = Path(args.run_dir)
     sid_dir = run_dir / "tokenizer" / "export"
-    preds, models = make_predictors(run_dir, sid_dir, args.beam)
+    preds, models = make_predictors(run_dir, sid_dir, args.beam, args.rank)
     if args.model not in preds:
         print(f"higr-generate: model {args.model!r} was not trained in {run_dir}", file=sys.stderr)
         return 2

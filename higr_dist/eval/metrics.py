@@ -59,6 +59,9 @@ class SlateMetrics:
         "imp_hit": 0.0, "imp_recall": 0.0, "eff_hit": 0.0, "eff_recall": 0.0, "eff_ndcg": 0.0,
         "ild": 0.0})
     counts: dict[str, int] = field(default_factory=lambda: {"users": 0, "eff_users": 0, "ild_users": 0})
+    per_user: list[float] | None = None
+    """When a list: each effective user's NDCG@5 is appended, in update order (for paired
+    comparisons of models scored on the same users, :func:`paired_bootstrap`)."""
 
     def update(self, pred_items: np.ndarray, target_items: np.ndarray, target_fb: np.ndarray,
                item_emb: np.ndarray | None = None) -> None:
@@ -87,6 +90,8 @@ class SlateMetrics:
                 self.sums["eff_hit"] += float(n_eff > 0)
                 self.sums["eff_recall"] += n_eff / len(eff)
                 self.sums["eff_ndcg"] += dcg / idcg
+                if self.per_user is not None:
+                    self.per_user.append(dcg / idcg)
         if item_emb is not None:
             ild = slate_ild(pred_items, item_emb)
             ok = ~np.isnan(ild)
@@ -118,3 +123,24 @@ class SlateMetrics:
             "users": self.counts["users"],
             "effective_users": self.counts["eff_users"],
         }
+
+
+def paired_bootstrap(a: list[float] | np.ndarray, b: list[float] | np.ndarray, reps: int = 2000,
+                     seed: int = 0) -> dict:
+    """Mean of ``a - b`` over paired users with a 95% percentile-bootstrap interval (users
+    resampled with replacement, the same users for both; NaN pairs dropped):
+    ``{"diff", "ci95": [lo, hi], "users"}``."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"paired values differ in shape: {x.shape} vs {y.shape}")
+    ok = ~(np.isnan(x) | np.isnan(y))
+    d = x[ok] - y[ok]
+    if len(d) == 0:
+        return {"diff": math.nan, "ci95": [math.nan, math.nan], "users": 0}
+    rng = np.random.default_rng(seed)
+    means = np.empty(reps)
+    for r in range(0, reps, 256):  # bounded memory: [256, n] indices at a time
+        idx = rng.integers(0, len(d), (min(256, reps - r), len(d)))
+        means[r: r + idx.shape[0]] = d[idx].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"diff": float(d.mean()), "ci95": [float(lo), float(hi)], "users": int(len(d))}

@@ -49,6 +49,36 @@ def eval_table(evals: dict[str, dict]) -> str:
     return "\n".join([head, *rows])
 
 
+def comparison_lines(evals: dict[str, dict]) -> list[str]:
+    """HiGR minus each other model's NDCG@5, paired bootstrap 95% interval, one line each."""
+    lines = []
+    for name in [m for m in MODEL_ORDER if m in evals and m != "higr"]:
+        c = evals[name].get("higr_minus_ndcg5")
+        if c:
+            verdict = ("HiGR ahead" if c["ci95"][0] > 0 else
+                       "HiGR behind" if c["ci95"][1] < 0 else "within noise")
+            lines.append(f"- HiGR minus {name}: {c['diff']:+.4f} [{c['ci95'][0]:+.4f}, "
+                         f"{c['ci95'][1]:+.4f}] over {c['users']:,} users ({verdict})")
+    return lines
+
+
+def selection_lines(selection: dict[str, dict]) -> list[str]:
+    """What validation chose for each model (and whether alignment was kept)."""
+    lines = []
+    for stage, s in selection.items():
+        best = s.get("best")
+        if not best:
+            continue
+        line = (f"- {stage}: best validation NDCG@5 {best['ndcg5']:.4f} at step {best['step']} "
+                f"of {s['final_step']}; kept the {s['kept']} weights"
+                f"{' (stopped early)' if s.get('stopped_early') else ''}")
+        if stage in ("orpo", "dpo") and best["step"] == 0 and s["kept"] == "best":
+            line += (f"; {stage} did not improve validation NDCG@5 over the pretrained HSD, so "
+                     "the pretrained weights are served as HiGR")
+        lines.append(line)
+    return lines
+
+
 def decode_table(decode: dict) -> str:
     head = "| decoder | batch | median ms | p99 ms | slates/s |\n|---|---|---|---|---|"
     rows = []
@@ -141,7 +171,11 @@ def write_report(run_dir: str | Path, report: dict, tb_dirs: dict[str, Path]) ->
                   "|---|---|---|", f"| {_fmt(t['collision'])} | {_fmt(t['concentration'])} | "
                   f"{_fmt(t['consistency'])} |", ""]
     if "eval" in report:
-        lines += ["## Evaluation (leave-five-out, full catalogue)", "", eval_table(report["eval"]), ""]
+        lines += ["## Evaluation (leave-five-out, full catalogue)", "", eval_table(report["eval"]),
+                  "", *comparison_lines(report["eval"]), ""]
+    if report.get("selection"):
+        lines += ["## Model selection (validation split)", "",
+                  *selection_lines(report["selection"]), ""]
     if "decode" in report:
         lines += ["## Decoding latency", "", decode_table(report["decode"]), ""]
     if plots:

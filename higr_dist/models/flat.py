@@ -32,6 +32,7 @@ from higr_dist.models.hsd import (
     SidEmbedding,
     _context_params,
     positions,
+    start_token,
     token_ce,
     token_logprobs,
 )
@@ -54,7 +55,7 @@ def flat_param_count(cfg: HSDConfig) -> int:
     d, T = cfg.d_model, cfg.N * cfg.L
     depth = cfg.planner_layers + cfg.gen_layers
     decoder = d + T * d + depth * block_param_count(cfg.block(True)) + d + cfg.L * cfg.K * d
-    return cfg.L * cfg.K * d + _context_params(cfg) + decoder
+    return (cfg.L * cfg.K + cfg.id_buckets) * d + _context_params(cfg) + decoder
 
 
 class FlatOutput(NamedTuple):
@@ -68,6 +69,9 @@ class FlatContext(NamedTuple):
     mem: list[Memory]
     """Per decoder block: cross-attention keys/values [B, h, M, dh], or the raw memory
     [B, M, D] when the beam is narrow enough that the absorbed form is cheaper."""
+    start: Tensor
+    """[B, 1, D] the decoder's first input (BOS, plus the newest history item when
+    ``start_from_last``, as HSD's planner)."""
 
 
 class Flat(nn.Module):
@@ -82,7 +86,7 @@ class Flat(nn.Module):
         self.gradient_checkpointing = False
         d, T = cfg.d_model, cfg.N * cfg.L
         depth = cfg.planner_layers + cfg.gen_layers
-        self.sid_emb = SidEmbedding(cfg.K, cfg.L, d)
+        self.sid_emb = SidEmbedding(cfg.K, cfg.L, d, cfg.id_buckets)
         self.context = ContextEncoder(cfg)
         self.bos = nn.Parameter(torch.empty(1, 1, d))
         self.pos = nn.Embedding(T, d)
@@ -96,16 +100,29 @@ class Flat(nn.Module):
         return self.gradient_checkpointing and self.training
 
     def _encode(self, hist_codes: Tensor, hist_mask: Tensor, hist_fb: Tensor
-                ) -> tuple[Tensor, Tensor]:
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """-> memory [B, M, D], mask [B, M], start [B, 1, D] (as HSD's)."""
         codes = hist_codes * hist_mask[..., None]  # codes on padding are ignored
-        return self.context(self.sid_emb.item(codes), hist_mask, hist_fb, self._ckpt)
+        memory, mem_mask = self.context(self.sid_emb.item(codes), hist_mask, hist_fb, self._ckpt)
+        return memory, mem_mask, start_token(self.bos, self.sid_emb, codes, hist_mask,
+                                             self.cfg.start_from_last, memory.dtype)
 
-    def _inputs(self, tokens: Tensor) -> Tensor:
-        """Decoder inputs for positions 0..t: tokens [B', t] (flattened codes) -> [B', t+1, D]."""
+    def _inputs(self, start: Tensor, tokens: Tensor) -> Tensor:
+        """Decoder inputs for positions 0..t: start [B', 1, D], tokens [B', t] (flattened
+        codes) -> [B', t+1, D].
+
+        The input after an item's last code also carries that whole item's hashed identity
+        (when ``id_buckets`` > 0), as HSD's planner reads each placed item's identity."""
         Bp, t = tokens.shape
-        layer = torch.arange(t, device=tokens.device) % self.cfg.L  # [t]
+        L = self.cfg.L
+        layer = torch.arange(t, device=tokens.device) % L  # [t]
         emb = self.sid_emb(tokens, layer)  # [B', t, D]
-        x = torch.cat([self.bos.to(emb.dtype).expand(Bp, 1, -1), emb], dim=1)
+        done = t // L  # items complete in the prefix
+        if self.sid_emb.ids is not None and done:
+            ident = self.sid_emb.identity(tokens[:, : done * L].reshape(Bp, done, L))
+            emb = emb.clone()
+            emb[:, L - 1: done * L: L] += ident.to(emb.dtype)
+        x = torch.cat([start.to(emb.dtype), emb], dim=1)
         return x + positions(self.pos, 0, t + 1, x.device)
 
     def _logits(self, h: Tensor, start: int) -> Tensor:
@@ -115,28 +132,29 @@ class Flat(nn.Module):
         w = self.heads.to(h.dtype)[layer]  # [T, K, D]
         return torch.einsum("btd,tkd->btk", self.norm(h), w)
 
-    def _teacher(self, memory: Tensor, mem_mask: Tensor, slates: Tensor) -> Tensor:
-        """slates [B, S, N, L] -> logits [B, S, N, L, K]."""
+    def _teacher(self, memory: Tensor, mem_mask: Tensor, start: Tensor, slates: Tensor
+                 ) -> Tensor:
+        """start [B, 1, D], slates [B, S, N, L] -> logits [B, S, N, L, K]."""
         B, S, N, L = slates.shape
         if N > self.cfg.N or L != self.cfg.L:
             raise ValueError(f"slates have N={N}, L={L}; the model has N={self.cfg.N}, "
                              f"L={self.cfg.L}")
         tokens = slates.reshape(B * S, N * L)
-        x = self._inputs(tokens[:, :-1])  # [B*S, N*L, D]
+        x = self._inputs(start.repeat_interleave(S, dim=0), tokens[:, :-1])  # [B*S, N*L, D]
         h = run_blocks(self.decoder, x, memory, mem_mask, checkpointing=self._ckpt)
         return self._logits(h, 0).reshape(B, S, N, L, -1)
 
     def forward(self, hist_codes: Tensor, hist_mask: Tensor, hist_fb: Tensor,
                 target_codes: Tensor) -> FlatOutput:
         """[B, H, L], [B, H], [B, H], target_codes [B, N, L] -> logits [B, N, L, K]."""
-        memory, mem_mask = self._encode(hist_codes, hist_mask, hist_fb)
-        return FlatOutput(self._teacher(memory, mem_mask, target_codes[:, None])[:, 0])
+        memory, mem_mask, start = self._encode(hist_codes, hist_mask, hist_fb)
+        return FlatOutput(self._teacher(memory, mem_mask, start, target_codes[:, None])[:, 0])
 
     def slate_logprobs(self, hist_codes: Tensor, hist_mask: Tensor, hist_fb: Tensor,
                        slates: Tensor) -> Tensor:
         """slates [B, S, N, L] -> per-token log-probs [B, S, N, L] float32."""
-        memory, mem_mask = self._encode(hist_codes, hist_mask, hist_fb)
-        return token_logprobs(self._teacher(memory, mem_mask, slates), slates)
+        memory, mem_mask, start = self._encode(hist_codes, hist_mask, hist_fb)
+        return token_logprobs(self._teacher(memory, mem_mask, start, slates), slates)
 
     # ---------------------------------------------------------------- decoding
 
@@ -145,32 +163,38 @@ class Flat(nn.Module):
         """Encode the history once and prepare every block's cross-attention memory in the
         cheaper form for ``1 + (N*L - 1) * beam`` queries per context over N*L steps (projected
         keys/values when ``beam`` is None); the same rule as :meth:`HSD.encode_context`."""
-        memory, mem_mask = self._encode(hist_codes, hist_mask, hist_fb)
+        memory, mem_mask, start = self._encode(hist_codes, hist_mask, hist_fb)
         T = self.cfg.N * self.cfg.L
         queries = None if beam is None else 1 + (T - 1) * beam
         return FlatContext(mem_mask, project_memory(self.decoder, memory, queries=queries,
-                                                    steps=T))
+                                                    steps=T), start)
 
-    def step(self, ctx: FlatContext, cache: Cache | None, prev_code: Tensor | None = None
+    def step(self, ctx: FlatContext, cache: Cache | None, tokens: Tensor | None = None
              ) -> tuple[Tensor, Cache]:
-        """Token t = len(cache): input BOS (t = 0, B' = B rows) or the previous code
-        ``prev_code [B']`` (B' = B*G, b-major). Returns (logits [B', K] of token t, cache)."""
+        """Token t = len(cache): input BOS (t = 0, B' = B rows) or the previous code, the last
+        of ``tokens [B', t]`` (the beam's prefix so far, B' = B*G, b-major; after an item's
+        last code its whole SID gives the identity input). Returns (logits [B', K] of token t,
+        cache)."""
         t = cache_len(cache)
-        if t >= self.cfg.N * self.cfg.L:
-            raise ValueError(f"step {t}: the slate has N*L={self.cfg.N * self.cfg.L} tokens")
+        L = self.cfg.L
+        if t >= self.cfg.N * L:
+            raise ValueError(f"step {t}: the slate has N*L={self.cfg.N * L} tokens")
         if t == 0:
-            x = self.bos.expand(ctx.mem_mask.shape[0], 1, -1)
+            x = ctx.start
         else:
-            if prev_code is None:
-                raise ValueError(f"step {t} needs prev_code")
-            x = self.sid_emb(prev_code, (t - 1) % self.cfg.L)[:, None]  # [B', 1, D]
+            if tokens is None or tokens.shape[1] != t:
+                raise ValueError(f"step {t} needs the {t} tokens so far")
+            x = self.sid_emb(tokens[:, -1], (t - 1) % L)[:, None]  # [B', 1, D]
+            if t % L == 0 and self.sid_emb.ids is not None:
+                x = x + self.sid_emb.identity(tokens[:, -L:])[:, None].to(x.dtype)
         x = x + positions(self.pos, t, t + 1, x.device)
         h, cache = step_blocks(self.decoder, x, ctx.mem, ctx.mem_mask, cache)
         return self._logits(h, t)[:, 0], cache
 
     def full_step(self, ctx: FlatContext, tokens: Tensor) -> Tensor:
         """Uncached reference of :meth:`step`: tokens [B', t] so far -> logits [B', K] of token t."""
-        h, _ = step_blocks(self.decoder, self._inputs(tokens), ctx.mem, ctx.mem_mask, None)
+        start = ctx.start.repeat_interleave(tokens.shape[0] // ctx.start.shape[0], dim=0)
+        h, _ = step_blocks(self.decoder, self._inputs(start, tokens), ctx.mem, ctx.mem_mask, None)
         return self._logits(h[:, -1:], tokens.shape[1])[:, 0]
 
 

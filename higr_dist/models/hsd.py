@@ -97,6 +97,14 @@ class HSDConfig:
     """Watch-ratio bucket edges for the history feedback embedding (len+1 buckets; a value
     equal to an edge falls in the upper bucket). Defaults follow DESIGN.md's negative (0.2),
     engaged (1.0) and effective (2.0) thresholds."""
+    start_from_last: bool = True
+    """The decoders' first input (BOS) also carries the embedding of the newest history item,
+    so a slate continues the sequence where it stopped (:func:`newest_item`); without it the
+    newest item reaches the planner only through cross-attention over the whole memory."""
+    id_buckets: int = 0
+    """Rows of the hashed item-identity table (:class:`HashedIdEmbedding`) added to every
+    item embedding the model *reads* (history items, the planner's placed items); 0 = no
+    identity embedding, items are only the sum of their code embeddings."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -115,6 +123,8 @@ class HSDConfig:
             problems.append("need ffn_mult > 0 and 0 <= dropout < 1")
         if list(self.fb_boundaries) != sorted(self.fb_boundaries):
             problems.append(f"fb_boundaries must be ascending, got {self.fb_boundaries}")
+        if self.id_buckets < 0:
+            problems.append(f"id_buckets must be >= 0 (0 = off), got {self.id_buckets}")
         return problems
 
     def block(self, cross: bool, causal: bool = True) -> BlockConfig:
@@ -131,7 +141,7 @@ def _context_params(cfg: HSDConfig) -> int:
 def param_count(cfg: HSDConfig) -> int:
     """Exact parameter count of ``HSD(cfg)`` (the tests check it against the module)."""
     d = cfg.d_model
-    sid = cfg.L * cfg.K * d
+    sid = (cfg.L * cfg.K + cfg.id_buckets) * d
     planner = d * (1 + cfg.N) + cfg.planner_layers * block_param_count(cfg.block(True)) + d + d * d
     gen = cfg.L * d + cfg.gen_layers * block_param_count(cfg.block(True)) + d + cfg.L * cfg.K * d
     return sid + _context_params(cfg) + planner + gen
@@ -173,17 +183,55 @@ def preset(name: str) -> HSDConfig:
 # --------------------------------------------------------------------------------------------
 
 
-class SidEmbedding(nn.Module):
-    """One embedding table per SID layer, stored as one ``[L*K, D]`` table.
+#: universal hashing of packed SID keys: ((key mod P) * a + b) mod P, P = 2^31 - 1, so every
+#: product stays below 2^62 in int64
+_HASH_P = (1 << 31) - 1
+_HASH_AB = ((1_103_515_245, 12_345), (2_147_483_629, 40_503))
 
-    Every lookup goes through ``forward`` (the helpers call ``self(...)``), so DeepSpeed ZeRO-3
-    gathers the table whenever it is used.
+
+class HashedIdEmbedding(nn.Module):
+    """Item identity from its full SID: two hashes of the packed SID into one table, summed.
+
+    After collision resolution an item's L codes are unique, so the packed SID *is* an item
+    id, known wherever codes are (history, teacher forcing, every decoding step) without a
+    second id input. Sparse id features of this kind are what industrial generative
+    recommenders put next to semantic ids on the history side: code embeddings are shared by
+    every item under a prefix, so on their own they blur items that a user's next step tells
+    apart (an item-to-item log, METHOD.md "When semantic IDs lose to item IDs"). Two hashes
+    into one table ("hash embeddings") make a full collision of two items rare
+    (~2 / buckets^2) while the table stays at ``buckets`` rows for any catalogue.
     """
 
-    def __init__(self, K: int, L: int, d: int):
+    def __init__(self, K: int, L: int, buckets: int, d: int):
+        super().__init__()
+        self.K, self.L, self.buckets = K, L, buckets
+        self.weight = nn.Parameter(torch.empty(buckets, d))
+
+    def hashes(self, codes: Tensor) -> Tensor:
+        """codes [..., L] long -> bucket ids [..., 2] long."""
+        key = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
+        for i in range(self.L):
+            key = (key * self.K + codes[..., i]) % _HASH_P
+        return torch.stack([((key * a + b) % _HASH_P) % self.buckets for a, b in _HASH_AB], -1)
+
+    def forward(self, codes: Tensor) -> Tensor:
+        """codes [..., L] -> [..., D]."""
+        return F.embedding(self.hashes(codes), self.weight).sum(-2)
+
+
+class SidEmbedding(nn.Module):
+    """One embedding table per SID layer, stored as one ``[L*K, D]`` table, plus the optional
+    hashed identity table (``id_buckets`` > 0) that :meth:`item` adds.
+
+    Every lookup goes through a module's ``forward`` (the helpers call ``self(...)``), so
+    DeepSpeed ZeRO-3 gathers the tables whenever they are used.
+    """
+
+    def __init__(self, K: int, L: int, d: int, id_buckets: int = 0):
         super().__init__()
         self.K, self.L = K, L
         self.weight = nn.Parameter(torch.empty(L * K, d))
+        self.ids = HashedIdEmbedding(K, L, id_buckets, d) if id_buckets else None
         self.register_buffer("layer_ids", torch.arange(L), persistent=False)  # [L]
 
     def forward(self, codes: Tensor, layer: Tensor | int) -> Tensor:
@@ -192,8 +240,16 @@ class SidEmbedding(nn.Module):
         return F.embedding(codes + layer * self.K, self.weight)
 
     def item(self, codes: Tensor) -> Tensor:
-        """Preference embedding ``sum_l Emb_l(s^l)``: codes [..., L] -> [..., D] (eq. 5-6)."""
-        return self(codes, self.layer_ids).sum(-2)
+        """Embedding of a whole item as input: ``sum_l Emb_l(s^l)`` (eq. 5-6) plus its hashed
+        identity when enabled: codes [..., L] -> [..., D]."""
+        emb = self(codes, self.layer_ids).sum(-2)
+        return emb if self.ids is None else emb + self.ids(codes)
+
+    def identity(self, codes: Tensor) -> Tensor:
+        """The hashed identity part alone (zeros when disabled): codes [..., L] -> [..., D]."""
+        if self.ids is None:
+            return self.weight.new_zeros(*codes.shape[:-1], self.weight.shape[-1])
+        return self.ids(codes)
 
     def layers(self, codes: Tensor) -> Tensor:
         """Per-layer embeddings: codes [..., l] (layers 0..l-1) -> [..., l, D]."""
@@ -211,6 +267,30 @@ def recency_positions(mask: Tensor, max_pos: int) -> Tensor:
     (clamped to max_pos - 1; 0 on padding). Independent of where the padding sits."""
     after = mask.flip(-1).long().cumsum(-1).flip(-1) - 1  # valid items at or after i, minus 1
     return (after * mask).clamp(0, max_pos - 1)
+
+
+def newest_item(hist_codes: Tensor, hist_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The newest valid history item of each row (histories are oldest first, any padding):
+    hist_codes [B, H, L], hist_mask [B, H] -> (codes [B, L], present [B] bool)."""
+    mask = hist_mask.bool()
+    H = mask.shape[1]
+    idx = torch.where(mask, torch.arange(H, device=mask.device), -1).amax(1)  # [B], -1 = none
+    present = idx >= 0
+    codes = hist_codes.gather(1, idx.clamp(min=0)[:, None, None].expand(-1, 1, hist_codes.shape[-1]))
+    return codes[:, 0] * present[:, None], present
+
+
+def start_token(bos: Tensor, sid_emb: SidEmbedding, hist_codes: Tensor, hist_mask: Tensor,
+                from_last: bool, dtype: torch.dtype) -> Tensor:
+    """A decoder's first input: the learned BOS [1, 1, D], plus (``from_last``) the input
+    embedding of each row's newest history item -> [B, 1, D]."""
+    B = hist_codes.shape[0]
+    start = bos.to(dtype).expand(B, 1, -1)
+    if not from_last:
+        return start
+    codes, present = newest_item(hist_codes, hist_mask)
+    last = sid_emb.item(codes).to(dtype) * present[:, None].to(dtype)  # [B, D]
+    return start + last[:, None]
 
 
 class ContextEncoder(nn.Module):
@@ -272,6 +352,9 @@ class HSDContext(NamedTuple):
     gen_mem: list[Memory]
     """Per generator block: cross-attention keys/values [B, h, M, dh] (or the raw memory when
     the beam is narrow enough that the absorbed form is cheaper)."""
+    start: Tensor
+    """[B, 1, D] the planner's first input (BOS, plus the newest history item when
+    ``start_from_last``)."""
 
 
 class HSD(nn.Module):
@@ -285,7 +368,7 @@ class HSD(nn.Module):
         self.cfg = cfg
         self.gradient_checkpointing = False
         d = cfg.d_model
-        self.sid_emb = SidEmbedding(cfg.K, cfg.L, d)
+        self.sid_emb = SidEmbedding(cfg.K, cfg.L, d, cfg.id_buckets)
         self.context = ContextEncoder(cfg)
         self.bos = nn.Parameter(torch.empty(1, 1, d))
         self.planner_pos = nn.Embedding(cfg.N, d)
@@ -305,19 +388,25 @@ class HSD(nn.Module):
     # ---------------------------------------------------------------- teacher forcing
 
     def _encode(self, hist_codes: Tensor, hist_mask: Tensor, hist_fb: Tensor
-                ) -> tuple[Tensor, Tensor]:
-        """-> memory [B, M, D], mask [B, M]. Codes on padding are ignored (zeroed first)."""
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """-> memory [B, M, D], mask [B, M], start [B, 1, D] (the planner's first input).
+        Codes on padding are ignored (zeroed first)."""
         codes = hist_codes * hist_mask[..., None]
-        return self.context(self.sid_emb.item(codes), hist_mask, hist_fb, self._ckpt)
+        items = self.sid_emb.item(codes)  # [B, H, D]
+        memory, mem_mask = self.context(items, hist_mask, hist_fb, self._ckpt)
+        return memory, mem_mask, start_token(self.bos, self.sid_emb, codes, hist_mask,
+                                             self.cfg.start_from_last, memory.dtype)
 
-    def _teacher(self, memory: Tensor, mem_mask: Tensor, slates: Tensor) -> tuple[Tensor, Tensor]:
-        """memory [B, M, D], slates [B, S, N, L] -> (logits [B, S, N, L, K], plan [B, S, N, D])."""
+    def _teacher(self, memory: Tensor, mem_mask: Tensor, start: Tensor, slates: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+        """memory [B, M, D], start [B, 1, D], slates [B, S, N, L] -> (logits [B, S, N, L, K],
+        plan [B, S, N, D])."""
         B, S, N, L = slates.shape
         if N > self.cfg.N or L != self.cfg.L:
             raise ValueError(f"slates have N={N}, L={L}; the model has N={self.cfg.N}, "
                              f"L={self.cfg.L}")
         pref = self.sid_emb.item(slates).reshape(B * S, N, -1)  # [B*S, N, D]
-        bos = self.bos.to(pref.dtype).expand(B * S, 1, -1)
+        bos = start.to(pref.dtype).repeat_interleave(S, dim=0)  # [B*S, 1, D], b-major
         x = torch.cat([bos, pref[:, : N - 1]], dim=1)  # [B*S, N, D]
         x = x + positions(self.planner_pos, 0, N, x.device)
         h = run_blocks(self.planner, x, memory, mem_mask, checkpointing=self._ckpt)
@@ -334,16 +423,16 @@ class HSD(nn.Module):
                 target_codes: Tensor) -> HSDOutput:
         """hist_codes [B, H, L] long, hist_mask [B, H] bool, hist_fb [B, H] float, target_codes
         [B, N, L] long -> logits [B, N, L, K], plan [B, N, D] (teacher forcing)."""
-        memory, mem_mask = self._encode(hist_codes, hist_mask, hist_fb)
-        logits, plan = self._teacher(memory, mem_mask, target_codes[:, None])
+        memory, mem_mask, start = self._encode(hist_codes, hist_mask, hist_fb)
+        logits, plan = self._teacher(memory, mem_mask, start, target_codes[:, None])
         return HSDOutput(logits[:, 0], plan[:, 0])
 
     def slate_logprobs(self, hist_codes: Tensor, hist_mask: Tensor, hist_fb: Tensor,
                        slates: Tensor) -> Tensor:
         """Per-token log-probs of S candidate slates per context: slates [B, S, N, L] ->
         [B, S, N, L] float32 (teacher forcing; the context is encoded once)."""
-        memory, mem_mask = self._encode(hist_codes, hist_mask, hist_fb)
-        logits, _ = self._teacher(memory, mem_mask, slates)  # [B, S, N, L, K]
+        memory, mem_mask, start = self._encode(hist_codes, hist_mask, hist_fb)
+        logits, _ = self._teacher(memory, mem_mask, start, slates)  # [B, S, N, L, K]
         return token_logprobs(logits, slates)
 
     # ---------------------------------------------------------------- decoding
@@ -355,13 +444,13 @@ class HSD(nn.Module):
         (:func:`~higr_dist.models.layers.absorb_pays`): the greedy planner N queries in N
         steps; the generator ``N * (1 + (L-1) * beam)`` in N*L steps when ``beam`` is given
         (else projected keys/values)."""
-        memory, mem_mask = self._encode(hist_codes, hist_mask, hist_fb)
+        memory, mem_mask, start = self._encode(hist_codes, hist_mask, hist_fb)
         cfg = self.cfg
         gen_queries = None if beam is None else cfg.N * (1 + (cfg.L - 1) * beam)
         return HSDContext(mem_mask,
                           project_memory(self.planner, memory, queries=cfg.N, steps=cfg.N),
                           project_memory(self.generator, memory, queries=gen_queries,
-                                         steps=cfg.N * cfg.L))
+                                         steps=cfg.N * cfg.L), start)
 
     def pref_embedding(self, codes: Tensor) -> Tensor:
         """p_j of placed items: codes [..., L] -> [..., D] (eq. 5-6)."""
@@ -378,8 +467,7 @@ class HSD(nn.Module):
         if j >= self.cfg.N:
             raise ValueError(f"planner step {j}: the model plans N={self.cfg.N} positions")
         if prev_codes is None:
-            B = ctx.mem_mask.shape[0]
-            x = self.bos.expand(B, 1, -1)
+            x = ctx.start
         else:
             x = self.sid_emb.item(prev_codes)[:, None]  # [B', 1, D]
         x = x + positions(self.planner_pos, j, j + 1, x.device)
@@ -411,7 +499,7 @@ class HSD(nn.Module):
         """Uncached reference of :meth:`planner_step`: placed_codes [B', j, L] (the items placed
         so far) -> P_j [B', D], recomputing the whole prefix."""
         Bp, j, _ = placed_codes.shape
-        bos = self.bos.expand(Bp, 1, -1)
+        bos = ctx.start.repeat_interleave(Bp // ctx.start.shape[0], dim=0)  # [B', 1, D]
         x = torch.cat([bos, self.sid_emb.item(placed_codes).to(bos.dtype)], dim=1)
         h, _ = step_blocks(self.planner, x + positions(self.planner_pos, 0, j + 1, x.device),
                            ctx.planner_mem,

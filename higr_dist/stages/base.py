@@ -64,6 +64,9 @@ class Stage(Protocol):
     """Dataclass for the config's ``model:`` section."""
     loss_config_cls: type
     """Dataclass for the config's ``loss:`` section."""
+    validates: bool
+    """Whether the model answers with slates (``validation:`` scores it on the val split and
+    selects the kept weights); the tokenizer does not."""
 
     def validate(self, model_cfg: Any, loss_cfg: Any, inputs: StageInputs) -> list[str]:
         """Cross-section checks for preflight (e.g. sid_dir exists); one message per problem."""

@@ -122,6 +122,7 @@ class PreferenceStage:
 
     sample_kind = "prefs"
     model_config_cls = HSDConfig
+    validates = True
 
     def __init__(self, name: str, loss_config_cls: type):
         self.name = name

@@ -97,6 +97,7 @@ def _linear_params(dims: list[int]) -> int:
 class TokenizerStage:
     name = "tokenizer"
     sample_kind = "pairs"
+    validates = False
     model_config_cls = PCRQVAEConfig
     loss_config_cls = PCRQVAELossConfig
 
