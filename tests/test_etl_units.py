@@ -110,9 +110,11 @@ def test_pref_sample_orders_by_feedback_and_keeps_negatives():
     _, key, group = pref_group("u", 1, items, fb, ts, cfg)
     stored = PREF_GROUP.decode(PREF_GROUP.encode(group))  # as the loader reads it
     (s,) = list(PREF_GROUP.unpack(stored, key))
-    assert s["__key__"] == f"{key}_{2:07d}" and set(s) - {"__key__"} == set(PREF.field_names)
+    assert s["__key__"] == f"{key}_{2:07d}"
+    assert set(s) - {"__key__", "pos_when"} == set(PREF.field_names)
     # top 5 engaged by feedback desc; the 2.5 tie keeps the earlier one first
     assert s["pos_items"] == [55, 52, 61, 58, 54]
+    assert s["pos_when"] == [2, 0, 4, 3, 1]  # in time: 52, 54, 55, 58, 61
     assert s["pos_fb"] == [3.0, 2.5, 2.5, 1.8, 1.2]
     assert s["neg_items"] == [53, 56]  # earliest two of the three negatives
     assert s["hist_items"] == [50, 51] and s["ts"] == 1_600_000_002

@@ -245,3 +245,20 @@ def test_collate_o3_by_embedding_is_the_nearest_items(sid_dir):
     (sid_dir / "item_features.npy").unlink()
     with pytest.raises(FileNotFoundError, match="item_features"):
         PrefCollate(sid_dir, cfg, N, 4)([_pref("a", 10, [6, 1, 2, 3, 4], [], [1])])
+
+
+def test_chosen_slate_in_time_order_when_asked(sid_dir):
+    from higr_dist.schema.prefs import pref_group_of, unpack_prefs
+
+    # y+ by feedback is [5, 2, 8]; the user watched them as 8, 5, 2
+    window = _pref("u", 1, [8, 5, 2], [], [1, 3])
+    window["pos_when"] = [0, 1, 2]  # pref_group_of lays y+ out in the order given
+    (sample,) = unpack_prefs(pref_group_of({k: v for k, v in window.items()
+                                            if k != "pos_when"}), "k")
+    assert sample["pos_when"] == [0, 1, 2]
+    sample = dict(sample, pos_items=[5, 2, 8], pos_when=[1, 2, 0])
+    by_fb = PrefCollate(sid_dir, PairConfig(objectives=["o1"]), 3, 4)([sample])
+    by_time = PrefCollate(sid_dir, PairConfig(objectives=["o1"], chosen_order="time"), 3, 4)(
+        [sample])
+    assert by_fb.chosen_items.tolist() == [[5, 2, 8]]
+    assert by_time.chosen_items.tolist() == [[8, 5, 2]]

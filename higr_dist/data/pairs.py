@@ -68,6 +68,9 @@ class PairConfig:
     objectives: list[Objective] = field(default_factory=lambda: ["o1", "o2", "o3"])
     """Enabled negatives, in this order along the batch's R axis: o1 permutation, o2 negative
     feedback replacement, o3 similar items (paper Table 6: all three together is best)."""
+    chosen_order: Literal["feedback", "time"] = "feedback"
+    """Order of the chosen slate y+: by feedback, descending (the paper's), or as the user
+    consumed the items (the order pretraining's target slates have)."""
     o2_replace_fraction: float = 0.5
     """Share of y+ positions O2 replaces with negative-feedback items: ceil(fraction * N),
     at least 1, at most the number of distinct usable negatives (paper value lost; 0.5 here)."""
@@ -403,6 +406,8 @@ class PrefCollate:
                 raise ValueError(f"pref sample of user {s['user_id']!r} at ts {s['ts']} has "
                                  f"{len(pos)} pos_items, the slate size is {N}")
             pos = pos[:N]
+            if self.cfg.chosen_order == "time" and s.get("pos_when") is not None:
+                pos = pos[np.argsort(np.asarray(s["pos_when"][:N]), kind="stable")]
             rng = sample_rng(s["user_id"], s["ts"], self.cfg.seed, self.epoch)
             rej, mask = make_negatives(pos, np.asarray(s["neg_items"], dtype=np.int64), rng,
                                        self.cfg, nbr)

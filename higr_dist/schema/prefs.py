@@ -35,7 +35,9 @@ PREF = SampleSchema(
 
 
 def unpack_prefs(group: dict, key: str) -> Iterator[dict]:
-    """A ``pref_group`` record -> its ``pref`` samples, oldest window first."""
+    """A ``pref_group`` record -> its ``pref`` samples, oldest window first. Each also gets
+    ``pos_when`` (derived, not stored): every y+ item's place in time among them (0 = the
+    earliest), so a collate can put y+ in consumption order (``PairConfig.chosen_order``)."""
     items, fb = group["items"], group["fb"]
     hl, n, offset = group["history_len"], group["slate_size"], group["offset"]
     pos, neg, neg_at = group["pos"], group["neg"], group["neg_offsets"]
@@ -43,9 +45,11 @@ def unpack_prefs(group: dict, key: str) -> Iterator[dict]:
         h0 = max(0, s - hl)
         top = pos[w * n:(w + 1) * n]
         bad = neg[neg_at[w]:neg_at[w + 1]]
+        when = sorted(range(len(top)), key=top.__getitem__)  # y+ indices in time order
         yield {"user_id": group["user_id"], "ts": ts,
                "hist_items": items[h0:s], "hist_fb": fb[h0:s],
                "pos_items": [items[i] for i in top], "pos_fb": [fb[i] for i in top],
+               "pos_when": [when.index(k) for k in range(len(top))],
                "neg_items": [items[i] for i in bad], "neg_fb": [fb[i] for i in bad],
                "__key__": window_key(key, offset + s)}
 
