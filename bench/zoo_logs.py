@@ -103,7 +103,7 @@ def transition(seed: int = 1, users: int = 2000, items: int = 2000, categories: 
                caption=[_caption(rng, vocab[c], 3, 1) for c in cat])
 
 
-def trend(seed: int = 2, users: int = 3000, items: int = 3000, categories: int = 30,
+def trend(seed: int = 2, users: int = 2000, items: int = 3000, categories: int = 30,
           steps: int = 40, days: int = 60, half_life_days: float = 4.0,
           trending: float = 0.7) -> Log:
     rng = np.random.default_rng(seed)

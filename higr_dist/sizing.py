@@ -59,7 +59,7 @@ class SizingConfig:
     """Hashed identity rows per catalogue item (0 = no identity embedding)."""
     id_buckets_max: int = 1 << 20
     """Most hashed identity rows."""
-    epochs: int = 6
+    epochs: int = 3
     """Passes over the training slates for every slate model (HSD, flat, SASRec)."""
     align_epochs: float = 1.0
     """Passes over the preference samples for alignment (ORPO, DPO)."""
@@ -67,6 +67,8 @@ class SizingConfig:
     """Validations per epoch (model selection on the validation split)."""
     patience: int = 2
     """Stop a slate model after this many validations without a new best (0 = never)."""
+    validation_users: int = 1000
+    """Validation users scored per validation (0 = all): bounds its cost on large logs."""
     tokenizer_pair_epochs: float = 1.5
     """Passes over the co-occurrence pairs for the tokenizer (at least its configured steps)."""
     max_items: int = 50_000
@@ -84,6 +86,8 @@ class SizingConfig:
                      "tokenizer_pair_epochs"):
             if not getattr(self, name) >= 0:
                 problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.validation_users < 0:
+            problems.append(f"validation_users: must be >= 0, got {self.validation_users}")
         for name in ("epochs", "validations_per_epoch", "max_items", "max_interactions",
                      "id_buckets_max"):
             if getattr(self, name) < 1:
@@ -154,6 +158,7 @@ def derive(manifest: dict, cfg: SizingConfig, batch: dict[str, int],
         out["tokenizer"] = [f"model.K={K}", f"model.input_dim={int(manifest['feature_dim'])}",
                             f"train.max_steps={tok}", "train.epochs=0"]
     select = f"validation.every_epochs={1.0 / cfg.validations_per_epoch:g}"
+    users = f"validation.max_users={cfg.validation_users}"
     for stage in SLATE_STAGES:
         if stage not in batch:
             continue
@@ -162,10 +167,10 @@ def derive(manifest: dict, cfg: SizingConfig, batch: dict[str, int],
             # weights are a candidate (at_start), so alignment is kept only if it helps
             ov = [f"train.max_steps={_steps(cfg.align_epochs, samples('prefs'), batch[stage])}",
                   "train.epochs=0", f"validation.every_epochs={cfg.align_epochs / 2:g}",
-                  "validation.at_start=true", "validation.patience=0"]
+                  "validation.at_start=true", "validation.patience=0", users]
         else:
             ov = [f"train.epochs={cfg.epochs}", "train.max_steps=0", select,
-                  f"validation.patience={cfg.patience}"]
+                  f"validation.patience={cfg.patience}", users]
         if stage in SID_MODEL_STAGES:
             ov = [f"model.K={K}", f"model.id_buckets={buckets}", *ov]
         out[stage] = ov

@@ -84,18 +84,24 @@ class RunLogger:
                 self.bar.total = self.bar.n + steps
             self.bar.update(steps)
 
-    def log(self, step: int, scalars: dict[str, float]) -> None:
-        """Write every finite scalar at ``step`` and print the console line."""
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        """Write every finite scalar at ``step`` to TensorBoard (no console line)."""
         if not self.enabled:
             return
         for tag, value in scalars.items():
             if value is not None and math.isfinite(value):
                 self.writer.add_scalar(tag, value, global_step=step)
         self.writer.flush()
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        """Write every finite scalar at ``step`` and print the console line."""
+        if not self.enabled:
+            return
+        self.write(step, scalars)
         line = format_line(step, self.total, scalars)
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {scalars.get('loss/total', float('nan')):.4f}",
-                                     refresh=False)
+            if "loss/total" in scalars:
+                self.bar.set_postfix_str(f"loss {scalars['loss/total']:.4f}", refresh=False)
             tqdm.write(line, file=sys.stdout)
         else:
             print(line, flush=True)
