@@ -210,13 +210,14 @@ def load_run(run_dir: str | Path, batch_size: int, max_users: int = 0
     as SlateBatches of ``batch_size``, the trie and the item embeddings (for ILD)."""
     from higr_dist.data.loader import iterate_samples
     from higr_dist.data.shardio import list_shards
-    from higr_dist.eval.harness import load_stage_model, load_trie
+    from higr_dist.data.slates import SlateCollate
+    from higr_dist.decode.trie import SidTrie
+    from higr_dist.eval.harness import load_stage_model
     from higr_dist.schema import FOLDERS
-    from higr_dist.stages.hsd import SlateCollate
 
     run = Path(run_dir)
     sid_dir = run / "tokenizer" / "export"
-    trie = load_trie(sid_dir)
+    trie = SidTrie.from_export(sid_dir)
     models: dict[str, tuple[nn.Module, Decoder]] = {}
     cfg = None
     for name, stage, decoder in RUN_MODELS:

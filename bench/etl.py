@@ -121,8 +121,8 @@ def _loader_rate(etl_dir: Path, num_items: int, workers: int, batch_size: int,
 
     from higr_dist.data.loader import LoaderConfig, StreamingLoader
     from higr_dist.data.shardio import list_shards
+    from higr_dist.data.slates import SlateCollate
     from higr_dist.schema import FOLDERS
-    from higr_dist.stages.hsd import SlateCollate
 
     sid_dir = scratch / "sids"
     sid_dir.mkdir(parents=True, exist_ok=True)

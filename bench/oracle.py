@@ -108,8 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=25, help="users per vectorised chunk")
     p.add_argument("--threshold", type=float, default=2.0, help="effective watch ratio")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
-    p.add_argument("--compare", default="bench/results/alignment.json",
-                   help="alignment bench JSON whose model NDCG@5 are put next to the oracle")
+    p.add_argument("--compare", default=None,
+                   help="a run's report.json whose models' NDCG@5 are put next to the oracle "
+                   "(default: the run's own)")
     p.add_argument("--out", default="bench/results/oracle.json")
     return p.parse_args(argv)
 
@@ -390,10 +391,10 @@ def main(argv: list[str] | None = None) -> int:
                          "grid_points": len(weight_grid(args.grid, cfg.prefs_per_user)),
                          "min_ess": round(min_ess, 1), "resampled_user_steps": resampled,
                          "map_tastes_true_share": found / len(users)}
-    compare = Path(args.compare)
+    compare = Path(args.compare) if args.compare else Path(args.run) / "report.json"
     if args.split == "test" and compare.exists():
         models = {k: v["effective"]["ndcg5"]
-                  for k, v in json.loads(compare.read_text())["metrics"].items()}
+                  for k, v in json.loads(compare.read_text())["eval"].items()}
         out["models_ndcg5"] = models
         out["models_over_oracle"] = {k: v / out["oracle"]["ndcg5"] for k, v in models.items()}
         best = max(models.get("flat", 0.0), models.get("sasrec", 0.0))

@@ -110,7 +110,7 @@ def test_slates_are_real_distinct_items(report):
 
 
 def test_validation_split_precedes_test(report):
-    # bench/tune.py selects settings on `val`: its targets must be the 5 interactions just
+    # model selection (higr_dist.engine.validate) reads `val`: its targets must be the 5 interactions just
     # before each user's test window, and never the test window itself
     from higr_dist.eval.harness import test_batches
 
