@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                          "grid_points": len(weight_grid(args.grid, cfg.prefs_per_user)),
                          "min_ess": round(min_ess, 1), "resampled_user_steps": resampled,
                          "map_tastes_true_share": found / len(users)}
-    compare = Path(args.compare) if args.compare else Path(args.run) / "report.json"
+    compare = Path(args.compare) if args.compare else Path(args.run_dir) / "report.json"
     if args.split == "test" and compare.exists():
         models = {k: v["effective"]["ndcg5"]
                   for k, v in json.loads(compare.read_text())["eval"].items()}
