@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,6 +101,16 @@ class EvalSpec:
     0 = always ``latency_repeats``). bench/decode.py is the place for careful latency figures."""
     generate_users: int = 100
     """Users to write slates for (``slates.jsonl``)."""
+    device: str = "auto"
+    """Where evaluation, decode timing and generation run: ``auto`` (the first CUDA device when
+    there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``
+    (``higr_dist.eval.harness.resolve_device``; whether the device exists is checked when
+    evaluation starts, so a config can be written on a machine without it)."""
+
+    def validate(self) -> list[str]:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            return [f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}"]
+        return []
 
 
 @dataclass

@@ -1,7 +1,16 @@
 """Shared test fixtures.
 
 - one local Spark session per test run (the JVM costs ~6 s to start), `local[2]`;
-- environment for real multi-process runs: OMP_NUM_THREADS=1, loopback Spark, the venv python.
+- environment for real multi-process runs: OMP_NUM_THREADS=1, loopback Spark, the venv python;
+- GPUs hidden from every process the tests start: the multi-rank CPU jobs must run gloo on
+  the CPU even on a GPU machine, where DeepSpeed would otherwise pick CUDA + NCCL and put two
+  ranks on one GPU. The GPUs are counted through NVML, CUDA is initialised in this process when
+  there are any (so in-process ``gpu`` tests keep them: a CUDA context reads
+  ``CUDA_VISIBLE_DEVICES`` once, at initialisation), then ``CUDA_VISIBLE_DEVICES`` is set to ""
+  for every child; the ``gpu`` tests start theirs with :func:`gpu_env`, which restores the
+  original visibility. The ``*_dist`` tests also set it in the environments they build.
+  ``HIGR_GPU_TESTS_ON_CPU=1`` runs the ``gpu`` tests on the CPU instead of skipping them (a
+  check of their plumbing, not of CUDA).
 """
 
 from __future__ import annotations
@@ -21,14 +30,47 @@ os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 
 
-def pytest_collection_modifyitems(config, items):
+def _count_gpus() -> int:
+    """CUDA devices visible to this process, without initialising CUDA (NVML)."""
     try:
         import torch
 
-        has_gpu = torch.cuda.is_available()
+        return torch.cuda.device_count()  # NVML-based until CUDA is initialised
     except Exception:  # pragma: no cover
-        has_gpu = False
-    if not has_gpu:
+        return 0
+
+
+#: the visibility the session started with (None = unset: all devices)
+VISIBLE_AT_START: str | None = os.environ.get("CUDA_VISIBLE_DEVICES")
+#: CUDA devices the gpu tests may use
+NUM_GPUS: int = _count_gpus()
+#: run the gpu tests on the CPU (their plumbing only)
+GPU_TESTS_ON_CPU: bool = os.environ.get("HIGR_GPU_TESTS_ON_CPU") == "1"
+if NUM_GPUS:
+    try:
+        import torch
+
+        torch.cuda.init()  # this process keeps its GPUs (in-process gpu tests) ...
+    except Exception:  # pragma: no cover - NVML sees a GPU that CUDA cannot use
+        NUM_GPUS = 0
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # ... every process the tests start: none
+
+
+def gpu_env(base: dict | None = None, devices: int = 1) -> dict:
+    """Environment for a ``gpu`` test's subprocess: ``base`` (default: this process's) with the
+    first ``devices`` of the GPUs the session started with visible again."""
+    env = dict(os.environ if base is None else base)
+    if GPU_TESTS_ON_CPU and not NUM_GPUS:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        return env
+    ids = ([d for d in VISIBLE_AT_START.split(",") if d.strip()] if VISIBLE_AT_START
+           else [str(i) for i in range(NUM_GPUS)])
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:devices])
+    return env
+
+
+def pytest_collection_modifyitems(config, items):
+    if NUM_GPUS == 0 and not GPU_TESTS_ON_CPU:
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in items:
             if "gpu" in item.keywords:

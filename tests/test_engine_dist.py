@@ -63,7 +63,8 @@ if __name__ == "__main__":
 def _env() -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
-               TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
+               TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"),
+               CUDA_VISIBLE_DEVICES="")  # CPU ranks (gloo) even on a GPU machine
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env

@@ -139,7 +139,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     driver = root / "driver.py"
     driver.write_text(DRIVER)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
-               TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
+               TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"),
+               CUDA_VISIBLE_DEVICES="")  # CPU ranks (gloo) even on a GPU machine
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -20,10 +20,20 @@ Design
   pointing at an incomplete tag. We save with ``save_latest=False`` and write ``latest``
   ourselves (temp file + ``os.replace``) after a barrier, then prune: rank 0 deletes all but
   the newest ``keep_last`` tags. A crash mid-save therefore leaves the previous pointer intact.
+- Resume decision: one rank decides. :func:`agreed_latest_tag` reads ``latest`` on rank 0 and
+  broadcasts the tag (or rank 0's error), then checks that every rank sees that tag's folder;
+  every rank then loads exactly that tag. Were each rank to read ``latest`` itself, a stale
+  shared-filesystem view (attribute caching, a node that mounted another export) could have one
+  rank resume and another start over, and the job would hang in its first mismatched
+  collective; now it fails on every rank with one line naming the ranks that cannot see it.
 - Export: :func:`consolidated_fp32_state_dict` assembles the full fp32 master weights with
   ``deepspeed.utils.safe_get_full_fp32_param`` (ZeRO 1/2/3 and the bf16 optimizer; a
-  collective under ZeRO-3, so every rank calls it), ``GatheredParameters`` for frozen ZeRO-3
-  params, and the fp32 groups of DeepSpeed's fp16/bf16 optimizer at ZeRO-0.
+  collective under ZeRO, so every rank calls it), ``GatheredParameters`` for frozen ZeRO-3
+  params, and the fp32 groups of DeepSpeed's fp16/bf16 optimizer at ZeRO-0. Only the
+  destination rank (rank 0, the one that writes) keeps the host copy: every rank holding the
+  whole fp32 model in host memory would cost ranks-per-node x 4 bytes x parameters per node
+  (~64 GB per 8-GPU node at 2B parameters). Tensors are gathered one at a time, so the
+  device-side peak is one full parameter.
 """
 
 from __future__ import annotations
@@ -149,9 +159,39 @@ def save(engine: Any, ckpt_dir: Path, step: int, rank_state: dict, shared_state:
     return tag
 
 
-def load(engine: Any, ckpt_dir: Path) -> tuple[str, dict] | None:
-    """Load the latest complete checkpoint into ``engine``; (tag, client_state) or None."""
-    tag = latest_tag(ckpt_dir)
+def agreed_latest_tag(ckpt_dir: Path) -> str | None:
+    """Collective: the tag every rank resumes from (None = start from scratch), as rank 0 reads
+    ``latest``; raises the same one-line error on every rank when rank 0's pointer is broken or
+    some rank cannot see the tag's folder (see the module docstring). Not distributed: just
+    :func:`latest_tag`."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return latest_tag(ckpt_dir)
+    box: list[Any] = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box = [latest_tag(ckpt_dir), None]
+        except FileNotFoundError as e:
+            box = [None, str(e)]
+    dist.broadcast_object_list(box, src=0)
+    tag, error = box
+    if error is not None:
+        raise FileNotFoundError(f"rank 0: {error}")
+    if tag is None:
+        return None
+    blind = [r for r, seen in enumerate(gather_objects((ckpt_dir / tag).is_dir())) if not seen]
+    if blind:
+        raise RuntimeError(f"rank 0 resumes from {ckpt_dir / tag} but rank(s) "
+                           f"{', '.join(map(str, blind))} cannot see that folder: run.out_dir must "
+                           "be on a filesystem every node mounts at the same path")
+    return tag
+
+
+def load(engine: Any, ckpt_dir: Path, tag: str | None = None) -> tuple[str, dict] | None:
+    """Load checkpoint ``tag`` (default: the one ``latest`` names, read by this rank) into
+    ``engine``; (tag, client_state) or None when there is none. The trainer passes the tag of
+    :func:`agreed_latest_tag` so all ranks load the same one."""
+    if tag is None:
+        tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
@@ -194,8 +234,9 @@ def _lowp_master_map(optimizer: Any) -> dict[int, torch.Tensor]:
     return out
 
 
-def consolidated_fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:
-    """Collective: the full fp32 state dict of ``engine.module`` (every rank gets it, on CPU).
+def consolidated_fp32_state_dict(engine: Any, dst: int | None = 0) -> dict[str, torch.Tensor]:
+    """Collective: the full fp32 state dict of ``engine.module``, on CPU, on rank ``dst`` (the
+    other ranks get ``{}``; ``dst=None``: every rank gets it).
 
     Parameters come from the optimizer's fp32 master weights whatever the ZeRO stage and
     precision; buffers (replicated, never sharded) are taken as they are, floats cast to fp32.
@@ -203,20 +244,26 @@ def consolidated_fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
+    keep = dst is None or not (dist.is_available() and dist.is_initialized()) \
+        or dist.get_rank() == dst
     module: nn.Module = engine.module
     masters = _lowp_master_map(engine.optimizer)
     out: dict[str, torch.Tensor] = {}
-    done: dict[int, torch.Tensor] = {}  # tied parameters are assembled once
+    done: dict[int, torch.Tensor | None] = {}  # tied parameters are assembled once
     for name, p in module.named_parameters(remove_duplicate=False):
         if id(p) not in done:
-            full = safe_get_full_fp32_param(p)
+            full = safe_get_full_fp32_param(p)  # a collective under ZeRO: every rank calls it
             if full is None and hasattr(p, "ds_id"):  # frozen ZeRO-3 param: no fp32 master
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                    full = p.data.detach().clone()
+                    full = p.data.detach().clone() if keep else None
             if full is None:
                 full = masters.get(id(p), p.detach())
-            done[id(p)] = full.detach().float().cpu().clone()
-        out[name] = done[id(p)]
+            # other ranks drop the gathered tensor right away (no host copy)
+            done[id(p)] = full.detach().float().cpu().clone() if keep else None
+        if keep:
+            out[name] = done[id(p)]
+    if not keep:
+        return {}
     params = set(out)
     for name, b in module.state_dict().items():
         if name in params:

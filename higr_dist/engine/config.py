@@ -75,6 +75,12 @@ class TrainConfig:
     precision: Precision = "fp32"
     """Training precision. bf16/fp16 keep fp32 master weights in the DeepSpeed optimizer; fp16 also
     uses dynamic loss scaling. fp16 needs a GPU (CPU kernels are bf16/fp32 only)."""
+    fp32_grad_accum: bool = True
+    """bf16 under ZeRO >= 1: accumulate gradients over micro-batches and reduce them over ranks
+    in fp32 (DeepSpeed's ``data_types.grad_accum_dtype`` and ``communication_data_type``).
+    False = DeepSpeed's default, both in bf16: half the gradient memory and traffic, but small
+    per-micro-batch contributions are rounded away. Ignored at ZeRO-0, which DeepSpeed only
+    runs with bf16 accumulation (see ``higr_dist.engine.ds_config``)."""
     global_batch_size: int = 64
     """Samples per optimizer step over all ranks."""
     micro_batch_size: int = 32
@@ -115,13 +121,22 @@ class TrainConfig:
     """AdamW implementation. ``torch``: ``torch.optim.AdamW(fused=True)`` passed to DeepSpeed as
     client optimizer (one fused kernel per step on CPU and CUDA, nothing to compile).
     ``deepspeed``: DeepSpeed's FusedAdam from the ds config ``optimizer`` block (CUDA; DeepSpeed
-    JIT-compiles the op on first use, which needs nvcc and ~1 min once). ``auto`` = ``torch``
-    on every device."""
+    JIT-compiles the op on first use, which needs nvcc and ~1 min once, into
+    ``TORCH_EXTENSIONS_DIR``, by default a per-user, per-host folder outside the checkout).
+    ``auto`` = ``torch`` on every device, except under ZeRO-Offload
+    (``zero_options.offload_optimizer``), where DeepSpeed accepts only its own CPU Adam:
+    ``auto`` is then ``deepspeed`` and ``torch`` is rejected by the preflight."""
     broadcast_buffers: bool = False
     """Broadcast module buffers from rank 0 before every optimizer step (torch DDP's default),
     for models that mutate buffers (e.g. EMA statistics) without synchronising them. Off by
     default: it would overwrite deliberate per-rank buffer state (the tokenizer's local usage
     counts, summed over ranks when it checks for dead codes)."""
+    dist_timeout_s: float = 3600.0
+    """Timeout of every collective (``deepspeed.init_distributed``; DeepSpeed's default is 10
+    minutes). Long because some phases have one rank working while the others wait in a
+    collective: rank 0 alone writes the final export, rebuilds the model and runs the stage's
+    finalize (the tokenizer's SID export and RQ-KMeans passes over the catalogue). A real hang is
+    reported this much later. Only the first process group of a process gets it."""
     progress_bar: bool = True
     """Show a tqdm progress bar on rank 0 (console lines are printed either way)."""
     kill_at_step: int = 0
@@ -145,6 +160,8 @@ class TrainConfig:
         for name in ("global_batch_size", "micro_batch_size", "log_every", "keep_last"):
             if num(name) and getattr(self, name) < 1:
                 out.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if num("dist_timeout_s") and not self.dist_timeout_s > 0:
+            out.append(f"dist_timeout_s: must be > 0, got {self.dist_timeout_s}")
         for name in ("max_steps", "epochs", "warmup_steps", "checkpoint_every", "kill_at_step",
                      "weight_decay", "grad_clip", "peak_tflops"):
             if num(name) and getattr(self, name) < 0:

@@ -15,7 +15,20 @@ Choices
   ~4.5x faster than torch's default per-tensor loop (measured: 2.7 vs 12.7 ms per step for 2 M
   parameters on one core). ``optimizer: deepspeed`` selects DeepSpeed's FusedAdam through the
   ``optimizer`` block instead. Either way ZeRO wraps it (``zero_allow_untested_optimizer`` for
-  the torch one) and its state is sharded and checkpointed by DeepSpeed.
+  the torch one) and its state is sharded and checkpointed by DeepSpeed. ZeRO-Offload
+  (``zero_options.offload_optimizer`` on cpu/nvme) needs DeepSpeed's CPU Adam (DeepSpeed refuses
+  a client optimizer there): ``auto`` then resolves to ``deepspeed`` and the preflight rejects an
+  explicit ``torch``. DeepSpeed JIT-builds its ops into ``TORCH_EXTENSIONS_DIR``; unless that is
+  set, :func:`default_extensions_dir` (per user and host, outside the checkout) is used, so
+  ranks never compile into the shared filesystem the repository lives on.
+- bf16 gradients: under ZeRO >= 1 (``fp32_grad_accum``, the default) gradients are accumulated
+  over micro-batches and reduced over ranks in fp32 (``data_types.grad_accum_dtype`` and
+  ``communication_data_type``); DeepSpeed 0.19 would otherwise do both in bf16, whose 8-bit
+  mantissa loses the small per-micro-batch contributions (e.g. 4 accumulation steps of a 1/4
+  weighted loss). Cost: twice the gradient traffic and an fp32 gradient buffer. ZeRO-1 then runs
+  DeepSpeed's ``BF16_Optimizer``, ZeRO-2/3 their own optimizers with fp32 accumulation. ZeRO-0
+  cannot (DeepSpeed refuses bf16 parameters with fp32 accumulation there), so a world of one in
+  bf16 still accumulates in bf16 (one rank: no reduction, only the accumulation).
 - LR schedule: a torch ``LambdaLR`` over :class:`WarmupCosine`, handed to DeepSpeed as a callable
   so it wraps the optimizer DeepSpeed builds. DeepSpeed steps it at every gradient-accumulation
   boundary and saves/restores it in checkpoints (verified: a resumed run continues with the same
@@ -30,12 +43,21 @@ Choices
   +35-50% step time for the 25.8M HSD in fp32 on CPU (bench/engine.py). The math is the same
   (fp32 or the bf16 optimizer's fp32 master weights; same AdamW, same clipping); only the
   checkpoint layout differs, and a checkpoint is only ever resumed at its own world size.
+  Setting ``HIGR_ZERO_AT_WORLD_ONE=1`` in the environment keeps ``zero_stage`` in a world of one
+  (the GPU tests and ``bench/gpu_check.py`` use it to run DeepSpeed's ZeRO-2/3 code paths on one
+  device); it is read by :func:`effective_zero_stage`, so every caller agrees.
+- Peak FLOP/s for MFU come from :data:`PEAK_TFLOPS` by device name (``train.peak_tflops: 0``,
+  the default); the shipped configs do not pin a device's figure.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import socket
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,16 +65,22 @@ from torch import nn
 from higr_dist.engine.config import TrainConfig
 
 #: Peak dense TFLOP/s per device and precision, for MFU. GPU figures are vendor datasheet dense
-#: (no sparsity) tensor-core numbers; fp32 is the non-tensor-core figure since torch leaves TF32
-#: off by default. CPU figures are per core, from torch matmuls on the 2-core development box.
+#: (no sparsity) tensor-core numbers of the SXM/OAM part unless the key names another form
+#: factor; fp32 is the non-tensor-core figure since torch leaves TF32 off by default. CPU
+#: figures are per core, from torch matmuls on the 2-core development box. Keys are matched as
+#: substrings of ``torch.cuda.get_device_name()``, longest first ("H100 PCIe" before "H100",
+#: "H200" before "H20").
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     # CPU: per core (0.17 / 0.8 TFLOP/s measured on the 2-core development machine with
     # torch matmuls); a rank's peak is this times the threads it runs (torch.get_num_threads)
     "cpu": {"fp32": 0.085, "bf16": 0.4, "fp16": 0.4},
     "H100": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
+    "H100 PCIe": {"fp32": 51.0, "bf16": 756.0, "fp16": 756.0},
+    "H100 NVL": {"fp32": 60.0, "bf16": 835.0, "fp16": 835.0},
     "H200": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
     "H800": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
     "H20": {"fp32": 44.0, "bf16": 148.0, "fp16": 148.0},
+    "B200": {"fp32": 80.0, "bf16": 2250.0, "fp16": 2250.0},
     "A100": {"fp32": 19.5, "bf16": 312.0, "fp16": 312.0},
     "A800": {"fp32": 19.5, "bf16": 312.0, "fp16": 312.0},
     "L20": {"fp32": 59.8, "bf16": 119.5, "fp16": 119.5},
@@ -72,10 +100,40 @@ def peak_tflops(device_name: str, precision: str) -> float:
     return 0.0
 
 
+def offloads_optimizer(train: TrainConfig) -> bool:
+    """True when ``zero_options.offload_optimizer`` puts the optimizer on cpu or nvme
+    (ZeRO-Offload), where DeepSpeed accepts only its own CPU Adam."""
+    offload = train.zero_options.get("offload_optimizer") if isinstance(
+        train.zero_options, dict) else None
+    return isinstance(offload, dict) and offload.get("device", "none") in ("cpu", "nvme")
+
+
 def use_deepspeed_optimizer(train: TrainConfig) -> bool:
-    """True when the AdamW comes from the ds config (DeepSpeed's FusedAdam), False for the
-    client ``torch.optim.AdamW(fused=True)`` (``auto`` and ``torch``, on any device)."""
-    return train.optimizer == "deepspeed"
+    """True when the AdamW comes from the ds config (DeepSpeed's FusedAdam, or its CPU Adam
+    under ZeRO-Offload), False for the client ``torch.optim.AdamW(fused=True)``: ``torch``
+    always, ``auto`` unless the optimizer is offloaded (DeepSpeed refuses a client optimizer
+    there; the preflight rejects ``torch`` + offload)."""
+    return train.optimizer == "deepspeed" or (train.optimizer == "auto"
+                                              and offloads_optimizer(train))
+
+
+def default_extensions_dir() -> Path:
+    """Where DeepSpeed JIT-builds its ops when ``TORCH_EXTENSIONS_DIR`` is unset: per user and
+    per host (``~/.cache/higr-dist/torch_extensions/<host>``), outside the checkout, so ranks
+    never compile into a shared filesystem and nodes never race on one build folder (the local
+    ranks of one node share it under torch's file lock). Without a home folder: the system
+    temp folder, per user."""
+    try:
+        base = Path.home() / ".cache" / "higr-dist"
+    except RuntimeError:  # no HOME and no passwd entry
+        base = Path(tempfile.gettempdir()) / f"higr-dist-{os.getuid()}"
+    return base / "torch_extensions" / socket.gethostname()
+
+
+def ensure_extensions_dir() -> str:
+    """Set ``TORCH_EXTENSIONS_DIR`` to :func:`default_extensions_dir` unless it is set; returns
+    the folder in use."""
+    return os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default_extensions_dir()))
 
 
 #: ``zero_optimization`` defaults on CPU (``train.zero_options`` wins): 8 MB buckets instead of
@@ -87,10 +145,23 @@ CPU_ZERO_OPTIONS: dict = {"contiguous_gradients": False, "reduce_bucket_size": 2
                           "allgather_bucket_size": 2_000_000}
 
 
+#: Environment switch: ``1`` keeps ``train.zero_stage`` in a world of one (see the docstring).
+ZERO_AT_WORLD_ONE = "HIGR_ZERO_AT_WORLD_ONE"
+
+
 def effective_zero_stage(zero_stage: int, world_size: int) -> int:
     """The ZeRO stage DeepSpeed is given: ``zero_stage``, or 0 in a world of one (nothing to
-    partition; see the module docstring)."""
-    return 0 if world_size == 1 else zero_stage
+    partition; see the module docstring) unless ``HIGR_ZERO_AT_WORLD_ONE=1``."""
+    if world_size == 1 and os.environ.get(ZERO_AT_WORLD_ONE, "0") != "1":
+        return 0
+    return zero_stage
+
+
+def fp32_grad_dtypes(train: TrainConfig, world_size: int) -> bool:
+    """True when the ds config asks DeepSpeed for fp32 gradient accumulation and reduction:
+    bf16 with ``fp32_grad_accum`` under an effective ZeRO stage >= 1 (see the docstring)."""
+    return (train.precision == "bf16" and train.fp32_grad_accum
+            and effective_zero_stage(train.zero_stage, world_size) >= 1)
 
 
 def trainer_clips_gradients(train: TrainConfig, world_size: int) -> bool:
@@ -123,6 +194,9 @@ def build_ds_config(train: TrainConfig, world_size: int, device_type: str) -> di
         "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0,
                  "initial_scale_power": 16},
     }
+    if fp32_grad_dtypes(train, world_size):
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+        cfg["communication_data_type"] = "fp32"
     if use_deepspeed_optimizer(train):
         cfg["optimizer"] = {"type": "AdamW", "params": {
             "lr": train.lr, "betas": list(train.betas), "eps": train.eps,

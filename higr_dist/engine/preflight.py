@@ -14,6 +14,16 @@ skipped when that result is missing, since its problem is already reported. An u
 exception inside a check (a bug, an unreadable file) is reported as a problem naming the check
 and the exception, not swallowed and not shown as a traceback.
 
+Shared paths: :func:`check_shared_paths` is the one check that needs the running job (every
+rank, after the process group exists), so the trainer calls it at training start rather than
+:func:`preflight`: rank 0 writes a token file into ``out_dir`` and broadcasts its content;
+every rank reads it back (a run folder that is not shared breaks checkpoints and resume, which
+assume one folder all ranks write into). The training shards are compared by content instead
+(rank 0's fingerprint of the shard listing and each listed shard's size): they are input, maybe
+read-only, and identical copies on every node would serve as well as one shared folder. A
+mismatch fails every rank with one line naming the path and the ranks/hosts that differ,
+instead of a hang or a missing-file traceback minutes later.
+
 World size: ``world_size`` argument, else the hostfile's total slots, else ``WORLD_SIZE`` (set
 by the launchers), else 1. When both a hostfile and ``WORLD_SIZE`` are present they must
 agree. Device checks (precision support) run against this machine's accelerator, i.e. they are
@@ -23,10 +33,15 @@ meaningful on the training nodes (where the launcher runs them), not on a CPU lo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import secrets
+import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from higr_dist.config import ConfigError
 from higr_dist.engine.config import JobConfig, load_job
@@ -134,6 +149,18 @@ def check_zero_options(options: dict) -> list[str]:
     return []
 
 
+def check_offload(job: JobConfig) -> list[str]:
+    """ZeRO-Offload (``zero_options.offload_optimizer`` on cpu/nvme) with the client torch
+    AdamW: DeepSpeed refuses it at start-up (it wants its own CPU Adam)."""
+    from higr_dist.engine.ds_config import offloads_optimizer
+
+    if offloads_optimizer(job.train) and job.train.optimizer == "torch":
+        return ["train.optimizer: torch cannot run with ZeRO-Offload "
+                "(train.zero_options.offload_optimizer); DeepSpeed needs its own CPU Adam: set "
+                "train.optimizer to auto or deepspeed"]
+    return []
+
+
 def preflight(config_path: str | Path, overrides: list[str] | None = None,
               hostfile: str | Path | None = None, world_size: int | None = None) -> list[str]:
     """All problems with this job (empty list = OK to launch)."""
@@ -151,7 +178,91 @@ def preflight(config_path: str | Path, overrides: list[str] | None = None,
     _guard("shards", problems, lambda: check_shards(job, stage.sample_kind, world))
     _guard("precision", problems, lambda: check_precision(job.train.precision))
     _guard("zero_options", problems, lambda: check_zero_options(job.train.zero_options))
+    _guard("offload", problems, lambda: check_offload(job))
     return problems
+
+
+# --------------------------------------------------------------------------------------------
+# at training start (collective)
+# --------------------------------------------------------------------------------------------
+
+
+def shard_fingerprint(shard_dir: Path) -> str:
+    """What this process sees of a shard folder: a digest of ``shards.json`` (when present) and
+    of each listed shard's name and size (-1 when missing); ``missing: ...`` / ``unreadable:
+    ...`` when it cannot list the folder."""
+    from higr_dist.data.shardio import list_shards
+
+    if not shard_dir.is_dir():
+        return f"missing: {shard_dir}"
+    h = hashlib.sha256()
+    listing = shard_dir / "shards.json"
+    try:
+        if listing.is_file():
+            h.update(listing.read_bytes())
+        for path in list_shards(shard_dir):
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                size = -1
+            h.update(f"{Path(path).name}:{size};".encode())
+    except (OSError, ValueError, KeyError) as e:
+        return f"unreadable: {type(e).__name__}: {e}"
+    return h.hexdigest()
+
+
+def _read_token(path: Path, wait_s: float) -> str | None:
+    """The token file's text, retrying for up to ``wait_s`` (a shared filesystem may show a file
+    another node just created only after its attribute cache expires); None if never seen."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return path.read_text()
+        except OSError:
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.5)
+
+
+def _who(ranks: list[tuple[int, str]]) -> str:
+    hosts = sorted({h for _, h in ranks})
+    return (f"rank(s) {', '.join(str(r) for r, _ in ranks)} on "
+            f"{', '.join(hosts[:4])}{' ...' if len(hosts) > 4 else ''}")
+
+
+def check_shared_paths(out_dir: Path, shard_dir: Path, wait_s: float = 10.0) -> None:
+    """Collective (every rank, default process group): ``out_dir`` is one folder shared by all
+    ranks and ``shard_dir`` has the same content on all ranks; otherwise raises the same
+    one-line ``RuntimeError`` on every rank (see the module docstring)."""
+    import torch.distributed as dist
+
+    rank, host = dist.get_rank(), socket.gethostname()
+    box: list[Any] = [None, None, None]
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_hex(16)
+        path = out_dir / f".shared-check-{token}"
+        path.write_text(token)
+        box = [token, path.name, shard_fingerprint(shard_dir)]
+    dist.broadcast_object_list(box, src=0)  # also the barrier after rank 0's write
+    token, name, fingerprint = box
+    mine = (rank, host, _read_token(out_dir / name, wait_s) == token,
+            shard_fingerprint(shard_dir) == fingerprint)
+    seen: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, mine)  # every rank has read the token by now
+    if rank == 0:
+        (out_dir / name).unlink(missing_ok=True)
+    blind = [(r, h) for r, h, ok, _ in seen if not ok]
+    if blind:
+        raise RuntimeError(f"run.out_dir {out_dir} is not shared by all ranks: {_who(blind)} "
+                           f"cannot read the token rank 0 on {seen[0][1]} wrote there; put it "
+                           "on a filesystem every node mounts at the same path")
+    differ = [(r, h) for r, h, _, same in seen if not same]
+    if differ:
+        raise RuntimeError(f"training shards {shard_dir} differ between ranks: {_who(differ)} "
+                           f"see another listing or other shard sizes than rank 0 on "
+                           f"{seen[0][1]} (or none); put the ETL output on a filesystem every "
+                           "node mounts, or identical copies at the same path")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -48,7 +48,16 @@ buffers without synchronising them.
 Checkpoints, resume and export: see :mod:`higr_dist.engine.checkpoint`. A run restarts from the
 latest complete checkpoint of its folder automatically: same step, LR schedule position, RNG
 states and per-rank data position (a rank that had finished its share of the epoch stays
-finished until the epoch ends).
+finished until the epoch ends). Whether to resume, and from which tag, is decided by rank 0 and
+broadcast (``checkpoint.agreed_latest_tag``), and before anything is built a multi-rank run
+checks that its run folder and training shards are the same on every rank
+(``preflight.check_shared_paths``): both fail every rank with one line instead of splitting
+the ranks or hanging. Collectives time out after ``train.dist_timeout_s`` (rank 0 alone
+exports and finalizes while the others wait).
+
+Host syncs: the step loop reads nothing from the device per step except the window's sample
+counts (one small all-reduce whose result decides the epoch end); gradient norms stay device
+tensors until the window is logged.
 
 Scripts that call :func:`train` with loader workers must guard their launch code with
 ``if __name__ == "__main__":``: the workers are spawned and re-import the script
@@ -58,6 +67,7 @@ Scripts that call :func:`train` with loader workers must guard their launch code
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 import signal
@@ -81,12 +91,14 @@ from higr_dist.engine.ds_config import (
     WarmupCosine,
     build_ds_config,
     effective_zero_stage,
+    ensure_extensions_dir,
     param_groups,
     peak_tflops,
     trainer_clips_gradients,
     use_deepspeed_optimizer,
 )
 from higr_dist.engine.logging import RunLogger, metric_tag
+from higr_dist.engine.preflight import check_shared_paths
 from higr_dist.engine.validate import METRIC, Validator, gathered
 from higr_dist.schema import FOLDERS, SampleSchema
 from higr_dist.stages.base import Stage, get_stage
@@ -118,8 +130,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> DistEnv:
-    """Join (or create) the default process group; a world of one without a launcher."""
+def init_distributed(timeout_s: float | None = None) -> DistEnv:
+    """Join (or create) the default process group; a world of one without a launcher.
+
+    ``timeout_s``: timeout of every collective of the group (None = DeepSpeed's default, 10
+    minutes or ``DEEPSPEED_TIMEOUT``); only the call that creates the group sets it. Also points
+    ``TORCH_EXTENSIONS_DIR`` at a per-user, per-host folder outside the checkout unless it is
+    set (``ds_config.default_extensions_dir``), before DeepSpeed can JIT-build anything."""
+    ensure_extensions_dir()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -131,7 +149,11 @@ def init_distributed() -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if acc.device_name() == "cuda":
         acc.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), verbose=False)
+    kwargs: dict[str, Any] = {}
+    if timeout_s is not None:
+        kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), verbose=False,
+                               **kwargs)
     if acc.device_name() == "cuda":
         device = torch.device("cuda", local_rank)
         name = torch.cuda.get_device_name(device)
@@ -204,10 +226,12 @@ def build_engine(model: nn.Module, train: TrainConfig, world_size: int, device_t
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
         lr_scheduler=make_scheduler, config=ds_cfg)
-    if world_size == 1:
+    if world_size == 1 and effective_zero_stage(train.zero_stage, world_size) == 0:
         # ZeRO-0 "all-reduces" a single rank's gradients by flattening them into one buffer and
         # copying them back (measured ~10% of a 25.8M-parameter CPU step); with one rank that
         # is the identity, so skip it. DeepSpeed's own switch (it is off without a backend).
+        # Not under ZeRO >= 1 (HIGR_ZERO_AT_WORLD_ONE): ZeRO moves gradients into its
+        # partitions in that epilogue.
         engine.enable_backward_allreduce = False
     return engine, scheduler, ds_cfg
 
@@ -231,27 +255,49 @@ def sync_buffers(module: nn.Module, src: int = 0) -> None:
             offset += b.numel()
 
 
-def clip_gradients(module: nn.Module, max_norm: float) -> float:
-    """Clip ``module``'s gradients to global norm ``max_norm`` (0 = only measure); returns the
-    pre-clip norm. Where the trainer clips instead of DeepSpeed: see
-    ``ds_config.trainer_clips_gradients``. Call after the boundary backward (gradients reduced),
-    before ``engine.step()``."""
+def _clip(module: nn.Module, max_norm: float) -> torch.Tensor | float:
+    """:func:`clip_gradients` without the host sync: the norm stays on the device."""
     params = [p for p in module.parameters() if p.grad is not None]
     if not params:
         return 0.0
     if max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    return float(norm.item())
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+    return torch.nn.utils.get_total_norm([p.grad for p in params]).detach()
+
+
+def clip_gradients(module: nn.Module, max_norm: float) -> float:
+    """Clip ``module``'s gradients to global norm ``max_norm`` (0 = only measure); returns the
+    pre-clip norm. Where the trainer clips instead of DeepSpeed: see
+    ``ds_config.trainer_clips_gradients``. Call after the boundary backward (gradients reduced),
+    before ``engine.step()``. (The step loop keeps the norm on the device until it logs.)"""
+    return _as_float(_clip(module, max_norm))
+
+
+def _as_float(value: torch.Tensor | float) -> float:
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+def _device_grad_norm(engine: Any) -> torch.Tensor | float | None:
+    """Pre-clip global gradient norm of the last optimizer step as DeepSpeed holds it (a device
+    tensor under ZeRO: reading it is left to log time), None if unknown."""
+    norm = engine.get_global_grad_norm()
+    return norm.detach() if torch.is_tensor(norm) else norm
 
 
 def global_grad_norm(engine: Any) -> float | None:
     """Pre-clip global gradient norm of the last optimizer step (None if unknown)."""
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    return float(norm.item() if torch.is_tensor(norm) else norm)
+    norm = _device_grad_norm(engine)
+    return None if norm is None else _as_float(norm)
+
+
+def reports_grad_norm(optimizer: Any) -> bool:
+    """True when DeepSpeed's optimizer wrapper computes the global gradient norm itself (ZeRO
+    1/2/3 and the bf16 optimizer that ZeRO-1 runs with fp32 accumulation, which only sets its
+    ``_global_grad_norm`` at its first step); False for the ZeRO-0 wrappers, whose norm the
+    trainer measures from the module's (already reduced, fully accumulated) gradients."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    return hasattr(optimizer, "_global_grad_norm") or isinstance(optimizer, BF16_Optimizer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,8 +365,9 @@ class _Window:
     """time this rank spent waiting for the loader"""
     step_s: float = 0.0
     """wall time of the window's steps"""
-    grad_norms: list[float] = field(default_factory=list)
-    """pre-clip global gradient norm per step (when the optimizer reports it)"""
+    grad_norms: list[torch.Tensor | float] = field(default_factory=list)
+    """pre-clip global gradient norm per step (when the optimizer reports it); device tensors
+    until the window is logged, so no step waits for the device to report it"""
     lr: float = 0.0
     """learning rate of the window's last step"""
 
@@ -351,11 +398,11 @@ def _rss_gb() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-def _manual_grad_norm(module: nn.Module) -> float:
+def _manual_grad_norm(module: nn.Module) -> torch.Tensor | float:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    return float(torch.nn.utils.get_total_norm(grads).item())
+    return torch.nn.utils.get_total_norm(grads).detach()  # read at log time (no host sync)
 
 
 class Trainer:
@@ -364,7 +411,7 @@ class Trainer:
     def __init__(self, job: JobConfig):
         self.job = ensure_resolved(job)
         self.cfg = self.job.train
-        self.env = init_distributed()
+        self.env = init_distributed(self.cfg.dist_timeout_s)
         self.stage: Stage = get_stage(self.job.stage)
         self.out_dir = self.job.out_path
         self.ckpt_dir = self.out_dir / ckpt.CHECKPOINT_DIR
@@ -495,7 +542,7 @@ class Trainer:
                 ckpt.save_state_file(state, self.best_path)
         else:
             self.stale += 1
-        self.log.log(self.step, {f"val/{METRIC}": scores[METRIC], "val/recall5": scores["recall5"],
+        self.log.write(self.step, {f"val/{METRIC}": scores[METRIC], "val/recall5": scores["recall5"],
                                  f"val/best_{METRIC}": self.best[METRIC],
                                  "perf/validation_s": time.perf_counter() - t0})
         self.log.message(f"validation at step {self.step}: {METRIC} {scores[METRIC]:.4f} "
@@ -518,8 +565,8 @@ class Trainer:
         self.saved_step = self.step
         self.log.message(f"saved checkpoint {self.ckpt_dir / tag}")
 
-    def _resume(self) -> None:
-        loaded = ckpt.load(self.engine, self.ckpt_dir)
+    def _resume(self, tag: str) -> None:
+        loaded = ckpt.load(self.engine, self.ckpt_dir, tag)
         if loaded is None:
             raise RuntimeError(f"{self.ckpt_dir}: 'latest' vanished while starting")
         tag, client = loaded
@@ -578,7 +625,7 @@ class Trainer:
             out = self.stage.step(self.engine, self.loss_module, batch)
             self.engine.backward(out.loss * weight)
             if i == self.gas - 1 and self.own_clip:
-                window.grad_norms.append(clip_gradients(self.engine.module, self.cfg.grad_clip))
+                window.grad_norms.append(_clip(self.engine.module, self.cfg.grad_clip))
             elif i == self.gas - 1 and self.manual_norm:
                 window.grad_norms.append(_manual_grad_norm(self.engine.module))
             self.engine.step()
@@ -587,7 +634,7 @@ class Trainer:
             for name, value in out.metrics.items():
                 window.add(name, value, seen, self.env.device)
         if not (self.own_clip or self.manual_norm):
-            norm = global_grad_norm(self.engine)
+            norm = _device_grad_norm(self.engine)
             if norm is not None:
                 window.grad_norms.append(norm)
         self.step += 1
@@ -629,7 +676,7 @@ class Trainer:
             "mem/rss_gb": _rss_gb(),
         })
         if window.grad_norms:
-            scalars["opt/grad_norm"] = statistics.fmean(window.grad_norms)
+            scalars["opt/grad_norm"] = statistics.fmean(_as_float(n) for n in window.grad_norms)
         if self.peak_flops > 0:
             scalars["perf/mfu"] = (self.flops_per_sample * per_s
                                    / (self.peak_flops * self.env.world_size))
@@ -774,15 +821,22 @@ class Trainer:
         needs_training = getattr(self.stage, "needs_training", None)
         if needs_training is not None and not needs_training(self.job.model):
             return self._run_untrained(t_start)
+        if self.env.world_size > 1:  # collective; one line naming the path on every rank
+            check_shared_paths(self.out_dir, self.shard_dir)
         self.loader = self._build_loader()
         model, self.loss_module = self._build_model()
-        resuming = ckpt.latest_tag(self.ckpt_dir) is not None
+        # some stages size their FLOPs from what build() read (SASRec's catalogue, ORPO's
+        # objectives)
+        self.flops_per_sample = float(self.stage.flops_per_sample(self.job.model))
+        # decided by rank 0 and broadcast: ranks never disagree on resuming (ckpt module doc)
+        resume_tag = ckpt.agreed_latest_tag(self.ckpt_dir)
+        resuming = resume_tag is not None
         if not resuming:
             self._start_epoch()
         self.engine, self.scheduler, ds_cfg = build_engine(
             model, self.cfg, self.env.world_size, self.env.device.type, self.total_steps)
         self.own_clip = trainer_clips_gradients(self.cfg, self.env.world_size)
-        self.manual_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
+        self.manual_norm = not reports_grad_norm(self.engine.optimizer)
         self.loss_module.to(self.env.device)
         sync_buffers(self.engine.module)  # DeepSpeed broadcasts parameters, not buffers
         if self.is_main:
@@ -790,8 +844,8 @@ class Trainer:
                 "world_size": self.env.world_size, "device": self.env.device_name,
                 "grad_accum": self.gas, "total_steps": self.total_steps, "ds_config": ds_cfg})
         seed_all(self.job.run.seed + 1 + self.env.rank)  # per-rank randomness (dropout ...)
-        if resuming:
-            self._resume()
+        if resume_tag is not None:
+            self._resume(resume_tag)
         zero = effective_zero_stage(self.cfg.zero_stage, self.env.world_size)
         zero_note = "" if zero == self.cfg.zero_stage else \
             f" (train.zero_stage={self.cfg.zero_stage}: nothing to partition on one rank)"

@@ -22,6 +22,12 @@ full catalogue): a ranked slate of N = 5 items per user.
 Test slates stream from the shards (never all in memory); metrics accumulate exact sums
 (``SlateMetrics``). Latency is measured on the same users with repeated timed calls after a
 warm-up; we report the median and p99 and the ratio of medians.
+
+Device: models are placed on ``eval.device`` (``--device`` of both CLIs): ``auto`` = the first
+CUDA device when there is one, else the CPU; or ``cpu``, ``cuda``, ``cuda:N``. Predictors move
+each batch to their model's device and hand back host arrays (``higr_dist.eval.predict``);
+decode timings synchronise the device before reading the clock, so GPU latency is the
+kernels' time, not their launch time. Models stay fp32 (the exported weights) on any device.
 """
 
 from __future__ import annotations
@@ -33,7 +39,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +58,36 @@ def _threads() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
-def load_stage_model(stage_dir: Path):
-    """(job, model) for a trained stage folder, weights from ``final/model_fp32.pt``, eval mode."""
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` -> a torch device (``auto``: cuda:0 when CUDA is
+    available, else the CPU); ValueError with one line when it is unknown or unavailable."""
+    if spec == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"unsupported device {spec!r} (use auto, cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r}: CUDA is not available on this machine (use cpu or "
+                         "auto)")
+    index = 0 if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_stage_model(stage_dir: Path, device: torch.device | str = "cpu"):
+    """(job, model) for a trained stage folder, weights from ``final/model_fp32.pt``, eval mode,
+    on ``device``."""
     from higr_dist.engine.config import load_job
     from higr_dist.stages.base import get_stage
 
@@ -63,6 +96,7 @@ def load_stage_model(stage_dir: Path):
     model, _ = stage.build(job.model, job.loss, job.inputs)
     state = torch.load(stage_dir / "final" / "model_fp32.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
+    model.to(device)
     model.eval()
     return job, model
 
@@ -93,15 +127,17 @@ def popularity_top(etl_dir: Path, k: int = 5) -> np.ndarray:
     return np.array([i for i, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]])
 
 
-def make_predictors(run_dir: Path, sid_dir: Path, beam: int, rank: str = "placed"
-                    ) -> tuple[dict[str, Predict], dict]:
-    """name -> predictor for every trained model in the run, plus the models themselves."""
-    trie = SidTrie.from_export(sid_dir)
+def make_predictors(run_dir: Path, sid_dir: Path, beam: int, rank: str = "placed",
+                    device: torch.device | str = "cpu") -> tuple[dict[str, Predict], dict]:
+    """name -> predictor for every trained model in the run (each on ``device``), plus the
+    models themselves (and the trie, on ``device``)."""
+    device = torch.device(device)
+    trie = SidTrie.from_export(sid_dir).to(device)
     preds: dict[str, Predict] = {}
-    models: dict = {"trie": trie}
+    models: dict = {"trie": trie, "device": device}
 
     def add(name: str, stage: str) -> None:
-        _, model = load_stage_model(run_dir / stage)
+        _, model = load_stage_model(run_dir / stage, device)
         preds[name], models[name] = slate_predictor(model, trie, beam, rank), model
 
     def trained(stage: str) -> bool:
@@ -171,17 +207,26 @@ def decode_latency(models: dict, etl_dir: Path, collate, beam: int, rank: str,
     from higr_dist.decode.hier import coarse_to_fine_decode
 
     trie = models["trie"]
-    out: dict = {"beam": beam, "by_batch": {}}
+    device = torch.device(models.get("device", "cpu"))
+    out: dict = {"beam": beam, "by_batch": {}, "device": str(device)}
+
+    def timed(decode, model, args) -> Callable[[], object]:
+        def call() -> object:
+            result = decode(model, *args, beam=beam, rank=rank)
+            _sync(device)  # the kernels' time, not their launch time
+            return result
+        return call
+
     for bs in batch_sizes:
         batch, _ = next(test_batches(etl_dir, collate, bs, bs))
         n = batch.num_samples
-        args = (batch.hist_codes, batch.hist_mask, batch.hist_fb, trie)
-        row = {"higr": time_decode(partial(coarse_to_fine_decode, models["higr"], *args, beam=beam,
-                                           rank=rank), repeats, budget_s)}
+        args = (batch.hist_codes.to(device), batch.hist_mask.to(device),
+                batch.hist_fb.to(device), trie)
+        row = {"higr": time_decode(timed(coarse_to_fine_decode, models["higr"], args), repeats,
+                                   budget_s)}
         if "flat" in models:
-            row["flat"] = time_decode(partial(flat_beam_decode, models["flat"], *args, beam=beam,
-                                              rank=rank),
-                                      repeats, budget_s)
+            row["flat"] = time_decode(timed(flat_beam_decode, models["flat"], args), repeats,
+                                      budget_s)
         for r in row.values():
             r["batch"] = n
             r["slates_per_s"] = n / (r["median_ms"] / 1000.0)
@@ -254,7 +299,8 @@ def evaluate_run(cfg, manifest: dict, summaries: dict) -> dict:
     _threads()
     run_dir = Path(cfg.run_dir)
     etl_dir, sid_dir = run_dir / "etl", run_dir / "tokenizer" / "export"
-    preds, models = make_predictors(run_dir, sid_dir, cfg.eval.beam, cfg.eval.rank)
+    preds, models = make_predictors(run_dir, sid_dir, cfg.eval.beam, cfg.eval.rank,
+                                    resolve_device(cfg.eval.device))
     hcfg = models["higr"].cfg
     collate = SlateCollate(sid_dir, hcfg.N, hcfg.history_len)
     item_emb = np.load(sid_dir / "item_features.npy", mmap_mode="r")
@@ -305,6 +351,9 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="higr-eval", description=eval_main.__doc__)
     p.add_argument("--run-dir", required=True)
+    p.add_argument("--device", default=None,
+                   help="auto (CUDA when available), cpu, cuda or cuda:N (default: the run's "
+                        "eval.device)")
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
     if not (run_dir / "resolved_config.yaml").is_file():
@@ -312,6 +361,13 @@ def eval_main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     cfg = _load_pipeline(run_dir)
+    if args.device is not None:
+        cfg.eval.device = args.device
+    try:
+        resolve_device(cfg.eval.device)
+    except ValueError as e:
+        print(f"higr-eval: {e}", file=sys.stderr)
+        return 2
     manifest = json.loads((run_dir / "etl" / "manifest.json").read_text())
     summaries = {s: json.loads((run_dir / s / "summary.json").read_text())
                  for s in cfg.stages if (run_dir / s / "summary.json").is_file()}
@@ -335,11 +391,18 @@ def generate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", default="mass", choices=list(RANKS),
                    help="slate ranking of the SID decoders (higr_dist.decode.hier.RANKS)")
     p.add_argument("--out", default=None, help="output JSONL (default <run-dir>/slates.jsonl)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     args = p.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        print(f"higr-generate: {e}", file=sys.stderr)
+        return 2
     _threads()
     run_dir = Path(args.run_dir)
     sid_dir = run_dir / "tokenizer" / "export"
-    preds, models = make_predictors(run_dir, sid_dir, args.beam, args.rank)
+    preds, models = make_predictors(run_dir, sid_dir, args.beam, args.rank, device)
     if args.model not in preds:
         print(f"higr-generate: model {args.model!r} was not trained in {run_dir}", file=sys.stderr)
         return 2

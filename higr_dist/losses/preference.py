@@ -25,8 +25,11 @@ with sequence log-probs as **sums** over the N*L codes by default (the standard 
 definition; ``logp_reduction: mean`` scales the implicit reward by 1/(N*L), so beta must grow
 accordingly), plus an optional NLL term (``nll_weight``, default 0). The frozen reference model
 is held by :class:`FrozenReference` inside the loss module: built lazily on first use (outside
-any ZeRO-3 ``zero.Init`` context that may wrap ``build()``), moved to the policy's
-device/dtype, ``requires_grad=False``, never seen by the optimiser.
+any ZeRO-3 ``zero.Init`` context that may wrap ``build()``), moved to the policy's device,
+its parameters (only) cast to the policy's dtype, ``requires_grad=False``, never seen by the
+optimiser. Floating buffers stay fp32, as DeepSpeed (>= 0.19.2) keeps them in the policy: a
+reference whose buffers were cast to bf16 would compute with other constants than the policy
+(``fb_edges`` 0.2 becomes 0.2002) and bias every implicit reward.
 
 Trade-off: per-pair averaging (over valid pairs of the micro-batch) instead of per-context
 averaging weights a context by its number of valid negatives; it is simpler and matches "mean
@@ -243,7 +246,8 @@ class FrozenReference(nn.Module):
     """A frozen reference model, built lazily by ``factory`` on first :meth:`get`.
 
     Lazy construction keeps it out of any parameter-partitioning context active while the
-    trainable model is built, and out of the optimiser; it follows the policy's device/dtype.
+    trainable model is built, and out of the optimiser; it follows the policy's device and its
+    parameters the policy's dtype (buffers keep theirs, see the module docstring).
     """
 
     def __init__(self, factory: Callable[[], nn.Module]):
@@ -264,7 +268,11 @@ class FrozenReference(nn.Module):
             self.model = model
         first = next(self.model.parameters(), None)
         if first is not None and (first.device != device or first.dtype != dtype):
-            self.model.to(device=device, dtype=dtype)
+            self.model.to(device=device)  # buffers move, keeping their dtype
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    if p.is_floating_point():
+                        p.data = p.data.to(dtype)
         return self.model
 
 

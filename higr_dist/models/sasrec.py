@@ -19,6 +19,18 @@ never used.
 Trade-off: all positions are trained (the standard SASRec objective), including the history's
 own next-item transitions, which gives many more training signals per sample than scoring
 the 5 targets only.
+
+Large catalogues (``loss.chunk_items``): the full softmax materialises ``[P, num_items]``
+logits, P = every position with a next item (B x (H+N-1) at most): ~1.4e10 elements for a
+micro-batch of 256 x 54 positions at 10^6 items, plus as much again for their gradient. With
+``chunk_items = c > 0`` the model computes the cross-entropy itself, inside its forward (so
+ZeRO-3 has the tied table gathered), as a log-sum-exp over catalogue chunks of c items
+(:func:`chunked_cross_entropy`): the forward keeps only [P] running statistics, the backward
+recomputes each chunk's logits once, so peak memory is P x c instead of P x num_items. The
+loss, its gradient and the accuracy are those of the full softmax (same float32 math, summed
+in another order: equal to rounding; tests/test_gpu_path.py checks it); the price is the
+chunk logits computed twice (+1 matmul of the output layer, ~1/3 of its cost). Sampled
+softmax would be cheaper still but biased; chunking keeps the objective exact.
 """
 
 from __future__ import annotations
@@ -92,10 +104,69 @@ def sasrec_param_count(cfg: SASRecConfig) -> int:
 
 
 class SASRecOutput(NamedTuple):
-    logits: Tensor
-    """[P, num_items] scores of the P positions that have a next item (row-major over [B, T])."""
+    logits: Tensor | None
+    """[P, num_items] scores of the P positions that have a next item (row-major over [B, T]);
+    None when the loss was computed in chunks (``ce``/``acc`` are set instead)."""
     targets: Tensor
     """[P] long: the next item of each of those positions."""
+    ce: Tensor | None = None
+    """Mean next-item cross-entropy (float32 scalar), computed in chunks by the model."""
+    acc: Tensor | None = None
+    """Next-item top-1 accuracy (scalar), computed with ``ce``."""
+
+
+class _ChunkedLogSumExp(torch.autograd.Function):
+    """``logsumexp(h @ weight.T, -1)`` (float32) and its argmax, over row chunks of ``weight``,
+    never holding more than ``[P, chunk]`` logits; backward recomputes each chunk's logits.
+    ``weight`` is passed whole (not sliced outside) so a ZeRO-3 parameter is saved as itself
+    and is gathered again when the backward runs."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+        P, n = h.shape[0], weight.shape[0]
+        lse = torch.full((P,), float("-inf"), dtype=torch.float32, device=h.device)
+        best = torch.full((P,), float("-inf"), dtype=torch.float32, device=h.device)
+        arg = torch.zeros(P, dtype=torch.long, device=h.device)
+        for start in range(0, n, chunk):
+            z = (h @ weight[start:start + chunk].to(h.dtype).T).float()  # [P, c]
+            lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
+            m, i = z.max(dim=-1)
+            better = m > best  # strict: ties keep the earlier index, as a full argmax does
+            best, arg = torch.where(better, m, best), torch.where(better, i + start, arg)
+        ctx.save_for_backward(h, weight, lse)
+        ctx.chunk = chunk
+        ctx.mark_non_differentiable(arg)
+        return lse, arg
+
+    @staticmethod
+    def backward(ctx, g_lse: Tensor, _g_arg: Tensor) -> tuple[Tensor, Tensor, None]:
+        h, weight, lse = ctx.saved_tensors
+        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, weight.shape[0], ctx.chunk):
+            w = weight[start:start + ctx.chunk].to(h.dtype)
+            z = (h @ w.T).float()
+            dz = (torch.exp(z - lse[:, None]) * g_lse[:, None]).to(h.dtype)  # softmax x grad
+            grad_h += (dz @ w).float()
+            grad_w[start:start + ctx.chunk] = (dz.T @ h).float()
+        return grad_h.to(h.dtype), grad_w.to(weight.dtype), None
+
+
+def chunked_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int,
+                          label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy and top-1 accuracy of the logits ``h @ weight.T`` ([P, D] x [I, D])
+    against ``targets`` [P], computed over chunks of ``chunk`` catalogue rows (see the module
+    docstring): equal to ``F.cross_entropy(h @ weight.T, targets, label_smoothing=...)`` up to
+    float rounding, with ``[P, chunk]`` peak logits memory. Float32 throughout."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    lse, arg = _ChunkedLogSumExp.apply(h, weight, chunk)
+    target_logit = (h.float() * weight[targets].float()).sum(-1)  # [P]
+    per_row = lse - (1.0 - label_smoothing) * target_logit
+    if label_smoothing > 0:  # mean over the catalogue of the logits = h . mean row of weight
+        per_row = per_row - label_smoothing * (h.float() @ weight.float().mean(0))
+    acc = (arg == targets).float().mean()
+    return per_row.mean(), acc
 
 
 def pack_right(items: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,16 +212,23 @@ class SASRec(nn.Module):
         """h [..., D] -> [..., num_items] (tied output embedding)."""
         return h @ self.item_emb.to(h.dtype).T
 
-    def forward(self, hist_items: Tensor, hist_mask: Tensor, target_items: Tensor
-                ) -> SASRecOutput:
+    def forward(self, hist_items: Tensor, hist_mask: Tensor, target_items: Tensor,
+                loss_chunk: int = 0, label_smoothing: float = 0.0) -> SASRecOutput:
         """hist_items [B, H] (any padding), hist_mask [B, H] bool, target_items [B, N] ->
-        logits and targets of every position with a next item."""
+        logits and targets of every position with a next item; with ``loss_chunk > 0`` the
+        cross-entropy (with ``label_smoothing``) and accuracy in catalogue chunks of that many
+        items instead of the logits (see the module docstring)."""
         items, mask = pack_right(hist_items, hist_mask.bool())
         seq = torch.cat([items, target_items], dim=1)  # [B, H+N]
         valid = torch.cat([mask, torch.ones_like(target_items, dtype=torch.bool)], dim=1)
         h = self.encode(seq[:, :-1], valid[:, :-1])  # [B, T-1, D]
         has_next = valid[:, :-1] & valid[:, 1:]  # [B, T-1]
-        return SASRecOutput(self.scores(h[has_next]), seq[:, 1:][has_next])
+        targets = seq[:, 1:][has_next]
+        if loss_chunk > 0:
+            ce, acc = chunked_cross_entropy(h[has_next], self.item_emb, targets, loss_chunk,
+                                            label_smoothing)
+            return SASRecOutput(None, targets, ce, acc)
+        return SASRecOutput(self.scores(h[has_next]), targets)
 
     @torch.no_grad()
     def recommend(self, hist_items: Tensor, hist_mask: Tensor, k: int = 5,
@@ -173,11 +251,20 @@ class SASRecLossConfig:
 
     label_smoothing: float = 0.0
     """Label smoothing of the next-item cross-entropy (0 = plain CE)."""
+    chunk_items: int = 0
+    """0 = full softmax (``[positions x num_items]`` logits). > 0: the model computes the same
+    cross-entropy over catalogue chunks of this many items, peak memory positions x
+    chunk_items, for large catalogues (see ``higr_dist.models.sasrec``); e.g. 65536 at 10^6
+    items."""
 
     def validate(self) -> list[str]:
+        problems = []
         if not 0.0 <= self.label_smoothing < 1.0:
-            return [f"label_smoothing must be in [0, 1), got {self.label_smoothing}"]
-        return []
+            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.chunk_items < 0:
+            problems.append(f"chunk_items must be >= 0 (0 = full softmax), got "
+                            f"{self.chunk_items}")
+        return problems
 
 
 class SASRecLossTerms(NamedTuple):
@@ -188,13 +275,18 @@ class SASRecLossTerms(NamedTuple):
 
 
 class SASRecLoss(nn.Module):
-    """Full-softmax next-item cross-entropy (float32), no parameters."""
+    """Next-item cross-entropy (float32), no parameters: from the full logits, or the chunked
+    value the model computed (``chunk_items``; the stage passes it to the model's forward)."""
 
     def __init__(self, cfg: SASRecLossConfig):
         super().__init__()
         self.cfg = cfg
 
     def forward(self, out: SASRecOutput) -> SASRecLossTerms:
+        if out.logits is None:
+            if out.ce is None or out.acc is None:
+                raise ValueError("SASRecOutput has neither logits nor a chunked loss")
+            return SASRecLossTerms(out.ce, out.acc)
         logits = out.logits.float()
         ce = F.cross_entropy(logits, out.targets, label_smoothing=self.cfg.label_smoothing)
         acc = (logits.argmax(-1) == out.targets).float().mean()

@@ -12,7 +12,10 @@ All three stream slate samples (``slates/train``) through one picklable collate,
 - ``flat``: :class:`~higr_dist.models.flat.Flat` built from the same ``HSDConfig`` (same width,
   decoder depth planner_layers + gen_layers), CE over N*L tokens.
 - ``sasrec``: :class:`~higr_dist.models.sasrec.SASRec` on item_idx (history + targets),
-  next-item CE over the catalogue; ``model.num_items: 0`` is read from ``sid_meta.json``.
+  next-item CE over the catalogue; ``model.num_items: 0`` is read from ``sid_meta.json``;
+  ``loss.chunk_items`` has the model compute that CE in catalogue chunks inside its forward.
+  Its FLOPs include the catalogue softmax only once ``num_items`` is known: the trainer asks
+  for them after ``build`` (which resolves it).
 
 FLOPs per sample (for MFU) are 6 x (matmul parameters x the tokens they see): context blocks
 see 1+history_len tokens, planner blocks N, generator blocks N*L, cross-attention key/value
@@ -231,7 +234,12 @@ class SASRecStage:
         return SlateCollate(inputs.sid_dir, model_cfg.N, model_cfg.history_len)
 
     def step(self, model: nn.Module, loss_module: nn.Module, batch: SlateBatch) -> StepOutput:
-        out = model(batch.hist_items, batch.hist_mask, batch.target_items)
+        cfg: SASRecLossConfig = loss_module.cfg
+        if cfg.chunk_items:  # the loss is computed inside the model's forward (ZeRO-3)
+            out = model(batch.hist_items, batch.hist_mask, batch.target_items,
+                        loss_chunk=cfg.chunk_items, label_smoothing=cfg.label_smoothing)
+        else:
+            out = model(batch.hist_items, batch.hist_mask, batch.target_items)
         terms = loss_module(out)
         return StepOutput(terms.total, {"ce": terms.total.detach(), "acc": terms.acc.detach()})
 
