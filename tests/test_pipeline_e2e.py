@@ -158,3 +158,28 @@ def test_rerun_refuses_stages_trained_under_another_config(report):
     finally:
         manifest.write_text(text)
     assert stale_stages(same) == []
+
+
+def test_settings_follow_the_data_and_models_are_selected_on_validation(report):
+    """higr run sized K, the identity table and training length from the manifest, passed
+    them to every stage alike, and each slate model kept its best validation weights."""
+    import yaml
+
+    from higr_dist.sizing import SizingConfig, codebook_size, id_buckets
+
+    run_dir, rep = report
+    items = rep["etl"]["num_items"]
+    cfg = SizingConfig()
+    for stage in ("tokenizer", "hsd", "flat", "orpo"):
+        resolved = yaml.safe_load((run_dir / stage / "resolved_config.yaml").read_text())
+        assert resolved["model"]["K"] == codebook_size(items, cfg), stage
+        if stage != "tokenizer":
+            assert resolved["model"]["id_buckets"] == id_buckets(items, cfg), stage
+    for stage in ("hsd", "flat", "sasrec", "orpo"):
+        sel = rep["selection"][stage]
+        steps = [h["step"] for h in sel["history"]]
+        assert sel["kept"] == "best" and sel["best"]["step"] in steps, stage
+        assert sel["best"]["ndcg5"] == max(h["ndcg5"] for h in sel["history"]), stage
+    assert rep["selection"]["orpo"]["history"][0]["step"] == 0  # the pretrained HSD competes
+    md = (run_dir / "report.md").read_text()
+    assert "Model selection (validation split)" in md and "HiGR minus sasrec" in md
