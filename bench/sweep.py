@@ -19,7 +19,8 @@ validation (``higr_dist.engine.validate``) is the score, so a variant is judged 
 the pipeline selects weights. Test users are never read.
 
 Per stage the table gives each variant's best validation NDCG@5 per log and its mean ratio to
-the first variant (the reference) over the logs (logs differ in scale, ratios do not); the
+the first variant (the reference; with no overrides it is the run's own stage, not retrained)
+over the logs (logs differ in scale, ratios do not); the
 variant with the highest mean ratio is the pick. For alignment stages (validated at their
 start too) the gain over the pretrained weights is listed as well: a variant can only help
 there, since the pretrained weights stay a candidate.
@@ -58,8 +59,10 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def train(run_dir: Path, stage: str, name: str, extra: list[str]) -> dict:
-    """Train ``stage`` of a finished run with ``extra`` overrides (reusing a finished variant);
-    the variant's summary."""
+    """Train ``stage`` of a finished run with ``extra`` overrides (reusing a finished variant;
+    without overrides the run's own stage is the variant); the variant's summary."""
+    if not extra and (run_dir / stage / "summary.json").is_file():
+        return json.loads((run_dir / stage / "summary.json").read_text())
     cfg = load(PipelineConfig, run_dir / "resolved_config.yaml")
     manifest = json.loads((run_dir / "etl" / "manifest.json").read_text())
     out = run_dir / "sweep" / f"{stage}-{name}"
