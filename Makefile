@@ -15,7 +15,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(VPY))
 export TORCH_EXTENSIONS_DIR ?= $(abspath .cache/torch_extensions)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint bench clean java-check
+.PHONY: setup demo test lint bench clean java-check etl-env
 
 setup: java-check $(STAMP)
 
@@ -28,8 +28,15 @@ $(STAMP): pyproject.toml
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q "$(TORCH)"
-	$(VPY) -m pip install -q -e ".[test]" "$(TORCH)"
+	$(VPY) -m pip install -q -e ".[etl,train,test]" "$(TORCH)"
 	@touch $(STAMP)
+
+# The Spark executors' side of the ETL (README "Running on your own data and cluster"):
+# dist/etl-env.tar.gz (base + etl extra, no torch; for --archives, cached per pyproject.toml
+# in .cache/etl-env) and dist/higr_dist.zip (this checkout's code, for --py-files).
+# ETL_PYTHON: the interpreter the environment links to (same path on every executor).
+etl-env: setup
+	$(VPY) etl/pack_env.py --out dist $(if $(ETL_PYTHON),--python $(ETL_PYTHON))
 
 demo: setup
 	$(VENV)/bin/higr run --config configs/tiny/run.yaml --name demo
