@@ -9,7 +9,17 @@ e.g. MovieLens-100k as GroupLens publishes it::
     python etl/build_shards.py --format movielens --interactions ml-100k/u.data \
         --items ml-100k/u.item --output data/ml-100k
 
-Also runnable as plain python (starts ``local[*]``, or ``--master``).
+Also runnable as plain python (starts ``local[*]``, or ``--master``). On a cluster whose
+executors lack our code and its dependencies, ship both (``make etl-env``)::
+
+    spark-submit --master spark://master-host:7077 \
+        --archives dist/etl-env.tar.gz#env --py-files dist/higr_dist.zip \
+        --conf spark.pyspark.python=./env/bin/python \
+        --conf spark.pyspark.driver.python=.venv/bin/python \
+        --conf spark.checkpoint.dir=/shared/higr/checkpoints \
+        etl/build_shards.py --interactions ... --items ... --output /shared/higr/etl
+
+(README, "The ETL on a Spark cluster", for the GC options and YARN/Kubernetes.)
 """
 
 import sys

@@ -15,8 +15,12 @@ Under ``spark-submit`` the JVM already exists, so pass it there yourself:
 ``spark.executor.extraJavaOptions`` on a cluster).
 
 Local Python workers must import ``higr_dist``: the checkout's root is put on ``PYTHONPATH``
-before the JVM starts (a no-op when the package is installed). On a cluster, install the
-package on the executors or ship it with ``spark-submit --py-files higr_dist.zip``.
+before the JVM starts (a no-op when the package is installed). On a cluster the executors get
+everything with the job: ``make etl-env`` (``etl/pack_env.py``) packs the dependencies (base +
+``etl`` extra, no torch) into ``dist/etl-env.tar.gz`` for ``--archives ...#env`` with
+``spark.pyspark.python=./env/bin/python``, and our code into ``dist/higr_dist.zip`` for
+``--py-files`` (README, "The ETL on a Spark cluster"; ``tests/test_cluster.py``). Set
+``spark.checkpoint.dir`` there too (:func:`materialise`).
 """
 
 from __future__ import annotations
@@ -89,7 +93,8 @@ def materialise(df):
 
     Uses a reliable checkpoint when the context has a checkpoint dir (set one on clusters, e.g.
     ``--conf spark.checkpoint.dir=hdfs:///tmp/ckpt``), else a local checkpoint (executor
-    storage; fine for ``local[*]``). Unlike ``persist``, the result is a plain scan, so a frame
+    storage; fine for ``local[*]``, but a lost executor then fails the job: its blocks cannot be
+    recomputed). Unlike ``persist``, the result is a plain scan, so a frame
     joined with itself (pairs: anchor and positive features) never recomputes its plan.
     """
     if df.sparkSession.sparkContext.getCheckpointDir():
