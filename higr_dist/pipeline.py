@@ -74,6 +74,35 @@ class LaunchSpec:
     hostfile: str = ""
     """With ``mode: deepspeed``: a DeepSpeed hostfile (``hostfile.example``) to launch across
     nodes instead of ``--num_gpus nproc`` on this one."""
+    node_rank: int = -1
+    """With a ``hostfile``: this node's rank (its line in the hostfile, 0 = the first) when every
+    node runs its own ``higr run`` and launcher, without ssh (``deepspeed --no_ssh``; Kubernetes,
+    Slurm). -1: one launcher on this node starts every node over ssh. Node 0 runs the data, ETL
+    and evaluation steps; the others wait for the ETL output (``wait_etl_s``) and train."""
+    master_addr: str = ""
+    """With ``node_rank``: node 0's address, where rank 0 hosts the rendezvous (required)."""
+    master_port: int = 0
+    """The rendezvous port of ``deepspeed`` launches (0 = DeepSpeed's default, 29500)."""
+    wait_etl_s: float = 3600.0
+    """Nodes other than 0: how long to wait for node 0's ETL output (its ``manifest.json``, written
+    last, in the shared run folder, for this run's ETL config) before giving up."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.node_rank >= 0:
+            if self.mode != "deepspeed" or not self.hostfile:
+                problems.append("node_rank: needs mode: deepspeed and a hostfile (one launcher "
+                                "per node, without ssh)")
+            if not self.master_addr:
+                problems.append("node_rank: needs master_addr (node 0's address)")
+        elif self.node_rank != -1:
+            problems.append(f"node_rank: must be -1 (one launcher) or >= 0, got "
+                            f"{self.node_rank}")
+        if not 0 <= self.master_port <= 65535:
+            problems.append(f"master_port: must be 0..65535, got {self.master_port}")
+        if not self.wait_etl_s > 0:
+            problems.append(f"wait_etl_s: must be > 0, got {self.wait_etl_s}")
+        return problems
 
 
 @dataclass
@@ -252,6 +281,34 @@ def sized_overrides(cfg: PipelineConfig, manifest: dict | None) -> dict[str, lis
                          steps={s: j.train.max_steps for s, j in jobs.items()})
 
 
+def wait_for_etl(cfg: PipelineConfig, poll_s: float = 2.0) -> dict:
+    """A node other than 0: node 0's ETL manifest, once it is in the shared run folder.
+
+    The protocol: node 0 runs data + ETL as on one machine; ``manifest.json`` is written last
+    (an atomic rename), so its presence marks a complete output. Every other node polls for it
+    and takes it only when it was built under this run's ETL config (an older output is one
+    node 0 is about to rebuild), then derives the same stage overrides from it as node 0 does.
+    Gives up with one line after ``launch.wait_etl_s``.
+    """
+    from higr_dist.config import config_hash
+
+    path = cfg.run_dir / "etl" / "manifest.json"
+    want = config_hash(_etl_config(cfg))
+    deadline = time.monotonic() + cfg.launch.wait_etl_s
+    _log(f"node {cfg.launch.node_rank}: waiting for node 0's ETL output {path}")
+    while True:
+        if path.is_file():
+            manifest = json.loads(path.read_text())
+            if manifest.get("config_hash") == want:
+                return manifest
+        if time.monotonic() >= deadline:
+            raise ConfigError([
+                f"launch.node_rank={cfg.launch.node_rank}: no ETL output for this run's ETL "
+                f"config at {path} after {cfg.launch.wait_etl_s:g} s; node 0 runs the ETL (is "
+                f"it running, with the same --name and configs, on the same shared folder?)"])
+        time.sleep(poll_s)
+
+
 def _manifest(cfg: PipelineConfig) -> dict | None:
     path = cfg.run_dir / "etl" / "manifest.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -280,9 +337,15 @@ def launch_command(cfg: PipelineConfig, config_path: str, overrides: list[str]) 
     """The exact command a user would type to run this stage."""
     script = str(ROOT / "launcher" / "train.py")
     args = ["--config", config_path, *overrides]
-    if cfg.launch.mode == "deepspeed":
-        where = (["--hostfile", cfg.launch.hostfile] if cfg.launch.hostfile
-                 else ["--num_gpus", str(cfg.launch.nproc)])
+    launch = cfg.launch
+    if launch.mode == "deepspeed":
+        where = (["--hostfile", launch.hostfile] if launch.hostfile
+                 else ["--num_gpus", str(launch.nproc)])
+        if launch.hostfile and launch.node_rank >= 0:  # one launcher per node, no ssh
+            where += ["--no_ssh", "--node_rank", str(launch.node_rank),
+                      "--master_addr", launch.master_addr]
+        if launch.master_port:
+            where += ["--master_port", str(launch.master_port)]
         return ["deepspeed", *where, script, *args]
     exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     return [exe, "--standalone", "--nproc_per_node", str(cfg.launch.nproc), script, *args]
@@ -437,24 +500,28 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     if problems:
         raise ConfigError(problems)
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_run_metadata(run_dir, cfg)
+    node = cfg.launch.node_rank
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-
-    from pyspark.sql import SparkSession
-
-    from higr_dist.etl.spark import get_spark
-
     t = time.perf_counter()
-    owned = SparkSession.getActiveSession() is None  # never stop a caller's session
-    spark = get_spark(app_name=f"higr-{cfg.name}", master=cfg.spark_master)
-    try:
-        interactions, items = step_data(cfg, spark)
-        manifest = step_etl(cfg, spark, interactions, items)
-    finally:
-        if owned:
-            spark.stop()  # free the JVM's memory before training starts
+    if node > 0:  # node 0 runs data + ETL (and evaluation) for all nodes
+        manifest = wait_for_etl(cfg)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_metadata(run_dir, cfg)
+
+        from pyspark.sql import SparkSession
+
+        from higr_dist.etl.spark import get_spark
+
+        owned = SparkSession.getActiveSession() is None  # never stop a caller's session
+        spark = get_spark(app_name=f"higr-{cfg.name}", master=cfg.spark_master)
+        try:
+            interactions, items = step_data(cfg, spark)
+            manifest = step_etl(cfg, spark, interactions, items)
+        finally:
+            if owned:
+                spark.stop()  # free the JVM's memory before training starts
     timings["data+etl"] = time.perf_counter() - t
     check_samples(cfg, manifest)
     if cfg.sizing.enabled:
@@ -472,6 +539,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 t = time.perf_counter()
                 summaries[stage] = step_stage(cfg, stage, sized)
                 timings[stage] = time.perf_counter() - t
+
+    if node > 0:  # node 0 evaluates and writes the report
+        return {"node_rank": node, "stages": summaries,
+                "timings_s": {k: round(v, 1) for k, v in timings.items()}}
 
     from higr_dist.eval.harness import evaluate_run
 
@@ -512,6 +583,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"higr run: {e}", file=sys.stderr)
         return 2
+    if cfg.launch.node_rank > 0:
+        print(f"\nnode {cfg.launch.node_rank}: trained {', '.join(report['stages'])}; node 0 "
+              f"writes the report ({cfg.run_dir / 'report.json'})")
+        return 0
     from higr_dist.eval.report import eval_table
 
     print("\n" + eval_table(report.get("eval", {})))
