@@ -16,6 +16,7 @@ from higr_dist.models.pcrq_vae import (
     PCRQVAELoss,
     PCRQVAELossConfig,
     PCRQVAEOutput,
+    code_counts,
     contrastive_views,
     global_quant_loss,
     info_nce,
@@ -202,6 +203,28 @@ def test_dead_code_restart_revives_unused_codes():
     assert model.quantizer.usage.sum().item() == 0  # window reset
     codes = model(x).codes[:, 0]
     assert set(codes.tolist()) & {2, 3}  # revived codes are used again
+
+
+def test_restart_schedule_follows_buffers_written_from_outside():
+    """The restart schedule reads ``num_forwards`` from the host cache; a checkpoint's buffers
+    copied in (as a resume does) must move it, or ranks would restart at different steps."""
+    cfg = PCRQVAEConfig(input_dim=2, K=4, L=1, mode="rq_kmeans", restart_every=3,
+                        dead_code_threshold=1.0)
+    model = PCRQVAE(cfg)
+    model.load_codebooks(torch.tensor([[[0.0, 0.0], [5.0, 5.0], [99.0, 99.0], [-99.0, 9.0]]]))
+    model.train()
+    x = torch.tensor([[0.0, 0.0], [5.0, 5.0]])
+    model(x)  # forward 1: caches num_forwards
+    with torch.no_grad():
+        model.quantizer.num_forwards.copy_(torch.tensor(5))  # as load_buffer_state does
+    model(x)  # forward 6 closes a window of 3 (forward 2 would not)
+    assert model.quantizer.num_forwards.item() == 6
+    assert model.quantizer.dead_codes.tolist() == [2]
+
+
+def test_code_counts_equal_bincount():
+    codes = torch.tensor([[3, 0], [3, 7], [1, 3]])
+    assert torch.equal(code_counts(codes, 9), torch.bincount(codes.reshape(-1), minlength=9))
 
 
 def test_kmeans_is_deterministic_given_generator():

@@ -182,7 +182,7 @@ def lloyd_update(x: Tensor, centers: Tensor) -> Tensor:
     x = x.detach().float()
     idx, _ = nearest_code(x, centers)
     sums = torch.zeros_like(centers, dtype=torch.float32).index_add_(0, idx, x)  # [K, d]
-    counts = torch.bincount(idx, minlength=centers.shape[0]).to(torch.float32)  # [K]
+    counts = code_counts(idx, centers.shape[0]).to(torch.float32)  # [K]
     out = centers.detach().float().clone()
     filled = counts > 0
     out[filled] = sums[filled] / counts[filled, None]
@@ -197,9 +197,19 @@ def kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator) -> Tensor:
     return centers
 
 
+def code_counts(codes: Tensor, k: int) -> Tensor:
+    """How often each of the ``k`` codes occurs in ``codes`` (any shape): [k] long.
+
+    ``torch.bincount`` on CUDA reads the input's maximum back to the host to size its output,
+    a device sync per call; a scatter-add into ``k`` known bins stays on the device."""
+    flat = codes.reshape(-1)
+    return torch.zeros(k, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
+
+
 def codebook_perplexity(codes: Tensor, k: int) -> Tensor:
     """exp(entropy) of the code distribution: codes [N] -> scalar in [1, k] (float32)."""
-    p = torch.bincount(codes.reshape(-1), minlength=k).float()
+    p = code_counts(codes, k).float()
     p = p / p.sum().clamp_min(1.0)
     return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
 
@@ -278,6 +288,23 @@ class ResidualQuantizer(nn.Module):
         self.register_buffer("num_forwards", torch.zeros((), dtype=torch.long))
         self.register_buffer("dead_codes", torch.zeros(L, dtype=torch.long))  # at last check
         self.register_buffer("restarted", torch.zeros(L, dtype=torch.long))  # total revived
+        self._host_cache: dict[str, tuple[Tensor, int, int]] = {}
+
+    def _host_value(self, name: str) -> int:
+        """The 0-d buffer ``name`` as a Python int, read from the device only when the tensor
+        changed since the last read (another object after ``.to()``, or a write elsewhere,
+        e.g. a checkpoint's buffers copied in: its ``_version`` moved). The training forward
+        thus makes no host sync for the init flag or the restart schedule."""
+        t = getattr(self, name)
+        cached = self._host_cache.get(name)
+        try:
+            version = t._version
+        except RuntimeError:  # an inference-mode tensor keeps no version: read it every time
+            return int(t)
+        if cached is None or cached[0] is not t or cached[1] != version:
+            cached = (t, version, int(t))
+            self._host_cache[name] = cached
+        return cached[2]
 
     def codebooks(self) -> Tensor:
         """The effective codebooks ``weight + offset``: [L, K, d] float32."""
@@ -290,9 +317,9 @@ class ResidualQuantizer(nn.Module):
         initialisation and usage statistics.
         """
         n_anchor = z.shape[0] if n_anchor is None else n_anchor
-        if self.training and not bool(self.initialized):
+        if self.training and not self._host_value("initialized"):
             self._init_from(z[:n_anchor])
-        if not bool(self.initialized):
+        if not self._host_value("initialized"):
             raise RuntimeError("codebooks are not initialised: train (the first training forward "
                                "runs k-means) or call init_codebooks / load_codebooks first")
         out = self._quantize(z)
@@ -343,10 +370,13 @@ class ResidualQuantizer(nn.Module):
     def _after_training_forward(self, out: QuantOutput, n_anchor: int) -> None:
         codes = out.codes[:n_anchor]  # [n, L]
         for layer in range(self.cfg.L):
-            self.usage[layer] += torch.bincount(codes[:, layer], minlength=self.cfg.K)
+            self.usage[layer] += code_counts(codes[:, layer], self.cfg.K)
+        forwards = self._host_value("num_forwards") + 1
         self.num_forwards += 1
+        self._host_cache["num_forwards"] = (self.num_forwards, self.num_forwards._version,
+                                            forwards)
         every = self.cfg.restart_every
-        if every > 0 and int(self.num_forwards) % every == 0:
+        if every > 0 and forwards % every == 0:
             self._restart_dead([r[:n_anchor] for r in out.residuals])
 
     @torch.no_grad()

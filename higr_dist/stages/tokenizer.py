@@ -144,10 +144,11 @@ class TokenizerStage:
         for layer in range(codes.shape[1]):
             metrics[f"perplexity_l{layer + 1}"] = codebook_perplexity(codes[:, layer], core.cfg.K)
             metrics[f"dead_codes_l{layer + 1}"] = core.quantizer.dead_codes[layer].float()
+        # share of contrastive pairs whose first codes agree (0 when the batch has none);
+        # computed on the device: no host sync in the step
         valid = batch.weight > 0
-        if bool(valid.any()):
-            same = (out.codes[:B, 0] == out.codes[B:, 0]) & valid  # [B]
-            metrics["pair_same_l1"] = same.float().sum() / valid.float().sum()
+        same = (out.codes[:B, 0] == out.codes[B:, 0]) & valid  # [B]
+        metrics["pair_same_l1"] = same.float().sum() / valid.float().sum().clamp_min(1.0)
         return StepOutput(loss=lo.total, metrics=metrics)
 
     def flops_per_sample(self, model_cfg: PCRQVAEConfig) -> float:
