@@ -289,19 +289,19 @@ def train_phase(work: Path, data: dict, args: argparse.Namespace, env: dict) -> 
         raise RuntimeError(f"training failed (rc {proc.returncode}): {_tail(log, 1500)}")
     s = json.loads((run / "summary.json").read_text())
     sc = scalars(run)
-    mem = sc.get("mem/device_max_alloc_gb", [])
+    mem = sc.get("health/device_max_alloc_gb", [])
     out = {
         "preset": args.preset, "params": s["export"].get("params"),
         "steps": s["final_step"], "micro_batch": args.micro_batch,
         "precision": s["precision"], "zero_stage_effective": s["zero_stage_effective"],
         "activation_checkpointing": True, "device": s["device"],
-        "mfu": steady(sc.get("perf/mfu", [])),
-        "samples_per_s": steady(sc.get("perf/samples_per_s", [])),
-        "tokens_per_s": steady(sc.get("perf/tokens_per_s", [])),
-        "step_time_s": steady(sc.get("perf/step_time_s", [])),
-        "data_wait_share": steady(sc.get("perf/data_wait_share", [])),
+        "mfu": steady(sc.get("health/mfu", [])),
+        "samples_per_s": steady(sc.get("health/samples_per_s", [])),
+        "tokens_per_s": steady(sc.get("health/tokens_per_s", [])),
+        "step_time_s": steady(sc.get("health/step_time_s", [])),
+        "data_wait_share": steady(sc.get("health/data_wait_share", [])),
         "device_max_alloc_gb": max((v for _, v in mem), default=None),
-        "host_rss_gb": max((v for _, v in sc.get("mem/rss_gb", [])), default=None),
+        "host_rss_gb": max((v for _, v in sc.get("health/host_rss_gb", [])), default=None),
         "loss_first": s["losses"]["first"].get("loss/total"),
         "loss_last": s["losses"]["final"].get("loss/total"),
         "wall_time_s": s["wall_time_s"], "run_dir": str(run),

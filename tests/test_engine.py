@@ -27,7 +27,7 @@ from higr_dist.engine.ds_config import (
     trainer_clips_gradients,
     use_deepspeed_optimizer,
 )
-from higr_dist.engine.logging import format_line, metric_tag
+from higr_dist.engine.logging import format_line, metric_tag, tb_tag
 from higr_dist.engine.trainer import clip_gradients, schema_for, total_steps_for
 from higr_dist.schema import ITEM, PAIR_BLOCK, blocks
 
@@ -263,3 +263,28 @@ def test_metric_tags_and_console_line():
     assert line.startswith("step 20/100 | loss 1.5000 | lr 1.00e-03 | wait 5.0%")
     assert "rec 1.2500" in line and "mfu" not in line
     assert format_line(7, 5, {}).startswith("step 7")  # past an epoch-based estimate
+    # diagnostics are not printed among the objective's terms
+    line = format_line(3, 10, {"loss/total": 1.0, "loss/ce": 0.9, "loss/acc_l1": 0.5,
+                               "loss/perplexity_l1": 20.0, "loss/margin": 0.1})
+    assert "ce 0.9000" in line and "acc" not in line and "perplexity" not in line
+    assert "margin" not in line
+
+
+def test_tensorboard_groups_put_health_first():
+    """The scalars dashboard sorts groups by name: health/ must come before every other group,
+    and loss/ must hold only the objective's terms."""
+    want = {"perf/samples_per_s": "health/samples_per_s", "perf/mfu": "health/mfu",
+            "perf/data_wait_share": "health/data_wait_share",
+            "mem/rss_gb": "health/host_rss_gb",
+            "mem/device_max_alloc_gb": "health/device_max_alloc_gb",
+            "perf/validation_s": "val/seconds", "opt/lr": "opt/lr", "val/ndcg5": "val/ndcg5",
+            "loss/total": "loss/total", "loss/ce": "loss/ce", "loss/ild": "loss/ild",
+            "loss/or_loss": "loss/or_loss", "loss/con_l1": "loss/con_l1",
+            "loss/acc": "train/acc", "loss/acc_l3": "train/acc_l3",
+            "loss/perplexity_l2": "sid/perplexity_l2", "loss/dead_codes_l1": "sid/dead_codes_l1",
+            "loss/pair_same_l1": "sid/pair_same_l1", "loss/margin": "pref/margin",
+            "loss/margin_o3": "pref/margin_o3", "loss/pair_acc_o1": "pref/pair_acc_o1",
+            "loss/chosen_logp": "pref/chosen_logp", "codebook/usage": "codebook/usage"}
+    assert {k: tb_tag(k) for k in want} == want
+    groups = sorted({tb_tag(k).split("/")[0] for k in want if k != "codebook/usage"})
+    assert groups[0] == "health"

@@ -41,9 +41,11 @@ PAIRS = 192
 #: short, fast-learning schedule on top of configs/tiny/tokenizer.yaml
 TRAIN = ["train.max_steps=24", "train.lr=0.01", "train.warmup_steps=2", "train.log_every=4",
          "train.checkpoint_every=8", "train.keep_last=2", "model.restart_every=6"]
+#: TensorBoard tags (``higr_dist.engine.logging.tb_tag``: health first, then the objective)
 TAGS = {"loss/total", "loss/rec", "loss/quant", "loss/con", "opt/lr", "opt/grad_norm",
-        "perf/samples_per_s", "perf/tokens_per_s", "perf/step_time_s", "perf/data_wait_share",
-        "perf/mfu", "mem/rss_gb"}
+        "health/samples_per_s", "health/tokens_per_s", "health/step_time_s",
+        "health/data_wait_share", "health/mfu", "health/host_rss_gb", "sid/perplexity_l1",
+        "sid/dead_codes_l1"}
 
 DRIVER = """
 import sys
@@ -150,8 +152,10 @@ def test_tensorboard_has_every_scalar(reference):
     assert [step for step, _ in scalars["loss/total"]] == [4, 8, 12, 16, 20, 24]
     lrs = [v for _, v in scalars["opt/lr"]]
     assert lrs[0] > lrs[-1] > 0  # cosine decay after the 2-step warmup
-    assert all(0 <= v <= 1 for _, v in scalars["perf/data_wait_share"])
-    assert all(v > 0 for _, v in scalars["perf/mfu"])
+    assert all(0 <= v <= 1 for _, v in scalars["health/data_wait_share"])
+    assert all(v > 0 for _, v in scalars["health/mfu"])
+    # codebook diagnostics have their own group: loss/ holds only the objective's terms
+    assert not [t for t in scalars if t.startswith("loss/") and ("perplexity" in t or "dead" in t)]
 
 
 def test_killed_run_resumes_to_identical_weights(reference, etl):

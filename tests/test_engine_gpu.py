@@ -90,20 +90,20 @@ def test_tiny_tokenizer_trains_in_bf16_zero1_on_one_gpu(tmp_path):
     s = _assert_trained(run)
     assert (s["world_size"], s["precision"], s["zero_stage_effective"]) == (1, "bf16", 1)
     scalars = _scalars(run)
-    assert TAGS - {"perf/mfu"} <= set(scalars)
+    assert TAGS - {"health/mfu"} <= set(scalars)
     state = torch.load(run / "final" / "model_fp32.pt")
     assert state["encoder.0.weight"].dtype == torch.float32
     assert state["encoder.0.weight"].device.type == "cpu"
     assert (run / "export" / "sid_table.npy").is_file()
     if ON_GPU:
         assert s["device"] != "cpu"
-        assert "mem/device_max_alloc_gb" in scalars
-        assert all(v > 0 for _, v in scalars["mem/device_max_alloc_gb"])
+        assert "health/device_max_alloc_gb" in scalars
+        assert all(v > 0 for _, v in scalars["health/device_max_alloc_gb"])
         # MFU from the device table (train.peak_tflops: 0), logged when the device is known
         from higr_dist.engine.ds_config import peak_tflops
 
         if peak_tflops(s["device"], "bf16") > 0:
-            assert all(0 < v < 1 for _, v in scalars["perf/mfu"])
+            assert all(0 < v < 1 for _, v in scalars["health/mfu"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def test_hsd_bf16_zero_with_activation_checkpointing(hsd_runs, name):
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
     HSD(from_dict(HSDConfig, resolved["model"])).load_state_dict(state, strict=True)
     if ON_GPU:
-        assert "mem/device_max_alloc_gb" in _scalars(hsd_runs[name])
+        assert "health/device_max_alloc_gb" in _scalars(hsd_runs[name])
 
 
 def test_kill_and_resume_on_gpu(hsd_runs, tmp_path):

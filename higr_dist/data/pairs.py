@@ -26,7 +26,8 @@ Why two O3 similarities: O3 rewards diversity only if its negatives are *more re
 y+. With a coarse tokenizer (tiny demo: K=32, 1000 items) SID-prefix neighbours can be less
 alike in feature space than a user's own engaged slate (measured on the demo: ILD 0.59 vs 0.43
 for y+), and O3 then teaches the opposite of diversity; nearest neighbours in feature space
-(ILD 0.16) are repetitive by construction. Check with ``bench/alignment.py`` before choosing.
+(ILD 0.16) are repetitive by construction. Compare the two on validation with
+``bench/sweep.py --stage orpo --variant ...=loss.pairs.o3_similarity=...`` before choosing.
 
 The O3 neighbour table is catalogue-sized (``int64 [num_items, N-1]``) and built lazily, once
 per loader worker, from the memory-mapped SID table (or the embedding file). Items are sorted lexicographically by SID;

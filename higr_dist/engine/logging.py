@@ -2,25 +2,37 @@
 
 Design
 ------
-The trainer hands :class:`RunLogger` one flat ``{tag: value}`` dict per log point (means over
-the last ``log_every`` steps, already reduced over ranks). Tags follow one scheme that the
-report's plots rely on:
+The trainer hands :class:`RunLogger` one flat ``{key: value}`` dict per log point (means over
+the last ``log_every`` steps, already reduced over ranks). The keys are the trainer's own
+(``loss/<term>`` for every metric a stage reports, via :func:`metric_tag`; ``opt/*``,
+``perf/*``, ``mem/*``, ``val/*``) and are what ``summary.json`` stores. On the way into
+TensorBoard :func:`tb_tag` files each key under the group an operator looks for, and the
+groups are named so that TensorBoard's alphabetical order puts the run's health first:
 
-- ``loss/total`` and ``loss/<term>`` for each term a stage reports without a ``/`` in its name
-  (a stage that reports ``codebook/perplexity_1`` gets that tag verbatim);
-- ``opt/lr``, ``opt/grad_norm``;
-- ``perf/samples_per_s``, ``perf/tokens_per_s``, ``perf/step_time_s``, ``perf/data_wait_share``,
-  ``perf/mfu``;
-- ``mem/rss_gb`` (host), ``mem/device_max_alloc_gb`` (GPU only).
+==============  ==================================================================  =======
+group           tags                                                                stages
+==============  ==================================================================  =======
+``health/``     ``samples_per_s``, ``tokens_per_s``, ``step_time_s``,               all
+                ``data_wait_share``, ``mfu``, ``host_rss_gb``,
+                ``device_max_alloc_gb`` (GPU only)
+``loss/``       ``total`` and the terms that make up the objective                  all
+``opt/``        ``lr``, ``grad_norm``                                               all
+``pref/``       ``margin*``, ``pair_acc*``, ``chosen_logp``, ``rejected_logp``      orpo, dpo
+``sid/``        ``perplexity_l*``, ``dead_codes_l*``, ``pair_same_l1``              tokenizer
+``train/``      ``acc``, ``acc_l*`` (teacher-forced accuracy on training batches)   hsd, flat, sasrec
+``val/``        ``ndcg5``, ``recall5``, ``best_ndcg5``, ``seconds``                 validated stages
+==============  ==================================================================  =======
 
-Event files are written with ``torch.utils.tensorboard.SummaryWriter`` into ``<out_dir>/tb/``.
-On other ranks the logger is inert. The console line goes through ``tqdm.write`` so it does not
-tear the progress bar.
+``docs/OPERATIONS.md`` lists every tag with its unit and a healthy value. Event files are
+written with ``torch.utils.tensorboard.SummaryWriter`` into ``<out_dir>/tb/``; the report's
+plots read them back (``higr_dist.eval.report``). On other ranks the logger is inert. The
+console line goes through ``tqdm.write`` so it does not tear the progress bar.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -42,20 +54,64 @@ _CONSOLE = (
 
 
 def metric_tag(name: str) -> str:
-    """Stage metric name -> TensorBoard tag (``rec`` -> ``loss/rec``; names with '/' verbatim)."""
+    """Stage metric name -> the trainer's key (``rec`` -> ``loss/rec``; names with '/' verbatim).
+
+    The key is what ``summary.json`` stores; :func:`tb_tag` gives its TensorBoard tag."""
     return name if "/" in name else f"loss/{name}"
 
 
+#: TensorBoard groups of the metrics a stage reports that are not loss terms (first match wins)
+_TERM_GROUPS = (
+    ("sid", re.compile(r"(perplexity|dead_codes|pair_same)(_l\d+)?")),
+    ("pref", re.compile(r"(margin|pair_acc)(_\w+)?|chosen_logp|rejected_logp")),
+    ("train", re.compile(r"acc(_l\d+)?")),
+)
+
+#: the trainer's fixed keys whose TensorBoard tag is not the key itself
+_FIXED = {
+    "perf/samples_per_s": "health/samples_per_s",
+    "perf/tokens_per_s": "health/tokens_per_s",
+    "perf/step_time_s": "health/step_time_s",
+    "perf/data_wait_share": "health/data_wait_share",
+    "perf/mfu": "health/mfu",
+    "mem/rss_gb": "health/host_rss_gb",
+    "mem/device_max_alloc_gb": "health/device_max_alloc_gb",
+    "perf/validation_s": "val/seconds",
+}
+
+
+def tb_tag(key: str) -> str:
+    """The trainer's key -> its TensorBoard tag (see the module docstring's table).
+
+    ``perf/mfu`` -> ``health/mfu``, ``loss/acc_l2`` -> ``train/acc_l2``, ``loss/margin_o3`` ->
+    ``pref/margin_o3``, ``loss/dead_codes_l1`` -> ``sid/dead_codes_l1``, ``loss/ce`` stays."""
+    if key in _FIXED:
+        return _FIXED[key]
+    group, _, name = key.partition("/")
+    if group == "perf" or group == "mem":
+        return f"health/{name}"
+    if group == "loss":
+        for target, pattern in _TERM_GROUPS:
+            if pattern.fullmatch(name):
+                return f"{target}/{name}"
+    return key
+
+
+def is_loss_term(key: str) -> bool:
+    """Whether a trainer key is a term of the objective (TensorBoard group ``loss/``)."""
+    return tb_tag(key).startswith("loss/")
+
+
 def format_line(step: int, total: int, scalars: dict[str, float]) -> str:
-    """The console line for one log point (loss terms after the fixed fields)."""
+    """The console line for one log point (the objective's terms after the fixed fields)."""
     parts = [f"step {step}/{total}" if total >= step else f"step {step}"]
     for tag, short, fmt in _CONSOLE:
         v = scalars.get(tag)
         if v is not None and math.isfinite(v):
             parts.append(f"{short} {fmt.format(v)}")
-    for tag in sorted(scalars):
-        if tag.startswith("loss/") and tag != "loss/total":
-            parts.append(f"{tag[5:]} {scalars[tag]:.4f}")
+    for key in sorted(scalars):
+        if key != "loss/total" and is_loss_term(key):
+            parts.append(f"{key[5:]} {scalars[key]:.4f}")
     return " | ".join(parts)
 
 
@@ -85,12 +141,13 @@ class RunLogger:
             self.bar.update(steps)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
-        """Write every finite scalar at ``step`` to TensorBoard (no console line)."""
+        """Write every finite scalar at ``step`` to TensorBoard under its :func:`tb_tag`
+        (no console line)."""
         if not self.enabled:
             return
-        for tag, value in scalars.items():
+        for key, value in scalars.items():
             if value is not None and math.isfinite(value):
-                self.writer.add_scalar(tag, value, global_step=step)
+                self.writer.add_scalar(tb_tag(key), value, global_step=step)
         self.writer.flush()
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
