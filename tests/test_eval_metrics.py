@@ -36,12 +36,15 @@ def test_ndcg_rank_discount():
     assert m.result()["effective"]["ndcg5"] == pytest.approx(0.5)
 
 
+def _random_users(seed: int, users: int, items: int, dim: int):
+    """Predicted slates, held-out items, their feedback and item embeddings, at random."""
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, items, size=(users, 5)), rng.integers(0, items, size=(users, 5)),
+            rng.uniform(0, 4, size=(users, 5)), rng.normal(size=(items, dim)))
+
+
 def test_merge_equals_single_pass():
-    rng = np.random.default_rng(0)
-    pred = rng.integers(0, 20, size=(7, 5))
-    tgt = rng.integers(0, 20, size=(7, 5))
-    fb = rng.uniform(0, 4, size=(7, 5))
-    emb = rng.normal(size=(20, 3))
+    pred, tgt, fb, emb = _random_users(0, users=7, items=20, dim=3)
     whole = SlateMetrics()
     whole.update(pred, tgt, fb, emb)
     a, b = SlateMetrics(), SlateMetrics()
@@ -61,3 +64,23 @@ def test_ild_by_hand():
     # identical items -> 0 diversity; a single item -> undefined
     assert slate_ild(np.array([[0, 2, -1]]), emb)[0] == pytest.approx(0.0)
     assert np.isnan(slate_ild(np.array([[1, -1, -1]]), emb)[0])
+
+
+def test_intervals_of_ndcg_and_ild_match_the_per_user_values():
+    """``ci95`` is mean +- 1.96 standard errors of the per-user values, and merges exactly."""
+    pred, tgt, fb, emb = _random_users(1, users=40, items=30, dim=4)
+    whole = SlateMetrics(per_user=[])
+    whole.update(pred, tgt, fb, emb)
+    ndcg = np.asarray(whole.per_user)
+    half = 1.96 * ndcg.std(ddof=1) / np.sqrt(len(ndcg))
+    r = whole.result()
+    assert r["ci95"]["ndcg5"] == pytest.approx([ndcg.mean() - half, ndcg.mean() + half])
+    lo, hi = r["ci95"]["ild"]
+    assert lo < r["ild"] < hi
+    a, b = SlateMetrics(), SlateMetrics()
+    a.update(pred[:15], tgt[:15], fb[:15], emb)
+    b.update(pred[15:], tgt[15:], fb[15:], emb)
+    merged = a.merge(b).result()["ci95"]
+    for key in ("ndcg5", "ild"):
+        assert merged[key] == pytest.approx(r["ci95"][key])
+    assert np.isnan(SlateMetrics().result()["ci95"]["ndcg5"][0])

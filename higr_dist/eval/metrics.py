@@ -57,7 +57,7 @@ class SlateMetrics:
     k: int = K_AT
     sums: dict[str, float] = field(default_factory=lambda: {
         "imp_hit": 0.0, "imp_recall": 0.0, "eff_hit": 0.0, "eff_recall": 0.0, "eff_ndcg": 0.0,
-        "ild": 0.0})
+        "ild": 0.0, "eff_ndcg_sq": 0.0, "ild_sq": 0.0})
     counts: dict[str, int] = field(default_factory=lambda: {"users": 0, "eff_users": 0, "ild_users": 0})
     per_user: list[float] | None = None
     """When a list: each effective user's NDCG@5 is appended, in update order (for paired
@@ -90,17 +90,19 @@ class SlateMetrics:
                 self.sums["eff_hit"] += float(n_eff > 0)
                 self.sums["eff_recall"] += n_eff / len(eff)
                 self.sums["eff_ndcg"] += dcg / idcg
+                self.sums["eff_ndcg_sq"] += (dcg / idcg) ** 2
                 if self.per_user is not None:
                     self.per_user.append(dcg / idcg)
         if item_emb is not None:
             ild = slate_ild(pred_items, item_emb)
             ok = ~np.isnan(ild)
             self.sums["ild"] += float(ild[ok].sum())
+            self.sums["ild_sq"] += float((ild[ok] ** 2).sum())
             self.counts["ild_users"] += int(ok.sum())
 
     def merge(self, other: SlateMetrics) -> SlateMetrics:
         for k, v in other.sums.items():
-            self.sums[k] += v
+            self.sums[k] = self.sums.get(k, 0.0) + v
         for k, v in other.counts.items():
             self.counts[k] += v
         return self
@@ -109,8 +111,20 @@ class SlateMetrics:
         """Sums and counts, for gathering across ranks."""
         return {"sums": dict(self.sums), "counts": dict(self.counts)}
 
+    def ci95(self, s: str, c: str) -> list[float]:
+        """95% interval of a per-user mean (normal approximation from the sum and the sum of
+        squares: mean +- 1.96 standard errors); NaNs with fewer than two users."""
+        n = self.counts[c]
+        if n < 2:
+            return [math.nan, math.nan]
+        mean = self.sums[s] / n
+        var = max(self.sums.get(f"{s}_sq", 0.0) - n * mean * mean, 0.0) / (n - 1)
+        half = 1.96 * math.sqrt(var / n)
+        return [mean - half, mean + half]
+
     def result(self) -> dict:
-        """The report's nested dict: impressions.{hit5,recall5}, effective.{hit5,recall5,ndcg5}, ild."""
+        """The report's nested dict: impressions.{hit5,recall5}, effective.{hit5,recall5,ndcg5},
+        ild, and ``ci95.{ndcg5,ild}`` (95% intervals of those two means over users)."""
         def ratio(s: str, c: str) -> float:
             return self.sums[s] / self.counts[c] if self.counts[c] else math.nan
 
@@ -120,6 +134,8 @@ class SlateMetrics:
                           "recall5": ratio("eff_recall", "eff_users"),
                           "ndcg5": ratio("eff_ndcg", "eff_users")},
             "ild": ratio("ild", "ild_users"),
+            "ci95": {"ndcg5": self.ci95("eff_ndcg", "eff_users"),
+                     "ild": self.ci95("ild", "ild_users")},
             "users": self.counts["users"],
             "effective_users": self.counts["eff_users"],
         }
