@@ -1,0 +1,1 @@
+"""Maintenance tools run from the command line (``python -m higr_dist.tools.<name>``)."""
