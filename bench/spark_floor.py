@@ -16,7 +16,7 @@ times, each in the same session, on ``local[2]`` with 8 shuffle partitions:
   Spark job: the per-user shuffle and sorted ``collect_list`` -> one Python pass that writes
   ``--records-per-user`` records per user (a fixed ``--record-bytes`` JSON body each: record
   *building* costs nothing here) into tar members of ``--records-per-block`` records each
-  (webdataset ``TarWriter``, one zstd frame per member, as the ETL stores them since 06d317e)
+  (webdataset ``TarWriter``, one zstd frame per member, as the ETL stores them)
   and forms the co-occurrence pairs with the ETL's own numpy kernel
   (``features.cooc_counts``), packed one row per item as the ETL ships them
   (``features.pack_partners``) -> the shuffle of those packed partial counts by item, sorted
