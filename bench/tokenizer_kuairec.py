@@ -9,10 +9,10 @@
 Design
 ------
 - Input, KuaiRec mode (``--kuairec-dir``): ``kuairec_caption_category.csv[.zst]`` +
-  ``item_categories.csv[.zst]`` read with :func:`higr_dist.etl.kuairec_captions.read_items`;
+  ``item_categories.csv[.zst]`` read with ``bench/kuairec_items.py``'s ``read_items``;
   item_idx = item_id sorted as a string (the ETL's convention). Tokenizer input
   ``x = [text | tags]``: the cover-text/caption/topic-tag LSA embedding of
-  :mod:`higr_dist.text_features` (``--text-dim``) and the multi-hot of the item's
+  ``bench/text_features.py`` (``--text-dim``) and the multi-hot of the item's
   ``item_categories.csv`` tag ids, each L2-normalised (the ITEM schema's "concat of normalised
   parts"). The caption file's category levels are *not* in x: they are what the SIDs are
   evaluated against (level 1 headline, level 2 alongside). Positives: each item's ``--top-p``
@@ -64,12 +64,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from higr_dist.etl.kuairec_captions import read_items  # noqa: E402
-from higr_dist.models.pcrq_vae import PCRQVAE, PCRQVAEConfig, PCRQVAELossConfig  # noqa: E402
-from higr_dist.stages.base import StageInputs  # noqa: E402
-from higr_dist.stages.tokenizer import PairBatch, TokenizerStage  # noqa: E402
-from higr_dist.text_features import (  # noqa: E402
+from kuairec_items import read_items  # noqa: E402
+from text_features import (  # noqa: E402
     Pairs,
     TextEmbedder,
     TextFeatureConfig,
@@ -79,6 +77,10 @@ from higr_dist.text_features import (  # noqa: E402
     merge_pairs,
     semantic_neighbours,
 )
+
+from higr_dist.models.pcrq_vae import PCRQVAE, PCRQVAEConfig, PCRQVAELossConfig  # noqa: E402
+from higr_dist.stages.base import StageInputs  # noqa: E402
+from higr_dist.stages.tokenizer import PairBatch, TokenizerStage  # noqa: E402
 from higr_dist.tokenizer.export import (  # noqa: E402
     CollisionError,
     encode_items,

@@ -9,7 +9,9 @@ unknown category levels, and topic-tag lists.
 from __future__ import annotations
 
 import io
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,7 +19,9 @@ import pytest
 import torch
 import zstandard
 
-from higr_dist.etl.kuairec_captions import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench-only code
+
+from kuairec_items import (  # noqa: E402
     CAPTION_COLUMNS,
     ITEM_COLUMNS,
     UNKNOWN_CATEGORY,
@@ -26,7 +30,7 @@ from higr_dist.etl.kuairec_captions import (
     read_items,
     read_items_spark,
 )
-from higr_dist.text_features import (
+from text_features import (  # noqa: E402
     Pairs,
     TextEmbedder,
     TextFeatureConfig,

@@ -305,6 +305,7 @@ def read_items_spark(spark, caption_path: str, categories_path: str | None = Non
     problems = cfg.validate()
     if problems:
         raise ValueError("; ".join(problems))
+    spark.sparkContext.addPyFile(__file__)  # the executors unpickle this module's functions
     caps = _raw_table(spark, caption_path, CAPTION_COLUMNS)
     if categories_path is not None:
         tags = _raw_table(spark, categories_path, CATEGORY_COLUMNS)
