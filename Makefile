@@ -15,7 +15,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(VPY))
 export TORCH_EXTENSIONS_DIR ?= $(abspath .cache/torch_extensions)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint bench clean java-check etl-env
+.PHONY: setup demo test test-faults lint bench clean java-check etl-env
 
 setup: java-check $(STAMP)
 
@@ -44,6 +44,10 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VPY) -m pytest -q tests
+
+# the whole fault-injection suite (docs/RELIABILITY.md); `make test` runs its ci subset
+test-faults: setup
+	$(VPY) -m pytest -q -m faults tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

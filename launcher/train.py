@@ -21,6 +21,13 @@ of one. Re-running the same command resumes from the latest checkpoint of the ru
 Every rank runs the preflight (:mod:`higr_dist.engine.preflight`) before initialising anything
 and exits with code 2, printing one line per problem, when the job is invalid. ``--local_rank``
 (passed by the ``deepspeed`` launcher) is accepted; ranks are read from the environment.
+
+A run the engine stops on purpose (:mod:`higr_dist.engine.errors`: no sample, a rank without
+data, a non-finite loss, a checkpoint the disk could not hold, a run folder the ranks do not
+share) and the user errors it meets (a config, a missing file, a corrupt shard) print one line
+per rank, ``[rank R] train.py: error: ...``, and exit with code 2 (the input's fault) or 1 (the
+run failed; its last complete checkpoint is intact); so does a rank whose collective failed
+because a peer rank died (exit 1). Anything else is a bug: a traceback.
 """
 
 from __future__ import annotations
@@ -56,12 +63,38 @@ def main(argv: list[str] | None = None) -> int:
         report(problems, prefix=f"[rank {rank}] " if world > 1 else "")
         return 2
 
+    from higr_dist.config import ConfigError
+    from higr_dist.data.loader import ShardError
     from higr_dist.engine.config import load_job
+    from higr_dist.engine.errors import RunStopped, one_line
     from higr_dist.engine.trainer import shutdown, train
 
-    train(load_job(args.config, args.overrides))
+    try:
+        train(load_job(args.config, args.overrides))
+    except (RunStopped, ConfigError, ShardError, FileNotFoundError) as e:
+        code = getattr(e, "exit_code", 2)
+        print(f"[rank {rank}] train.py: error: {one_line(e)}", file=sys.stderr, flush=True)
+        shutdown(wait=False)
+        return code
+    except RuntimeError as e:  # a peer rank died (killed, out of memory, ...): one line
+        if not peer_lost(e):
+            raise
+        print(f"[rank {rank}] train.py: error: a peer rank is gone ({one_line(e)}); its own "
+              "log says why; rerunning the command resumes from the last complete checkpoint",
+              file=sys.stderr, flush=True)
+        shutdown(wait=False)
+        return 1
     shutdown()
     return 0
+
+
+#: what gloo (and NCCL's socket layer) say when the other end of a collective vanished
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether a collective failed because a peer process is gone."""
+    return any(s in str(exc) for s in _PEER_LOST)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,18 @@ Design
 - Atomicity: DeepSpeed's own ``latest`` file is written by rank 0 before the final barrier,
   while other ranks may still be writing their shards, so a kill in between could leave it
   pointing at an incomplete tag. We save with ``save_latest=False`` and write ``latest``
-  ourselves (temp file + ``os.replace``) after a barrier, then prune: rank 0 deletes all but
-  the newest ``keep_last`` tags. A crash mid-save therefore leaves the previous pointer intact.
+  ourselves (temp file + ``os.replace``) after every rank reported its files written, then
+  prune: rank 0 deletes all but the newest ``keep_last`` tags. A crash mid-save therefore
+  leaves the previous pointer intact, and a tag newer than ``latest`` is the remains of an
+  unfinished save: :func:`remove_incomplete` deletes it when the run restarts.
+- Failed writes (disk full, quota, a vanished mount): inside ``engine.save_checkpoint`` every
+  file write of a rank is guarded, and a failure is recorded instead of raised, so the failing
+  rank still joins DeepSpeed's remaining collectives; then the ranks exchange their failures
+  (one ``all_gather_object``, which is also the barrier before the pointer moves) and, if any
+  rank failed, rank 0 deletes the partial tag and every rank raises the same one-line
+  :class:`~higr_dist.engine.errors.CheckpointFailed` naming the rank, the file and the intact
+  previous checkpoint. Without this, the failing rank would leave the collective sequence and
+  the others would wait in the next barrier until the collective timeout.
 - Resume decision: one rank decides. :func:`agreed_latest_tag` reads ``latest`` on rank 0 and
   broadcasts the tag (or rank 0's error), then checks that every rank sees that tag's folder;
   every rank then loads exactly that tag. Were each rank to read ``latest`` itself, a stale
@@ -38,10 +48,13 @@ Design
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +62,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from higr_dist.engine.errors import CheckpointFailed
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -140,23 +155,127 @@ def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
     return doomed
 
 
+def remove_incomplete(ckpt_dir: Path, latest: str | None) -> list[str]:
+    """Delete the tags newer than ``latest`` (every tag when there is none): the remains of a
+    save that never completed (the pointer moves only after every rank wrote its files).
+    Returns the deleted tags. Called by rank 0 when a run (re)starts."""
+    keep = -1
+    if latest is not None and (m := _TAG.match(latest)):
+        keep = int(m.group(1))
+    doomed = [tag for step, tag in list_tags(ckpt_dir) if step > keep]
+    for tag in doomed:
+        shutil.rmtree(ckpt_dir / tag)
+    return doomed
+
+
+def _torn_write(state_dict: Any, path: str) -> None:
+    """Debug (``train.kill_in_save_at_step``): write the first half of ``path``'s bytes, then
+    SIGKILL this process, as a crash in the middle of the write would."""
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    data = buf.getvalue()
+    with open(path, "wb") as fh:
+        fh.write(data[: len(data) // 2])
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _guarded_writes(engine: Any, errors: list[str], torn: bool):
+    """Inside ``engine.save_checkpoint``: a failing file write (or folder creation) is
+    appended to ``errors`` instead of raised, so this rank goes on through DeepSpeed's
+    remaining collectives (module docstring). ``torn``: the first file is written half, then
+    the process kills itself."""
+    ce = engine.checkpoint_engine
+
+    def record(what: str, e: BaseException) -> None:
+        errors.append(f"{what}: {type(e).__name__}: {e}")
+
+    def save(state_dict: Any, path: str) -> None:
+        if torn:
+            _torn_write(state_dict, path)
+        if errors:  # the first failure says it; the rest would repeat it
+            return
+        try:
+            type(ce).save(ce, state_dict, path)
+        except Exception as e:  # recorded; raised on every rank after the exchange
+            record(path, e)
+
+    def makedirs(path: str, exist_ok: bool = False) -> None:
+        try:
+            type(ce).makedirs(ce, path, exist_ok=exist_ok)
+        except Exception as e:
+            record(path, e)
+
+    def copy_scripts(save_path: str) -> None:
+        try:
+            type(engine)._copy_recovery_script(engine, save_path)
+        except Exception as e:
+            record(save_path, e)
+
+    ce.save, ce.makedirs = save, makedirs
+    engine._copy_recovery_script = copy_scripts
+    try:
+        yield
+    finally:
+        del ce.save, ce.makedirs, engine._copy_recovery_script
+
+
+def _failures(errors: list[str]) -> list[tuple[int, str]]:
+    """Collective: (rank, first error) of every rank that recorded one."""
+    return [(r, e[0]) for r, e in enumerate(gather_objects(errors[:1])) if e]
+
+
 def save(engine: Any, ckpt_dir: Path, step: int, rank_state: dict, shared_state: dict,
-         keep_last: int) -> str:
+         keep_last: int, kill_in_write: bool = False) -> str:
     """Collective: save tag ``global_step<step>`` with client state, move ``latest``, prune.
 
     ``rank_state`` is this rank's (loader position, RNG ...); ``shared_state`` is identical on
-    all ranks (step, epoch, config). Returns the tag.
+    all ranks (step, epoch, config). Returns the tag. A failed write on any rank raises
+    :class:`~higr_dist.engine.errors.CheckpointFailed` on every rank, with the partial tag
+    deleted and ``latest`` unchanged (module docstring). ``kill_in_write``: debug, SIGKILL in
+    the middle of this rank's first file.
     """
     tag = tag_for(step)
     client = dict(shared_state)
     client["ranks"] = gather_objects(rank_state)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
-    dist.barrier()  # every rank's shards are on disk
-    if dist.get_rank() == 0:
-        _write_pointer(ckpt_dir, tag)
-        prune(ckpt_dir, keep_last)
-    dist.barrier()
+    errors: list[str] = []
+    with _guarded_writes(engine, errors, kill_in_write):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+    failed = _failures(errors)  # also the barrier: every rank's files are on disk
+    if not failed and dist.get_rank() == 0:
+        try:
+            _write_pointer(ckpt_dir, tag)
+            prune(ckpt_dir, keep_last)
+        except OSError as e:
+            errors.append(f"{ckpt_dir / LATEST}: {type(e).__name__}: {e}")
+        failed = _failures(errors)
+    elif not failed:
+        failed = _failures(errors)
+    if failed:
+        previous = None
+        if dist.get_rank() == 0:
+            previous = _previous_tag(ckpt_dir, tag)
+            if previous != tag:
+                shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # best effort: disk is full
+        box = [previous]
+        dist.broadcast_object_list(box, src=0)
+        rank, error = failed[0]
+        kept = f"{ckpt_dir / box[0]} is intact and a rerun resumes from it" if box[0] \
+            else "there is no earlier checkpoint"
+        raise CheckpointFailed(
+            f"checkpoint {ckpt_dir / tag} could not be written ({len(failed)} rank(s) failed; "
+            f"rank {rank}: {error}); {kept}")
     return tag
+
+
+def _previous_tag(ckpt_dir: Path, tag: str) -> str | None:
+    """The tag ``latest`` names after a failed save of ``tag`` (None: none or unreadable)."""
+    try:
+        return latest_tag(ckpt_dir)
+    except (OSError, ValueError):
+        return None
 
 
 def agreed_latest_tag(ckpt_dir: Path) -> str | None:
@@ -285,3 +404,4 @@ def save_state_file(state: dict[str, torch.Tensor], path: Path) -> None:
 def load_state_file(path: Path) -> dict[str, torch.Tensor]:
     """A state dict written by :func:`save_state_file` (CPU tensors)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+

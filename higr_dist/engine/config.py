@@ -140,8 +140,23 @@ class TrainConfig:
     progress_bar: bool = True
     """Show a tqdm progress bar on rank 0 (console lines are printed either way)."""
     kill_at_step: int = 0
-    """Debug: SIGKILL every rank right after this optimizer step (0 = never), to test resume.
-    Only fires in a run that started from scratch, so relaunching the same command resumes."""
+    """Debug: SIGKILL every rank (or ``kill_rank``) right after this optimizer step (0 = never),
+    to test resume. Fires once per run folder (a marker file ``.debug-kill-step<N>`` remembers
+    it), so relaunching the same command resumes and finishes, and a resumed run can be killed
+    again at a later step."""
+    kill_rank: int = -1
+    """Debug: the rank ``kill_at_step`` kills (-1 = every rank), to test that the other ranks
+    stop instead of waiting for it."""
+    kill_in_save_at_step: int = 0
+    """Debug: SIGKILL every rank in the middle of writing the checkpoint of this step (half of
+    its first checkpoint file on disk), once per run folder, to test that a torn checkpoint is
+    never resumed from (0 = never)."""
+    bad_loss_at_step: int = 0
+    """Debug: at this optimizer step, rank 0's first micro-batch returns a ``bad_loss`` loss (as
+    if the stage's first loss term had diverged), to test the non-finite loss guard (0 =
+    never)."""
+    bad_loss: Literal["nan", "inf"] = "nan"
+    """Debug: the value ``bad_loss_at_step`` injects."""
 
     def validate(self) -> list[str]:
         """Checks that do not depend on the world size (see :meth:`batch_problems`).
@@ -163,11 +178,14 @@ class TrainConfig:
         if num("dist_timeout_s") and not self.dist_timeout_s > 0:
             out.append(f"dist_timeout_s: must be > 0, got {self.dist_timeout_s}")
         for name in ("max_steps", "epochs", "warmup_steps", "checkpoint_every", "kill_at_step",
-                     "weight_decay", "grad_clip", "peak_tflops"):
+                     "kill_in_save_at_step", "bad_loss_at_step", "weight_decay", "grad_clip",
+                     "peak_tflops"):
             if num(name) and getattr(self, name) < 0:
                 out.append(f"{name}: must be >= 0, got {getattr(self, name)}")
         if num("max_steps", "epochs") and self.max_steps == 0 and self.epochs == 0:
             out.append("max_steps/epochs: set at least one of them (> 0) so training ends")
+        if num("kill_rank") and self.kill_rank < -1:
+            out.append(f"kill_rank: must be -1 (every rank) or a rank, got {self.kill_rank}")
         if num("lr") and not self.lr > 0:
             out.append(f"lr: must be > 0, got {self.lr}")
         if num("min_lr_ratio") and not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -97,6 +97,7 @@ from higr_dist.engine.ds_config import (
     trainer_clips_gradients,
     use_deepspeed_optimizer,
 )
+from higr_dist.engine.errors import BadInput, NonFiniteLoss
 from higr_dist.engine.logging import RunLogger, metric_tag
 from higr_dist.engine.preflight import check_shared_paths
 from higr_dist.engine.validate import METRIC, Validator, gathered
@@ -163,17 +164,20 @@ def init_distributed(timeout_s: float | None = None) -> DistEnv:
                    device=device, device_name=name)
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = True) -> None:
     """Destroy the default process group (launcher processes call this before exiting).
 
     Also unlinks this rank's DeepSpeed CPU shared-memory all-reduce buffer
     (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, ~66 MB, created when
     the ``deepspeed`` launcher starts CPU ranks and never removed by DeepSpeed), after a barrier
-    so no peer still opens it; peers that mapped it keep their mapping.
+    so no peer still opens it; peers that mapped it keep their mapping. ``wait=False`` (a run
+    that stopped with an error, maybe on this rank only): no barrier, which could wait for a
+    peer that is gone.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    dist.barrier()
+    if wait:
+        dist.barrier()
     rank = dist.get_rank()
     dist.destroy_process_group()
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
@@ -398,6 +402,17 @@ def _rss_gb() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
+def _inject_bad_loss(out: Any, value: str) -> Any:
+    """Debug (``train.bad_loss_at_step``): ``out`` with its loss and first loss term made
+    ``value`` (nan or inf), as if that term had diverged."""
+    bad = float(value)
+    metrics = dict(out.metrics)
+    first = next(iter(metrics), None)
+    if first is not None:
+        metrics[first] = torch.as_tensor(metrics[first]) + bad
+    return dataclasses.replace(out, loss=out.loss + bad, metrics=metrics)
+
+
 def _manual_grad_norm(module: nn.Module) -> torch.Tensor | float:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
@@ -441,6 +456,10 @@ class Trainer:
         self.filler: Any = None
         self.filler_epoch = -1
         self.carry_s = self.carry_wait_s = 0.0  # time of an epoch-end probe, for the next step
+        # non-finite loss guard: micro-batches of the last window whose loss was not finite
+        # (a device tensor, read with the next window's counts; see _run_window)
+        self.bad_losses: torch.Tensor | None = None
+        self.bad_step = 0  # the step those micro-batches belong to
         # model selection on the validation split (restored from the checkpoint)
         self.val_every = self._validation_interval()
         self.val_history: list[dict] = []
@@ -494,12 +513,25 @@ class Trainer:
             fresh = self._build_loader(cfg)
             fresh.set_epoch(self.epoch)
             batch = next(iter(fresh), None)
-            if batch is None:
-                raise RuntimeError(f"rank {self.env.rank} has no data in epoch {self.epoch} of "
-                                   f"{self.shard_dir}")
-            self.filler = batch.to(self.env.device, self.dtype)
+            self.filler = None if batch is None else batch.to(self.env.device, self.dtype)
             self.filler_epoch = self.epoch
         return self.filler
+
+    def _check_fillers(self, exhausted_ranks: float) -> None:
+        """Collective, in a window where some ranks ran out while others still have batches:
+        every rank that ran out must have a filler batch, i.e. at least one sample of its own
+        this epoch; otherwise every rank raises the same :class:`BadInput` (a lone rank's error
+        would leave the others waiting in the next collective)."""
+        missing = torch.tensor([float(self.exhausted and self._filler() is None)],
+                               dtype=torch.float64, device=self.env.device)
+        dist.all_reduce(missing)
+        if missing.item() > 0:
+            raise BadInput(
+                f"epoch {self.epoch}: {int(missing.item())} of {int(exhausted_ranks)} rank(s) "
+                f"that ran out of {self.shard_dir} had no sample of their own this epoch while "
+                f"other ranks still train (a rank reads whole shards: its shards are empty); "
+                f"write more or evener shards (ETL min_shards, samples_per_shard) or use fewer "
+                f"ranks x data.num_workers")
 
     # ---------------------------------------------------------------- validation
 
@@ -561,7 +593,12 @@ class Trainer:
                   "stopped_early": self.stopped_early, "config": to_dict(self.job)}
         mine = {"loader": self.loader.state_dict(), "exhausted": self.exhausted,
                 "rng": ckpt.rng_state(), "buffers": ckpt.buffer_state(self.engine.module)}
-        tag = ckpt.save(self.engine, self.ckpt_dir, self.step, mine, shared, self.cfg.keep_last)
+        torn = self.cfg.kill_in_save_at_step == self.step and "kill_in_save" not in self.debug_done
+        if torn:  # debug: the marker first, so the relaunched command saves normally
+            self._debug_marker("kill_in_save", self.step).touch()
+            self.log.message(f"kill_in_save_at_step={self.step}: SIGKILL inside the write")
+        tag = ckpt.save(self.engine, self.ckpt_dir, self.step, mine, shared, self.cfg.keep_last,
+                        kill_in_write=torn)
         self.saved_step = self.step
         self.log.message(f"saved checkpoint {self.ckpt_dir / tag}")
 
@@ -594,7 +631,11 @@ class Trainer:
     # ---------------------------------------------------------------- one optimizer step
 
     def _run_window(self, window: _Window) -> bool:
-        """One optimizer step over ``grad_accum`` micro-batches per rank; False at epoch end."""
+        """One optimizer step over ``grad_accum`` micro-batches per rank; False at epoch end.
+
+        The one all-reduce that decides the epoch end also carries the previous window's count
+        of non-finite losses (a device tensor until then, so the step loop adds no host sync)
+        and how many ranks ran out of batches."""
         t0 = time.perf_counter()
         batches, wait = [], 0.0
         for _ in range(self.gas):
@@ -603,26 +644,37 @@ class Trainer:
             wait += time.perf_counter() - tw
         real = [b for b in batches if b is not None]
         counts = torch.tensor([len(real), sum(b.num_samples for b in real),
-                               sum(b.num_tokens for b in real)], dtype=torch.float64,
-                              device=self.env.device)
+                               sum(b.num_tokens for b in real), float(len(real) < self.gas), 0.0],
+                              dtype=torch.float64, device=self.env.device)
+        if self.bad_losses is not None:
+            counts[4] = self.bad_losses
         dist.all_reduce(counts)
-        n_real, samples, tokens = counts.tolist()
+        n_real, samples, tokens, exhausted_ranks, bad = counts.tolist()
+        if bad > 0:
+            self._stop_non_finite(window)
         if n_real == 0:  # the time spent finding out is charged to the next step
             self.carry_s += time.perf_counter() - t0
             self.carry_wait_s += wait
             return False
+        if exhausted_ranks > 0:
+            self._check_fillers(exhausted_ranks)
         wait += self.carry_wait_s
         window.wait_s += wait
         if self.cfg.broadcast_buffers:
             sync_buffers(self.engine.module)
         window.lr = self.scheduler.get_last_lr()[0]
         scale = self.gas * self.env.world_size / n_real
+        bad_losses = torch.zeros((), dtype=torch.float64, device=self.env.device)
         for i, b in enumerate(batches):
             if b is None:
                 weight, batch = 0.0, self._filler()
             else:
                 weight, batch = scale, b.to(self.env.device, self.dtype)
             out = self.stage.step(self.engine, self.loss_module, batch)
+            if i == 0 and self.cfg.bad_loss_at_step == self.step + 1 and self.is_main:
+                out = _inject_bad_loss(out, self.cfg.bad_loss)
+            # a filler's loss counts too: weight 0 times NaN is still a NaN gradient
+            bad_losses += (~torch.isfinite(out.loss.detach())).to(bad_losses.dtype)
             self.engine.backward(out.loss * weight)
             if i == self.gas - 1 and self.own_clip:
                 window.grad_norms.append(_clip(self.engine.module, self.cfg.grad_clip))
@@ -638,6 +690,7 @@ class Trainer:
             if norm is not None:
                 window.grad_norms.append(norm)
         self.step += 1
+        self.bad_losses, self.bad_step = bad_losses, self.step
         self.epoch_samples += samples
         step_s = time.perf_counter() - t0 + self.carry_s
         self.carry_s = self.carry_wait_s = 0.0
@@ -649,6 +702,34 @@ class Trainer:
         window.tokens += tokens
         window.step_s += step_s
         return True
+
+    def _check_finite(self, window: _Window) -> None:
+        """Collective: stop (every rank) when the last window had a non-finite loss. Called
+        before anything reads or keeps the weights of that step (log, validation, checkpoint,
+        export); otherwise the next window's counts carry the flag."""
+        if self.bad_losses is None:
+            return
+        flag = self.bad_losses.reshape(1).clone()
+        dist.all_reduce(flag)
+        if flag.item() > 0:
+            self._stop_non_finite(window)
+        self.bad_losses = None  # checked: the next window's counts carry a fresh flag
+
+    def _stop_non_finite(self, window: _Window) -> None:
+        """Raise :class:`NonFiniteLoss` on every rank, naming the step and the loss terms
+        whose sums over the window are not finite (collective: the names of every rank)."""
+        mine = sorted(metric_tag(n) for n, v in window.sums.items()
+                      if not math.isfinite(float(v)))
+        terms = sorted(set().union(*ckpt.gather_objects(mine))) or ["loss/total"]
+        latest = ckpt.latest_tag(self.ckpt_dir) if self.is_main else None
+        box = [latest]
+        dist.broadcast_object_list(box, src=0)
+        kept = (f"the last good checkpoint {self.ckpt_dir / box[0]} is intact"
+                if box[0] else "no checkpoint was written before it")
+        raise NonFiniteLoss(
+            f"non-finite loss at step {self.bad_step} (epoch {self.epoch}): "
+            f"{', '.join(terms)} not finite; stopped before saving anything of that step, "
+            f"{kept}; lower train.lr, keep train.grad_clip > 0, or check the data")
 
     # ---------------------------------------------------------------- logging
 
@@ -699,27 +780,53 @@ class Trainer:
         window = _Window()
         while not self._finished():
             if not self._run_window(window):
+                if self.epoch_samples == 0:  # counted over all ranks: every rank stops here
+                    listed = listed_samples(self.shard_dir)
+                    raise BadInput(
+                        f"epoch {self.epoch} gave no training sample on any of the "
+                        f"{self.env.world_size} rank(s): {self.shard_dir} holds none "
+                        f"({listed if listed is not None else 'no'} listed in shards.json); "
+                        "nothing to train: check the ETL output (manifest.json: "
+                        "rows_quarantined, quarantine_by_reason)")
                 self.samples_per_epoch.append(self.epoch_samples)
                 self.epoch += 1
                 if not self._finished():
                     self._start_epoch()
                 continue
             self.log.advance()
-            if self.step % self.cfg.log_every == 0:
+            log = self.step % self.cfg.log_every == 0
+            validate = bool(self.val_every) and self.step % self.val_every == 0
+            save = bool(self.cfg.checkpoint_every) and self.step % self.cfg.checkpoint_every == 0
+            if log or validate or save:
+                self._check_finite(window)  # nothing of a non-finite step is logged or kept
+            if log:
                 self._log_window(window)
                 window = _Window()
-            if self.val_every and self.step % self.val_every == 0:
+            if validate:
                 self._validate()
-            if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+            if save:
                 self._save()
-            if self.cfg.kill_at_step == self.step and self.resumed_from is None:
-                self.log.message(f"kill_at_step={self.step}: SIGKILL")
-                self.log.close()
-                os.kill(os.getpid(), signal.SIGKILL)
+            if self.cfg.kill_at_step == self.step:
+                self._debug_kill("kill", self.cfg.kill_rank)
+        self._check_finite(window)
         if window.steps:
             self._log_window(window)
         if self.val_every and (not self.val_history or self.val_history[-1]["step"] != self.step):
             self._validate()  # the last weights are always a candidate
+
+    def _debug_marker(self, what: str, step: int) -> Path:
+        return self.out_dir / f".debug-{what}-step{step}"
+
+    def _debug_kill(self, what: str, rank: int = -1) -> None:
+        """Debug knobs (``train.kill_at_step``, ``kill_in_save_at_step``): SIGKILL this rank
+        (when it is ``rank``, or any rank for -1), once per run folder: a marker file in the
+        run folder remembers it, so the relaunched command resumes past this step."""
+        if what in self.debug_done or rank not in (-1, self.env.rank):
+            return
+        self._debug_marker(what, self.step).touch()
+        self.log.message(f"{what}_at_step={self.step}: SIGKILL (rank {self.env.rank})")
+        self.log.close()
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def _export(self) -> dict:
         """Collective: the weights the run keeps (the best validation weights with
@@ -822,19 +929,34 @@ class Trainer:
         if needs_training is not None and not needs_training(self.job.model):
             return self._run_untrained(t_start)
         if self.env.world_size > 1:  # collective; one line naming the path on every rank
-            check_shared_paths(self.out_dir, self.shard_dir)
+            try:
+                check_shared_paths(self.out_dir, self.shard_dir)
+            except RuntimeError as e:
+                raise BadInput(str(e)) from e
         self.loader = self._build_loader()
         model, self.loss_module = self._build_model()
         # some stages size their FLOPs from what build() read (SASRec's catalogue, ORPO's
         # objectives)
         self.flops_per_sample = float(self.stage.flops_per_sample(self.job.model))
         # decided by rank 0 and broadcast: ranks never disagree on resuming (ckpt module doc)
-        resume_tag = ckpt.agreed_latest_tag(self.ckpt_dir)
+        try:
+            resume_tag = ckpt.agreed_latest_tag(self.ckpt_dir)
+        except (RuntimeError, FileNotFoundError) as e:
+            raise BadInput(str(e)) from e
+        if self.is_main:  # the remains of a save that never completed
+            for tag in ckpt.remove_incomplete(self.ckpt_dir, resume_tag):
+                self.log.message(f"removed incomplete checkpoint {self.ckpt_dir / tag} (newer "
+                                 f"than the last complete one, {resume_tag or 'none'})")
         resuming = resume_tag is not None
         if not resuming:
             self._start_epoch()
         self.engine, self.scheduler, ds_cfg = build_engine(
             model, self.cfg, self.env.world_size, self.env.device.type, self.total_steps)
+        # debug kills that already fired in this run folder (read by every rank before any of
+        # them can fire again: deepspeed.initialize above was a collective)
+        self.debug_done = {what for what, step in (("kill", self.cfg.kill_at_step),
+                                                   ("kill_in_save", self.cfg.kill_in_save_at_step))
+                           if step and self._debug_marker(what, step).exists()}
         self.own_clip = trainer_clips_gradients(self.cfg, self.env.world_size)
         self.manual_norm = not reports_grad_norm(self.engine.optimizer)
         self.loss_module.to(self.env.device)
