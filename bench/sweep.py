@@ -21,7 +21,9 @@ the pipeline selects weights. Test users are never read.
 Per stage the table gives each variant's best validation NDCG@5 per log and its mean ratio to
 the first variant (the reference; with no overrides it is the run's own stage, not retrained)
 over the logs (logs differ in scale, ratios do not); the
-variant with the highest mean ratio is the pick. For alignment stages (validated at their
+variant with the highest mean ratio is the pick when it beats the reference by more than
+``--min-gain`` (1% by default: a default changes for a gain a user would notice, not for
+differences the size of one seed's noise), otherwise the reference stays. For alignment stages (validated at their
 start too) the gain over the pretrained weights is listed as well: a variant can only help
 there, since the pretrained weights stay a candidate.
 """
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", required=True,
                    help="NAME=key=value[,key=value...]; the first is the reference")
     p.add_argument("--logs", default="", help="comma-separated run names (default: all)")
+    p.add_argument("--min-gain", type=float, default=0.01,
+                   help="a variant replaces the reference only when its mean ratio exceeds "
+                        "1 + this")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     variants = [parse_variant(v) for v in args.variant]
@@ -131,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
                 gain = f" (+{x['best'] - x['start']:.4f})" if x["start"] is not None else ""
                 cells.append(f"{x['best']:.4f}{gain}")
             print(f"| {name} | " + " | ".join(cells) + f" | {r:.4f} |")
-        pick = max(ratios, key=ratios.get)
-        report["picks"][stage] = {"variant": pick, "mean_ratio": ratios}
-        print(f"\npick for {stage}: {pick}")
+        best = max(ratios, key=ratios.get)
+        pick = best if ratios[best] > 1.0 + args.min_gain else ref
+        report["picks"][stage] = {"variant": pick, "mean_ratio": ratios,
+                                  "min_gain": args.min_gain}
+        print(f"\npick for {stage}: {pick} (highest mean ratio: {best}, "
+              f"{ratios[best]:.4f}; a change needs > {1.0 + args.min_gain:.4f})")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     return 0
