@@ -96,6 +96,9 @@ def rank_ablation(run_dir: Path) -> dict:
     from higr_dist.engine.validate import ValidateConfig, Validator
     from higr_dist.eval.harness import load_stage_model
 
+    cache = run_dir / "zoo_rank_ablation.json"  # the kept models do not change once trained
+    if cache.is_file():
+        return json.loads(cache.read_text())
     out: dict = {}
     for name, stage in (("higr", "orpo"), ("higr_no_align", "hsd"), ("flat", "flat")):
         if not (run_dir / stage / "final" / "model_fp32.pt").is_file():
@@ -105,6 +108,7 @@ def rank_ablation(run_dir: Path) -> dict:
             v = Validator(run_dir / "etl", run_dir / "tokenizer" / "export", model.cfg.N,
                           model.cfg.history_len, ValidateConfig(every_epochs=1, rank=rank))
             out.setdefault(name, {})[rank] = v.score(model)["ndcg5"]
+    cache.write_text(json.dumps(out, indent=1))
     return out
 
 
