@@ -405,7 +405,13 @@ def write_report(run_dir: str | Path, report: dict, tb_dirs: dict[str, Path]) ->
     if plots:
         lines += ["## Plots", ""]
         for p in plots:
-            lines += [f"{CAPTIONS.get(p.stem, p.stem)}", "", f"![{p.stem}](plots/{p.name})", ""]
+            caption = CAPTIONS.get(p.stem, p.stem)
+            if p.stem == "quality_latency":
+                caption += (" From `beam_sweep.json` (`bench/beam_sweep.py`)."
+                            if (run_dir / "beam_sweep.json").is_file() else
+                            " At this run's beam only; `python bench/beam_sweep.py --run-dir "
+                            f"{run_dir}` measures the other widths.")
+            lines += [caption, "", f"![{p.stem}](plots/{p.name})", ""]
     lines += [f"TensorBoard: `tensorboard --logdir {report.get('tensorboard', run_dir)}`", ""]
     md = run_dir / "report.md"
     md.write_text("\n".join(lines))
