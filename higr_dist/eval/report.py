@@ -311,7 +311,12 @@ def plot_quality_latency(points: list[dict], out_dir: Path) -> Path | None:
         for p, x, y in zip(pts, xs, ys):
             ax.annotate(f"beam {p['beam']}", (x, y), textcoords="offset points", xytext=(4, -10),
                         fontsize=7, color=color)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(f"median decode latency, ms per batch of {batch} users (log scale)")
     ax.set_ylabel("NDCG@5 (test users)")
     ax.set_title("quality vs latency over beam widths")
