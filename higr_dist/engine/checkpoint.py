@@ -190,7 +190,10 @@ def _guarded_writes(engine: Any, errors: list[str], torn: bool):
     ce = engine.checkpoint_engine
 
     def record(what: str, e: BaseException) -> None:
-        errors.append(f"{what}: {type(e).__name__}: {e}")
+        lines = str(e).strip().splitlines()
+        first = lines[0] if lines else ""
+        hint = "" if "No space left" in first else _space_left(what)
+        errors.append(f"{what}: {type(e).__name__}: {first}{hint}")
 
     def save(state_dict: Any, path: str) -> None:
         if torn:
@@ -220,6 +223,20 @@ def _guarded_writes(engine: Any, errors: list[str], torn: bool):
         yield
     finally:
         del ce.save, ce.makedirs, engine._copy_recovery_script
+
+
+def _space_left(path: str) -> str:
+    """`` (No space left on device: N bytes free)`` when the file system of ``path`` is
+    (nearly) full, else ``""``: torch's zip writer reports a full disk as an opaque
+    ``RuntimeError`` (``unexpected pos ...``)."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f" (No space left on device: {free} bytes free)" if free < 1 << 20 else ""
 
 
 def _failures(errors: list[str]) -> list[tuple[int, str]]:
