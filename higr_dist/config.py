@@ -11,7 +11,11 @@ back, with precedence::
 
 Validation is strict and *collecting*: unknown keys, wrong types and missing required fields are
 all gathered into one :class:`ConfigError` whose ``problems`` list holds one human-readable line
-each, so a preflight can print every problem at once and never a traceback.
+each, so a preflight can print every problem at once and never a traceback. A mistyped field
+(``[]``, ``null``, ``"nan"`` where a number belongs) is reported once, by the type check; a
+section's own ``validate`` (range and cross-field checks) still runs, and when one of its
+comparisons meets the mistyped value (a TypeError) that section's range checks wait until the
+type is fixed (``tests/test_faults_config.py`` fuzzes every shipped config for tracebacks).
 
 Trade-off: we hand-roll the ~150 lines of dict->dataclass conversion instead of pulling in
 pydantic/omegaconf: the type surface we need is small (scalars, Optional, Literal, list, dict,
@@ -48,15 +52,24 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+#: libyaml's safe loader where PyYAML was built with it (the same YAML, ~10x faster), else
+#: the pure-Python one
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; a missing file or a non-mapping top level is a ConfigError."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError([f"config file not found: {p}"])
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:  # pragma: no cover - message passthrough
-        raise ConfigError([f"{p}: not valid YAML: {e}"]) from None
+        data = yaml.load(p.read_text(), Loader=_YAML_LOADER)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{p}: not valid YAML: {' '.join(str(e).split())}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{p}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    except OSError as e:
+        raise ConfigError([f"{p}: cannot be read: {e.strerror or e}"]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -73,7 +86,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError([f"override {text!r} has an empty key"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        value = yaml.load(raw, Loader=_YAML_LOADER) if raw.strip() != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -212,10 +225,15 @@ def _build(cls: type[T], data: dict, path: str, problems: list[str]) -> T:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{where}: unknown key{hint}; allowed: {', '.join(sorted(fields))}")
     missing = False
+    mistyped = False
     for name, f in fields.items():
         where = f"{path}.{name}" if path else name
         if name in data:
+            before = len(problems)
             kwargs[name] = _convert(data[name], hints[name], where, problems)
+            # a problem inside (a sub-section's too) counts: this section's checks may
+            # meet the value it left
+            mistyped |= len(problems) > before
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{where}: required but missing")
             missing = True
@@ -228,7 +246,16 @@ def _build(cls: type[T], data: dict, path: str, problems: list[str]) -> T:
         return None  # type: ignore[return-value]
     check = getattr(obj, "validate", None)
     if callable(check):
-        for msg in check() or []:
+        try:
+            found = check() or []
+        except (TypeError, ValueError, AttributeError):
+            # a range check compared a mistyped field (already reported by name): the
+            # section's range checks wait until it is fixed; with every type right, a
+            # failing check is a bug and keeps its traceback
+            if not mistyped:
+                raise
+            found = []
+        for msg in found:
             problems.append(f"{path}: {msg}" if path else msg)
     return obj
 

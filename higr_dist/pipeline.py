@@ -20,6 +20,13 @@ stage whose recorded config differs from what the configs give now, or that was 
 ETL output built under another ETL config, stops the run before any process starts, with the
 keys that differ (:func:`stale_stages`): reusing it would report an old model as the new one.
 
+Fail before the work: :func:`check_run` loads every file the run will use (the ETL config,
+the synthetic generator's settings, each stage's job config with the run's overrides) and
+checks the input paths before Spark starts, so a typo costs seconds, not an ETL. Afterwards
+:func:`check_samples` stops the run with one line when the ETL left a stage no sample (the
+trainer would also stop, but after a launch). User errors print one line per problem and exit
+2; a stage that fails exits 1 with the command to rerun it (its own output says why).
+
 Baselines get the same data, the same budget and the same care as HiGR: ``flat`` and ``sasrec``
 train on the same slate shards with the same batch, steps and schedule shape, and each model's
 learning rate and step count are its own pick, on the validation split, from one grid that all
@@ -314,6 +321,52 @@ def _manifest(cfg: PipelineConfig) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def check_run(cfg: PipelineConfig) -> list[str]:
+    """Every problem the run's files and inputs have, before any work (one line each): the
+    ETL config, the synthetic generator's settings, each stage's job config with the
+    run-specific overrides, and (local) input paths."""
+    from higr_dist.engine.config import load_job
+    from higr_dist.etl.build import check_input_path
+    from higr_dist.etl.synthetic import SyntheticConfig
+
+    problems: list[str] = []
+    try:
+        _etl_config(cfg)
+    except ConfigError as e:
+        problems += [f"etl ({cfg.etl}): {p}" for p in e.problems]
+    if cfg.source.interactions:
+        for what, path in (("source.interactions", cfg.source.interactions),
+                           ("source.items", cfg.source.items)):
+            try:
+                check_input_path(path, what)
+            except FileNotFoundError as e:
+                problems.append(str(e))
+    else:
+        try:
+            load(SyntheticConfig, None, [f"{k}={json.dumps(v)}"
+                                         for k, v in cfg.source.synthetic.items()])
+        except ConfigError as e:
+            problems += [f"source.synthetic: {p}" for p in e.problems]
+    for stage in (s for s in STAGE_ORDER if s in cfg.stages):
+        try:
+            load_job(_stage_config_path(cfg, stage), stage_overrides(cfg, stage))
+        except ConfigError as e:
+            problems += [f"stages.{stage} ({cfg.stages[stage]}): {p}" for p in e.problems]
+    return problems
+
+
+class RunFailed(RuntimeError):
+    """A step of the run failed for the reason its one-line message gives."""
+
+    exit_code = 2
+
+
+class StageFailed(RunFailed):
+    """A stage's training process failed; its own output says why (one line here)."""
+
+    exit_code = 1
+
+
 def check_samples(cfg: PipelineConfig, manifest: dict) -> None:
     """Stop with one line when the ETL left a stage nothing to train or select on."""
     kinds = manifest.get("kinds", {})
@@ -483,7 +536,8 @@ def step_stage(cfg: PipelineConfig, stage: str, sized: dict[str, list[str]] | No
                    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         proc = subprocess.run(cmd, env=env, cwd=str(ROOT))
         if proc.returncode != 0:
-            raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); command: {' '.join(cmd)}")
+            raise StageFailed(f"stage {stage} failed (exit {proc.returncode}; its output above "
+                              f"says why); rerun: {' '.join(cmd)}")
         result = json.loads(summary.read_text())
     _log(f"{stage}: done in {time.perf_counter() - t0:.1f}s")
     return result
@@ -496,7 +550,7 @@ def step_stage(cfg: PipelineConfig, stage: str, sized: dict[str, list[str]] | No
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run every step; write ``report.json``/``report.md`` into the run folder; return the report."""
-    problems = cfg.validate() or stale_stages(cfg)
+    problems = cfg.validate() or check_run(cfg) or stale_stages(cfg)
     if problems:
         raise ConfigError(problems)
     run_dir = cfg.run_dir
@@ -516,9 +570,22 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
         owned = SparkSession.getActiveSession() is None  # never stop a caller's session
         spark = get_spark(app_name=f"higr-{cfg.name}", master=cfg.spark_master)
+        from pyspark.errors import AnalysisException
+
         try:
             interactions, items = step_data(cfg, spark)
             manifest = step_etl(cfg, spark, interactions, items)
+        except (AnalysisException, ValueError, FileNotFoundError, FileExistsError) as e:
+            # the ETL's user errors (unreadable or wrongly formatted inputs, no valid item ...)
+            lines = str(e).strip().splitlines()
+            raise RunFailed(f"etl: {lines[0] if lines else type(e).__name__}") from e
+        except Exception as e:  # a write that failed (full disk ...): one line, exit 1
+            from higr_dist.etl.build import write_failure
+
+            line = write_failure(e)
+            if line is None:
+                raise
+            raise StageFailed(f"etl: {line}; nothing of the output was kept") from e
         finally:
             if owned:
                 spark.stop()  # free the JVM's memory before training starts
@@ -577,12 +644,17 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"source.interactions={args.interactions}")
     if args.items:
         overrides.append(f"source.items={args.items}")
+    from higr_dist.engine.errors import RunStopped, one_line
+
     try:
         cfg = load(PipelineConfig, args.config, overrides)
         report = run_pipeline(cfg)
     except ConfigError as e:
         print(f"higr run: {e}", file=sys.stderr)
         return 2
+    except (RunFailed, RunStopped) as e:  # (in-process stages raise the engine's own)
+        print(f"higr run: error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
     if cfg.launch.node_rank > 0:
         print(f"\nnode {cfg.launch.node_rank}: trained {', '.join(report['stages'])}; node 0 "
               f"writes the report ({cfg.run_dir / 'report.json'})")

@@ -29,6 +29,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -68,7 +69,8 @@ from higr_dist.etl.writer import (
 )
 from higr_dist.schema import SCHEMA_VERSION
 
-__all__ = ["EtlConfig", "SourceConfig", "run_etl", "main", "OUTPUT_ENTRIES"]
+__all__ = ["EtlConfig", "SourceConfig", "run_etl", "main", "OUTPUT_ENTRIES",
+           "quarantine_warnings"]
 
 #: Everything the ETL writes under ``out_dir`` (what ``overwrite`` removes, and nothing else).
 OUTPUT_ENTRIES = ("manifest.json", "quarantine", "quarantine_items", "item_index", "items",
@@ -96,13 +98,19 @@ def _prepare_output(out_dir: Path, overwrite: bool) -> None:
     if present and not overwrite:
         raise FileExistsError(f"{out_dir} already holds ETL output {present}; "
                               "pass overwrite=True (--overwrite) to replace it")
-    for entry in present:
+    _remove_output(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _remove_output(out_dir: Path, best_effort: bool = False) -> None:
+    """Delete the ETL's entries under ``out_dir`` (:data:`OUTPUT_ENTRIES` and the manifest's
+    temporary file, nothing else); ``best_effort``: after a failure, go on past errors."""
+    for entry in (*OUTPUT_ENTRIES, "manifest.json.tmp"):
         path = out_dir / entry
         if path.is_dir():
-            shutil.rmtree(path)
-        else:
+            shutil.rmtree(path, ignore_errors=best_effort)
+        elif path.exists():
             path.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -152,12 +160,60 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str,
     try:
         with session_conf(spark, "spark.sql.shuffle.partitions", cfg.shuffle_partitions):
             manifest = _run(spark, cfg, interactions, items, out, timer, keep)
+        if manifest["rows_in"] == 0:  # an empty data set is a mistake, not a result
+            raise ValueError(f"the interaction log {interactions} has no rows (an empty or "
+                             "header-only file?)")
+        manifest["timings_s"] = {**timer.times,
+                                 "total": round(time.perf_counter() - t_start, 3)}
+        manifest["warnings"] = quarantine_warnings(manifest, cfg, out)
+        _write_json(out / "manifest.json", manifest)
+    except BaseException:
+        # a failed ETL (bad input, a full disk, an interrupt) leaves no output: complete
+        # shards without their manifest would read as a smaller data set
+        _remove_output(out, best_effort=True)
+        raise
     finally:
         for df in persisted:
             df.unpersist()
-    manifest["timings_s"] = {**timer.times, "total": round(time.perf_counter() - t_start, 3)}
-    _write_json(out / "manifest.json", manifest)
+    for line in manifest["warnings"]:
+        print(f"etl: WARNING: {line}", file=sys.stderr, flush=True)
     return manifest
+
+
+#: what a quarantine reason usually means, for the warning (docs/DESIGN.md lists the reasons)
+_REASON_HINTS = {
+    "bad_timestamp": "times must be epoch seconds in [timestamp_min, timestamp_max): a time "
+                     "column in milliseconds (or microseconds) is quarantined whole",
+    "unknown_item": "the interactions name items the items table lacks (or quarantined)",
+    "short_user": "users need 2 x holdout + min_history valid interactions",
+    "bad_feedback": "feedback must be a finite number >= 0",
+    "null_user": "empty user ids (wrong user_col or csv_delimiter?)",
+    "null_item": "empty item ids (wrong item_col or csv_delimiter?)",
+    "duplicate": "exact copies of a row",
+    "bad_category": "category tokens that are numbers but not integers, or malformed fields",
+    "conflicting_item": "one item id with different categories or captions",
+}
+
+
+def quarantine_warnings(manifest: dict, cfg: EtlConfig, out: Path) -> list[str]:
+    """One line per table (interactions, items) whose quarantined share exceeds
+    ``cfg.quarantine_warn_share``: the share, the top reasons with counts and what the top
+    one usually means."""
+    lines = []
+    tables = (("interaction rows", manifest, out / "quarantine"),
+              ("items-table rows", manifest["items_table"], out / "quarantine_items"))
+    for what, part, where in tables:
+        rows_in, bad = int(part["rows_in"]), int(part["rows_quarantined"])
+        if not bad or bad <= cfg.quarantine_warn_share * rows_in:
+            continue
+        reasons = sorted(((n, r) for r, n in part["quarantine_by_reason"].items() if n),
+                         reverse=True)
+        top = ", ".join(f"{r} {n:,}" for n, r in reasons[:3])
+        lines.append(f"{bad / rows_in:.1%} of the {what} ({bad:,} of {rows_in:,}) were "
+                     f"quarantined (> quarantine_warn_share {cfg.quarantine_warn_share:g}): "
+                     f"{top}; {reasons[0][1]}: {_REASON_HINTS.get(reasons[0][1], '')}; the rows "
+                     f"are in {where}")
+    return lines
 
 
 def _run(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str, out: Path,
@@ -281,6 +337,21 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+_ERRNO_LINE = re.compile(r"^\s*(\w*Error: \[Errno \d+\][^\n]*)$", re.M)
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """One line for a failed write of the output (a full disk, a quota, a vanished mount),
+    whether the driver's own (an OSError) or an executor's (a Spark job failure whose Python
+    error carries an errno); None for anything else."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"writing the output failed: {type(exc).__name__}: {exc}"
+    found = _ERRNO_LINE.findall(str(exc))
+    if found:
+        return f"a Spark task could not write the output: {found[-1].strip()}"
+    return None
+
+
 def check_input_path(path: str, what: str) -> None:
     """Fail early, before Spark starts, when a local input path (or glob) matches nothing.
 
@@ -332,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, AnalysisException) as e:
         print(f"build_shards.py: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a write that failed: one line, exit 1, no output left behind
+        line = write_failure(e)
+        if line is None:
+            raise
+        print(f"build_shards.py: error: {line}; nothing of the output was kept", file=sys.stderr)
+        return 1
     summary = {k: manifest[k] for k in ("rows_in", "rows_out", "rows_quarantined",
                                         "quarantine_by_reason", "num_items", "num_users")}
     summary["samples"] = {k: v["samples"] for k, v in manifest["kinds"].items()}

@@ -96,6 +96,8 @@ DEFAULT_RATING_FEEDBACK = {"0.5": 0.05, "1": 0.1, "2": 0.5, "3": 1.0, "4": 2.0, 
 def rating_points(mapping: dict) -> list[tuple[float, float]]:
     """``rating_feedback`` as (rating, feedback) points sorted by rating; ValueError (one line)
     when empty, when a key is not a finite number, or when two keys are the same rating."""
+    if not isinstance(mapping, dict):
+        raise ValueError(f"must be a mapping of rating: feedback, got {mapping!r}")
     if not mapping:
         raise ValueError("needs at least one rating: feedback point")
     points: dict[float, float] = {}
@@ -108,7 +110,10 @@ def rating_points(mapping: dict) -> list[tuple[float, float]]:
             raise ValueError(f"rating {key!r} is not finite")
         if rating in points:
             raise ValueError(f"rating {key!r} is given twice")
-        points[rating] = float(value)
+        try:
+            points[rating] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"rating {key!r}: feedback {value!r} is not a number") from None
     return sorted(points.items())
 
 
@@ -180,6 +185,10 @@ class EtlConfig:
     (convert the column to seconds first)"""
     broadcast_items_max: int = 2_000_000
     """catalogues up to this many items are broadcast to the interaction join"""
+    quarantine_warn_share: float = 0.05
+    """warn (stderr, and ``warnings`` in the manifest) when more than this share of the
+    interaction rows, or of the items table, is quarantined, with the top reasons and what
+    each means: losing data is never silent (0 = warn on any quarantined row, 1 = never)"""
 
     def validate(self) -> list[str]:
         problems = self.source.problems() if isinstance(self.source, SourceConfig) else []
@@ -210,6 +219,9 @@ class EtlConfig:
             problems.append("caption_weight must be >= 0")
         if not 0 <= self.feedback_decimals <= 8:
             problems.append("feedback_decimals must be in [0, 8]")
+        if not 0.0 <= self.quarantine_warn_share <= 1.0:
+            problems.append(f"quarantine_warn_share must be in [0, 1], got "
+                            f"{self.quarantine_warn_share}")
         return problems
 
     @property

@@ -23,6 +23,10 @@ Test slates stream from the shards (never all in memory); metrics accumulate exa
 (``SlateMetrics``). Latency is measured on the same users with repeated timed calls after a
 warm-up; we report the median and p99 and the ratio of medians.
 
+CLI errors: a run folder that is missing or unfinished, an unreadable config, ``--users`` file
+or shard, an unknown device or an untrained ``--model`` print one line and exit 2 (never a
+traceback; ``tests/test_faults_config.py`` fuzzes both CLIs).
+
 Device: models are placed on ``eval.device`` (``--device`` of both CLIs): ``auto`` = the first
 CUDA device when there is one, else the CPU; or ``cpu``, ``cuda``, ``cuda:N``. Predictors move
 each batch to their model's device and hand back host arrays (``higr_dist.eval.predict``);
@@ -345,6 +349,55 @@ def _load_pipeline(run_dir: Path):
     return load(PipelineConfig, run_dir / "resolved_config.yaml")
 
 
+def _run_folder_problem(run_dir: Path, need: tuple[str, ...]) -> str | None:
+    """Why ``run_dir`` is not a finished pipeline run folder with ``need`` in it (None: it is)."""
+    if not run_dir.is_dir():
+        return f"{run_dir} is not a folder"
+    missing = [n for n in ("resolved_config.yaml", *need) if not (run_dir / n).is_file()]
+    if missing:
+        return (f"{run_dir} is not a finished pipeline run folder (no {', '.join(missing)}); "
+                "run `higr run` first")
+    return None
+
+
+def _cli_errors(prog: str, setup: bool = True):
+    """The user errors a CLI reports in one line (exit 2) instead of a traceback: a config,
+    a missing or unreadable file, a corrupt shard; while setting up (``setup``) also any
+    ValueError (a bad device, an untrained model, ...), which during the work itself would be
+    a bug and keeps its traceback."""
+    import contextlib
+
+    from higr_dist.config import ConfigError
+    from higr_dist.data.loader import ShardError
+
+    user = (FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError,
+            ShardError, *((ValueError,) if setup else ()))
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except ConfigError as e:
+            raise _CliError(f"{prog}: invalid config: {'; '.join(e.problems)}") from e
+        except user as e:
+            lines = str(e).strip().splitlines()
+            raise _CliError(f"{prog}: {lines[0] if lines else type(e).__name__}") from e
+
+    return guard()
+
+
+def _read_json(path: Path):
+    """A JSON file of the run folder; ValueError naming the file when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a JSON file ({e})") from None
+
+
+class _CliError(Exception):
+    """A one-line user error of ``higr-eval`` / ``higr-generate``."""
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     """``higr-eval --run-dir runs/demo``: re-run evaluation and rewrite the run's report."""
     from higr_dist.eval.report import eval_table, write_report
@@ -356,22 +409,27 @@ def eval_main(argv: list[str] | None = None) -> int:
                         "eval.device)")
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
-    if not (run_dir / "resolved_config.yaml").is_file():
-        print(f"higr-eval: {run_dir} is not a pipeline run folder (no resolved_config.yaml)",
-              file=sys.stderr)
-        return 2
-    cfg = _load_pipeline(run_dir)
-    if args.device is not None:
-        cfg.eval.device = args.device
     try:
-        resolve_device(cfg.eval.device)
-    except ValueError as e:
-        print(f"higr-eval: {e}", file=sys.stderr)
+        problem = _run_folder_problem(run_dir, ("etl/manifest.json",
+                                                "tokenizer/export/sid_report.json"))
+        if problem:
+            raise _CliError(f"higr-eval: {problem}")
+        with _cli_errors("higr-eval"):
+            cfg = _load_pipeline(run_dir)
+            if args.device is not None:
+                cfg.eval.device = args.device
+            resolve_device(cfg.eval.device)
+            manifest = _read_json(run_dir / "etl" / "manifest.json")
+            summaries = {s: _read_json(run_dir / s / "summary.json")
+                         for s in cfg.stages if (run_dir / s / "summary.json").is_file()}
+            if "hsd" not in summaries:
+                raise ValueError(f"{run_dir / 'hsd'} has no summary.json: the HSD stage has not "
+                                 "finished; run `higr run` first")
+        with _cli_errors("higr-eval", setup=False):
+            report = evaluate_run(cfg, manifest, summaries)
+    except _CliError as e:
+        print(e, file=sys.stderr)
         return 2
-    manifest = json.loads((run_dir / "etl" / "manifest.json").read_text())
-    summaries = {s: json.loads((run_dir / s / "summary.json").read_text())
-                 for s in cfg.stages if (run_dir / s / "summary.json").is_file()}
-    report = evaluate_run(cfg, manifest, summaries)
     write_report(run_dir, report, {s: run_dir / s / "tb" for s in summaries})
     print(eval_table(report["eval"]))
     return 0
@@ -394,26 +452,38 @@ def generate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     args = p.parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        print(f"higr-generate: {e}", file=sys.stderr)
-        return 2
-    _threads()
+    if args.num_users < 0:
+        p.error(f"--num-users must be >= 0 (0 = all), got {args.num_users}")
+    if args.beam < 1:
+        p.error(f"--beam must be >= 1, got {args.beam}")
     run_dir = Path(args.run_dir)
-    sid_dir = run_dir / "tokenizer" / "export"
-    preds, models = make_predictors(run_dir, sid_dir, args.beam, args.rank, device)
-    if args.model not in preds:
-        print(f"higr-generate: model {args.model!r} was not trained in {run_dir}", file=sys.stderr)
+    try:
+        problem = _run_folder_problem(run_dir, ("tokenizer/export/sid_table.npy",
+                                                "hsd/final/model_fp32.pt"))
+        if problem:
+            raise _CliError(f"higr-generate: {problem}")
+        with _cli_errors("higr-generate"):
+            device = resolve_device(args.device)
+            users = None
+            if args.users:
+                users = {ln.strip() for ln in Path(args.users).read_text().splitlines()
+                         if ln.strip()}
+            out = Path(args.out) if args.out else run_dir / "slates.jsonl"
+            if out.is_dir():
+                raise IsADirectoryError(f"--out {out} is a folder; give a file name")
+            _threads()
+            sid_dir = run_dir / "tokenizer" / "export"
+            preds, models = make_predictors(run_dir, sid_dir, args.beam, args.rank, device)
+            if args.model not in preds:
+                raise ValueError(f"model {args.model!r} was not trained in {run_dir}")
+        with _cli_errors("higr-generate", setup=False):
+            hcfg = models["higr"].cfg
+            n = generate_slates(preds[args.model], run_dir / "etl",
+                                SlateCollate(sid_dir, hcfg.N, hcfg.history_len),
+                                args.num_users if users is None else 0, out, users=users)
+    except _CliError as e:
+        print(e, file=sys.stderr)
         return 2
-    users = None
-    if args.users:
-        users = {ln.strip() for ln in Path(args.users).read_text().splitlines() if ln.strip()}
-    hcfg = models["higr"].cfg
-    out = Path(args.out) if args.out else run_dir / "slates.jsonl"
-    n = generate_slates(preds[args.model], run_dir / "etl",
-                        SlateCollate(sid_dir, hcfg.N, hcfg.history_len),
-                        args.num_users if users is None else 0, out, users=users)
     print(f"wrote {n} slates to {out}")
     if users is not None and n < len(users):
         print(f"higr-generate: {len(users) - n} of {len(users)} requested users are not in "
