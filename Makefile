@@ -15,7 +15,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(VPY))
 export TORCH_EXTENSIONS_DIR ?= $(abspath .cache/torch_extensions)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-faults lint bench clean java-check etl-env
+.PHONY: setup demo test test-fast test-faults lint bench clean java-check etl-env
 
 setup: java-check $(STAMP)
 
@@ -43,7 +43,11 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q --durations=15 tests
+
+# the inner loop: unit tests only (no JVM, no multi-process jobs, no end-to-end runs)
+test-fast: setup
+	$(VPY) -m pytest -q -m "not spark and not dist and not slow and not cluster and not multinode and not faults" tests
 
 # the whole fault-injection suite (docs/RELIABILITY.md); `make test` runs its ci subset
 test-faults: setup

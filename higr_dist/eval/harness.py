@@ -458,12 +458,13 @@ def generate_main(argv: list[str] | None = None) -> int:
         p.error(f"--beam must be >= 1, got {args.beam}")
     run_dir = Path(args.run_dir)
     try:
+        with _cli_errors("higr-generate"):  # the arguments first, before any file is read
+            device = resolve_device(args.device)
         problem = _run_folder_problem(run_dir, ("tokenizer/export/sid_table.npy",
                                                 "hsd/final/model_fp32.pt"))
         if problem:
             raise _CliError(f"higr-generate: {problem}")
         with _cli_errors("higr-generate"):
-            device = resolve_device(args.device)
             users = None
             if args.users:
                 users = {ln.strip() for ln in Path(args.users).read_text().splitlines()
