@@ -28,9 +28,10 @@ trainer would also stop, but after a launch). User errors print one line per pro
 2; a stage that fails exits 1 with the command to rerun it (its own output says why).
 
 Baselines get the same data, the same budget and the same care as HiGR: ``flat`` and ``sasrec``
-train on the same slate shards with the same batch, steps and schedule shape, and each model's
-learning rate and step count are its own pick, on the validation split, from one grid that all
-three went through (``bench/tune.py``; results in docs/RESULTS.md).
+train on the same slate shards for the same epochs (sized from the manifest,
+:mod:`higr_dist.sizing`) with the same schedule shape, and every model keeps the weights of its
+best validation NDCG@5 (:mod:`higr_dist.engine.validate`). Defaults are compared across logs
+on validation with ``bench/sweep.py`` (docs/RESULTS.md).
 """
 
 from __future__ import annotations
