@@ -157,7 +157,7 @@ def test_quarantine_share_warns_with_the_top_reasons(zoo, capfd):
     line = m["warnings"][0]
     assert "interaction rows" in line and "unknown_item 6" in line and "bad_timestamp 4" in line
     assert "items table lacks" in line  # what the top reason usually means
-    assert str(zoo["out"] / "quarantine") in line
+    assert line.endswith("the rows are in quarantine")  # relative: the manifest is portable
 
 
 @pytest.mark.faults(ci=True)

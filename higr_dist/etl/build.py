@@ -165,7 +165,9 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str,
                              "header-only file?)")
         manifest["timings_s"] = {**timer.times,
                                  "total": round(time.perf_counter() - t_start, 3)}
-        manifest["warnings"] = quarantine_warnings(manifest, cfg, out)
+        # the manifest names the quarantine folders relative to itself (the same manifest
+        # wherever the output lies); the console names them in full
+        manifest["warnings"] = quarantine_warnings(manifest, cfg, None)
         _write_json(out / "manifest.json", manifest)
     except BaseException:
         # a failed ETL (bad input, a full disk, an interrupt) leaves no output: complete
@@ -175,7 +177,7 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str,
     finally:
         for df in persisted:
             df.unpersist()
-    for line in manifest["warnings"]:
+    for line in quarantine_warnings(manifest, cfg, out):
         print(f"etl: WARNING: {line}", file=sys.stderr, flush=True)
     return manifest
 
@@ -195,13 +197,13 @@ _REASON_HINTS = {
 }
 
 
-def quarantine_warnings(manifest: dict, cfg: EtlConfig, out: Path) -> list[str]:
+def quarantine_warnings(manifest: dict, cfg: EtlConfig, out: Path | None) -> list[str]:
     """One line per table (interactions, items) whose quarantined share exceeds
-    ``cfg.quarantine_warn_share``: the share, the top reasons with counts and what the top
-    one usually means."""
+    ``cfg.quarantine_warn_share``: the share, the top reasons with counts, what the top one
+    usually means and where the rows are (under ``out``; relative to the output when None)."""
     lines = []
-    tables = (("interaction rows", manifest, out / "quarantine"),
-              ("items-table rows", manifest["items_table"], out / "quarantine_items"))
+    tables = (("interaction rows", manifest, "quarantine"),
+              ("items-table rows", manifest["items_table"], "quarantine_items"))
     for what, part, where in tables:
         rows_in, bad = int(part["rows_in"]), int(part["rows_quarantined"])
         if not bad or bad <= cfg.quarantine_warn_share * rows_in:
@@ -212,7 +214,7 @@ def quarantine_warnings(manifest: dict, cfg: EtlConfig, out: Path) -> list[str]:
         lines.append(f"{bad / rows_in:.1%} of the {what} ({bad:,} of {rows_in:,}) were "
                      f"quarantined (> quarantine_warn_share {cfg.quarantine_warn_share:g}): "
                      f"{top}; {reasons[0][1]}: {_REASON_HINTS.get(reasons[0][1], '')}; the rows "
-                     f"are in {where}")
+                     f"are in {where if out is None else out / where}")
     return lines
 
 
