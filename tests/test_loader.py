@@ -130,6 +130,7 @@ def write_slate_groups(directory: Path, block: int | None = None
     return list_shards(directory), keys
 
 
+@pytest.mark.slow  # spawned loader workers, many epochs: out of make test-fast
 @pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 @pytest.mark.parametrize("block", [None, 2])
 def test_grouped_kind_unpacks_exactly_once_and_resumes(tmp_path, block):
@@ -175,6 +176,7 @@ def test_in_process_reader_and_samples_consumed(shards):
     assert seen == sum(SHARD_SIZES) and loader.epoch == 1
 
 
+@pytest.mark.slow  # spawned loader workers, many epochs: out of make test-fast
 def test_order_is_deterministic_per_seed_and_epoch(shards):
     a, b = make(shards), make(shards)
     epoch0 = list(a)
@@ -205,6 +207,7 @@ def run_with_resume(shards, cut: int, workers: int) -> list:
     return got
 
 
+@pytest.mark.slow  # spawned loader workers, many epochs: out of make test-fast
 @pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 @pytest.mark.parametrize("workers", [2, 3])
 def test_resume_mid_epoch_gives_exactly_the_remaining_batches(shards, workers):
@@ -296,6 +299,7 @@ def test_skip_mode_counts_and_warns(tmp_path, caplog):
     assert make(paths).corrupt_shards_skipped == 0
 
 
+@pytest.mark.slow  # spawned loader workers, many epochs: out of make test-fast
 def test_skip_corrupt_sample_blob_then_resume_exactly(tmp_path):
     paths = write_items(tmp_path)
     with wds.TarWriter(str(tmp_path / "shard-000006.tar"), encoder=False) as w:

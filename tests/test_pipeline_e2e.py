@@ -47,6 +47,10 @@ def _overrides(root: Path, hsd_extra: str = "", etl_extra: str = "") -> list[str
     ]
 
 
+# the whole pipeline on a tiny log: minutes, and a JVM
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, spark) -> tuple[Path, dict]:
     # `spark` (session fixture) is requested so the pipeline reuses the one JVM of this test run
