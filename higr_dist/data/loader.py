@@ -373,6 +373,10 @@ class _EpochPlan:
     """raw samples already consumed, per logical worker"""
     batches: list[int]
     """batches already delivered, per logical worker"""
+    streams: list[list[list[int]]] | None = None
+    """per logical worker, the streams it reads one after the other, each ``[slot, num_slots,
+    shuffle_rank, shuffle_worker, done]``; None: its own slot (the rest of an epoch begun on
+    another world size has other ranks' streams, see :func:`reshard_states`)"""
 
 
 class _WorkerReports:
@@ -419,6 +423,26 @@ class _EpochStream(IterableDataset):
         super().__init__()
         self.plan = plan
 
+    def _stream(self, spec: list[int], reports: _WorkerReports) -> Iterator[dict]:
+        """One slot's samples of the epoch, shuffled, minus its first ``done``: the shards
+        ``slot :: num_slots`` of the epoch's shard order, read one at a time (a grouped kind
+        decoded and unpacked, so everything after counts unpacked samples), through a shuffle
+        buffer seeded from the slot's own (rank, worker)."""
+        p = self.plan
+        slot, num_slots, shuffle_rank, shuffle_worker, done = spec
+        stages: list[Any] = [
+            wds.SimpleShardList(p.shards, seed=f"shards:{p.seed}:{p.epoch}"
+                                if p.shuffle_shards else None),
+            _Stage(_split, slot=slot, num_slots=num_slots),
+            _Stage(_read_shards, expected=p.expected, report=reports)]
+        if p.schema.unpack is not None:
+            stages.append(_Stage(_decode_unpack, schema=p.schema, report=reports))
+        if p.shuffle_buffer > 1:
+            stages.append(wds.shuffle(
+                p.shuffle_buffer, initial=p.shuffle_buffer,
+                seed=f"samples:{p.seed}:{p.epoch}:{shuffle_rank}:{shuffle_worker}"))
+        return itertools.islice(wds.DataPipeline(*stages), done, None)
+
     def _logical_worker(self) -> int:
         info = get_worker_info()
         physical = 0 if info is None else info.id
@@ -430,25 +454,16 @@ class _EpochStream(IterableDataset):
         reports = _WorkerReports(p.on_corrupt)
         if hasattr(p.collate, "set_epoch"):
             p.collate.set_epoch(p.epoch)
-        shard_seed = f"shards:{p.seed}:{p.epoch}" if p.shuffle_shards else None
-        shuffle = None
-        if p.shuffle_buffer > 1:
-            shuffle = wds.shuffle(p.shuffle_buffer, initial=p.shuffle_buffer,
-                                  seed=f"samples:{p.seed}:{p.epoch}:{p.rank}:{worker}")
-        skip = _Stage(_skip_consumed, done=p.positions[worker])
-        if p.schema.unpack is None:  # shuffle and skip raw bytes, decode what is delivered
-            samples = [shuffle, skip,
-                       wds.map(_Bound(_decode_positioned, schema=p.schema, report=reports))]
-        else:  # a grouped kind: unpack first, so positions count unpacked samples
-            samples = [_Stage(_decode_unpack, schema=p.schema, report=reports), shuffle, skip]
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(p.shards, seed=shard_seed),
-            _Stage(_split, slot=p.rank * p.workers + worker, num_slots=p.world_size * p.workers),
-            _Stage(_read_shards, expected=p.expected, report=reports),
-            *samples,
-            wds.batched(p.batch_size, collation_fn=None, partial=True),
-            wds.map(_Collator(p, worker, reports)),
-        )
+        streams = p.streams[worker] if p.streams is not None else \
+            [[p.rank * p.workers + worker, p.world_size * p.workers, p.rank, worker, 0]]
+        samples: Iterator[dict] = _skip_consumed(
+            itertools.chain.from_iterable(self._stream(spec, reports) for spec in streams),
+            p.positions[worker])
+        if p.schema.unpack is None:  # raw bytes were shuffled and skipped: decode the rest
+            samples = (d for x in samples
+                       if (d := _decode_positioned(x, p.schema, reports)) is not None)
+        batches = wds.batched(p.batch_size, collation_fn=None, partial=True)(samples)
+        pipeline = map(_Collator(p, worker, reports), batches)
         try:
             yield from pipeline
         except ShardError as exn:

@@ -36,6 +36,10 @@ class CheckpointFailed(RunStopped):
     """A checkpoint could not be written (disk full, ...); the previous one is intact."""
 
 
+class ExportMismatch(RunStopped):
+    """``final/model_fp32.pt``, reloaded, does not reproduce the live model's outputs."""
+
+
 def one_line(exc: BaseException) -> str:
     """An error as one line: a config's problems joined, else the message's first line."""
     problems = getattr(exc, "problems", None)

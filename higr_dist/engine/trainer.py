@@ -97,7 +97,7 @@ from higr_dist.engine.ds_config import (
     trainer_clips_gradients,
     use_deepspeed_optimizer,
 )
-from higr_dist.engine.errors import BadInput, NonFiniteLoss
+from higr_dist.engine.errors import BadInput, ExportMismatch, NonFiniteLoss
 from higr_dist.engine.logging import RunLogger, metric_tag
 from higr_dist.engine.preflight import check_shared_paths
 from higr_dist.engine.validate import METRIC, Validator, gathered
@@ -411,6 +411,69 @@ def _inject_bad_loss(out: Any, value: str) -> Any:
     if first is not None:
         metrics[first] = torch.as_tensor(metrics[first]) + bad
     return dataclasses.replace(out, loss=out.loss + bad, metrics=metrics)
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors in a model output (a tensor, a dataclass, a tuple/list or a dict), in a
+    fixed order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [t for f in dataclasses.fields(obj) for t in _tensors(getattr(obj, f.name))]
+    if isinstance(obj, (list, tuple)):
+        return [t for x in obj for t in _tensors(x)]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj, key=str) for t in _tensors(obj[k])]
+    return []
+
+
+def _forward_outputs(stage: Stage, model: nn.Module, core: nn.Module, loss_module: nn.Module,
+                     batch: Any) -> list[torch.Tensor]:
+    """CPU copies of everything ``core``'s forward returns during one ``stage.step`` of
+    ``model`` (``core`` is the module inside a DeepSpeed engine, or ``model`` itself)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        seen.extend(t.detach().cpu().clone() for t in _tensors(output))
+
+    handle = core.register_forward_hook(hook)
+    try:
+        stage.step(model, loss_module, batch)
+    finally:
+        handle.remove()
+    return seen
+
+
+def _compare_outputs(want: list[torch.Tensor], got: list[torch.Tensor], rel_tol: float,
+                     what: str) -> dict:
+    """Figures of how ``got`` differs from ``want`` (floating tensors: max abs difference
+    against ``rel_tol`` x the largest magnitude; integer tensors: equal), with ``error`` (one
+    line) when they differ."""
+    error = None
+    if len(want) != len(got) or any(w.shape != g.shape for w, g in zip(want, got)):
+        error = (f"{what}: the reloaded model's forward returns {[tuple(g.shape) for g in got]}"
+                 f", the live model's {[tuple(w.shape) for w in want]}")
+    max_abs = scale = 0.0
+    ints_equal = True
+    for w, g in zip(want, got):
+        if error is not None:
+            break
+        if w.is_floating_point():
+            w, g = w.double(), g.double()
+            max_abs = max(max_abs, float((w - g).abs().max())) if w.numel() else max_abs
+            scale = max(scale, float(w.abs().max())) if w.numel() else scale
+        else:
+            ints_equal = ints_equal and torch.equal(w, g)
+    if error is None and (max_abs > rel_tol * max(scale, 1.0) or not ints_equal):
+        error = (f"{what} does not reproduce the live model: max abs output difference "
+                 f"{max_abs:.3e} (outputs up to {scale:.3e}, tolerance {rel_tol:g} relative)"
+                 f"{'' if ints_equal else ', integer outputs differ'}; the export is wrong: "
+                 "report it with the run folder")
+    out = {"checked": True, "tensors": len(want), "elements": sum(w.numel() for w in want),
+           "max_abs_diff": max_abs, "max_abs_output": scale, "integers_equal": ints_equal}
+    if error is not None:
+        out["error"] = error
+    return out
 
 
 def _manual_grad_norm(module: nn.Module) -> torch.Tensor | float:
@@ -831,20 +894,76 @@ class Trainer:
     def _export(self) -> dict:
         """Collective: the weights the run keeps (the best validation weights with
         ``validation.keep_best``, else the last ones, consolidated to fp32) ->
-        final/model_fp32.pt; rank 0 finalizes."""
-        if self.val_every and self.job.validation.keep_best and self.best is not None:
+        final/model_fp32.pt, checked against the live model (:meth:`_check_export`);
+        rank 0 finalizes."""
+        path = self.out_dir / "final" / "model_fp32.pt"
+        kept_best = bool(self.val_every and self.job.validation.keep_best and self.best is not None)
+        if kept_best:
             state = ckpt.load_state_file(self.best_path) if self.is_main else {}
         else:
             state = ckpt.consolidated_fp32_state_dict(self.engine)
+        live = None if kept_best else self._live_outputs()
         result: dict = {}
+        check: dict = {"checked": False, "why": "the kept weights are the best validation "
+                       "ones (validation.keep_best), not the live ones"} if kept_best else {}
         if self.is_main:
-            ckpt.save_state_file(state, self.out_dir / "final" / "model_fp32.pt")
+            ckpt.save_state_file(state, path)
+            del state
             fresh, _ = self.stage.build(self.job.model, self.job.loss, self.job.inputs)
-            fresh.load_state_dict(state, strict=True)
+            fresh.load_state_dict(ckpt.load_state_file(path), strict=True)  # the file, reread
             fresh.eval()
+            if live is not None:
+                check = self._check_export(fresh, live)
             result = self.stage.finalize(fresh, self.job.model, self.job.loss, self.job.inputs,
                                          self.out_dir / "export") or {}
-        return result
+        box = [check]
+        dist.broadcast_object_list(box, src=0)
+        check = box[0]
+        if check.get("error"):
+            raise ExportMismatch(check["error"])
+        return {**result, "roundtrip": check}
+
+    def _check_batch(self) -> Any | None:
+        """Collective: the batch the export check runs (this rank's first of the epoch), or
+        None on every rank when some rank has none."""
+        batch = self._filler()
+        missing = torch.tensor([float(batch is None)], device=self.env.device)
+        dist.all_reduce(missing)
+        return None if missing.item() > 0 else batch
+
+    @torch.no_grad()
+    def _live_outputs(self) -> tuple[Any, list[torch.Tensor]] | None:
+        """Collective: (batch, the live model's forward outputs on it) on rank 0 (every rank
+        runs the forward: under ZeRO-3 it gathers the partitioned weights). None when a rank
+        has no batch."""
+        batch = self._check_batch()
+        if batch is None:
+            return None
+        self.engine.eval()
+        self.loss_module.eval()
+        outputs = _forward_outputs(self.stage, self.engine, self.engine.module,
+                                   self.loss_module, batch)
+        return (batch, outputs) if self.is_main else None
+
+    @torch.no_grad()
+    def _check_export(self, fresh: nn.Module, live: tuple[Any, list[torch.Tensor]]) -> dict:
+        """Rank 0: a model loaded from ``final/model_fp32.pt`` must give the live model's
+        outputs (logits, codes) on the check batch, to 1e-5 relative. Under bf16 each reloaded
+        tensor is cast to the dtype of its live counterpart (DeepSpeed casts the parameters,
+        not the buffers), so the outputs are the same numbers. Returns the figures, with
+        ``error`` when they differ."""
+        import copy
+
+        batch, want = live
+        probe = copy.deepcopy(fresh).to(self.env.device)
+        live_dtypes = {n: t.dtype for n, t in self.engine.module.named_parameters()}
+        live_dtypes.update((n, t.dtype) for n, t in self.engine.module.named_buffers())
+        for name, t in [*probe.named_parameters(), *probe.named_buffers()]:
+            if name in live_dtypes and t.dtype != live_dtypes[name]:
+                t.data = t.data.to(live_dtypes[name])
+        got = _forward_outputs(self.stage, probe, probe, self.loss_module, batch)
+        return _compare_outputs(want, got, rel_tol=1e-5,
+                                what=f"{self.out_dir / 'final' / 'model_fp32.pt'}")
 
     def _summary(self, export: dict, wall_s: float) -> dict:
         rates = [s / t for s, t in zip(self.step_samples, self.step_times) if t > 0]
