@@ -19,6 +19,7 @@ from higr_dist.data.loader import (
     ShardError,
     StreamingLoader,
     iterate_samples,
+    reshard_states,
     resolve_shards,
 )
 from higr_dist.data.shardio import list_shards, write_listing, write_shard
@@ -407,3 +408,69 @@ def test_loader_config_section_and_resolve_shards(shards):
     assert resolve_shards(LoaderConfig(shards=str(Path(shards[0]).parent)), "", "x") == shards
     with pytest.raises(ValueError, match="batch_size"):
         StreamingLoader(shards, ITEM, keys_collate, 0, LoaderConfig())
+
+
+def take(loader: StreamingLoader, n: int) -> list:
+    """The first ``n`` batches of the loader's current iteration (all of them for n < 0)."""
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("old_workers,new_world,new_workers",
+                         [(0, 1, 0), (1, 3, 0), (2, 1, 2), (0, 4, 1)])
+def test_reshard_mid_epoch_to_another_world_size_exactly_once(shards, old_workers, new_world,
+                                                              new_workers):
+    """Two ranks stop mid-epoch (rank 1 after its whole share); the rest of the epoch, dealt to
+    another world size, delivers every remaining sample once; the next epoch is the new
+    world's own."""
+    seen, states, finished = [], [], []
+    for rank, cut in ((0, 2), (1, -1)):
+        loader = make(shards, rank=rank, world=2, workers=old_workers)
+        seen += flat(take(loader, cut))
+        states.append(json.loads(json.dumps(loader.state_dict())))
+        finished.append(cut < 0)
+    assert 0 < len(seen) < sum(SHARD_SIZES)
+    rest, next_epoch = [], []
+    for rank in range(new_world):
+        state = reshard_states(states, finished, rank, new_world, max(1, new_workers))
+        loader = make(shards, rank=rank, world=new_world, workers=new_workers)
+        loader.load_state_dict(json.loads(json.dumps(state)))
+        assert loader.epoch == 0
+        rest += flat(list(loader))
+        assert loader.epoch == 1
+        next_epoch += flat(list(loader))
+    everything = seen + rest
+    assert len(everything) == len(set(everything)) == sum(SHARD_SIZES)
+    assert set(everything) == all_keys()
+    assert sorted(next_epoch) == sorted(all_keys())
+
+
+def test_resharded_rest_resumes_again_and_reshards_at_its_start(shards):
+    """A checkpoint taken inside the resharded rest resumes on the same world size exactly;
+    one taken before any of the rest was read reshards again; one part-way through a chain of
+    streams cannot be dealt again (a clear error)."""
+    seen, states = [], []
+    for rank in (0, 1):
+        loader = make(shards, rank=rank, world=2, workers=2)
+        seen += flat(take(loader, 1))
+        states.append(loader.state_dict())
+    one = reshard_states(states, [False, False], 0, 1, 1)  # 4 old streams -> 1 reader
+    assert len(one["streams"][0]) == 4
+    again = reshard_states([one], [False], 1, 3, 1)  # nothing read yet: deal again
+    assert len(again["streams"][0]) == 1
+    first = make(shards, rank=0, world=1, workers=0)
+    first.load_state_dict(one)
+    part = flat(take(first, 3))
+    mid = json.loads(json.dumps(first.state_dict()))
+    second = make(shards, rank=0, world=1, workers=0)
+    second.load_state_dict(mid)
+    everything = seen + part + flat(list(second))
+    assert len(everything) == len(set(everything)) == sum(SHARD_SIZES)
+    with pytest.raises(ValueError, match="itself resharded"):
+        reshard_states([mid], [False], 0, 2, 1)
+    with pytest.raises(ValueError, match="different data stream"):
+        make(shards, rank=0, world=2, workers=0).load_state_dict(mid)

@@ -555,6 +555,7 @@ class StreamingLoader:
         self._batches = [0] * self.workers
         self._samples = 0
         self._last_worker = -1
+        self._streams: list[list[list[int]]] | None = None  # None: this world's own slots
 
     @property
     def epoch(self) -> int:
@@ -585,7 +586,7 @@ class StreamingLoader:
             rank=self.rank, world_size=self.world_size, workers=self.workers, offset=offset,
             shuffle_shards=self.cfg.shuffle_shards, shuffle_buffer=self.cfg.shuffle_buffer,
             on_corrupt=self.cfg.on_corrupt, positions=list(self._positions),
-            batches=list(self._batches))
+            batches=list(self._batches), streams=self._streams)
 
     def _source(self, stream: _EpochStream) -> Iterator[_Tagged]:
         if self.cfg.num_workers == 0:
@@ -651,29 +652,87 @@ class StreamingLoader:
         return {"version": STATE_VERSION, "epoch": self._epoch, "samples_consumed": self._samples,
                 "batches": list(self._batches), "positions": list(self._positions),
                 "last_worker": self._last_worker, "corrupt_shards": sorted(self._corrupt),
-                "stream": self._stream_id()}
+                "streams": self._streams, "stream": self._stream_id()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the last batch described by ``state`` on the next iteration.
 
         A state taken at an epoch boundary (no batch yielded yet) loads into any configuration;
         a mid-epoch state needs the same shards, seed, rank, world size, workers, batch size and
-        shuffle settings, and raises ValueError listing every difference otherwise.
+        shuffle settings, and raises ValueError listing every difference otherwise (a state of
+        another world size is first rewritten for this rank by :func:`reshard_states`).
         """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
         self._generation += 1
         self._corrupt = set(state["corrupt_shards"])
         self._start_epoch(int(state["epoch"]))
-        if not any(state["batches"]):
+        streams = state.get("streams")
+        if not any(state["batches"]) and streams is None:
             return
         mine = self._stream_id()
+        if streams is not None:  # positions count samples: any batch size continues them
+            mine.pop("batch_size")
         diffs = [f"{k}: saved {state['stream'].get(k)!r}, now {v!r}" for k, v in mine.items()
                  if state["stream"].get(k) != v]
         if diffs:
             raise ValueError("cannot resume mid-epoch with a different data stream: "
                              + "; ".join(diffs))
+        if streams is not None and len(streams) != self.workers:
+            raise ValueError(f"loader state has streams for {len(streams)} workers, this "
+                             f"loader has {self.workers}")
+        self._streams = streams
         self._positions = [int(x) for x in state["positions"]]
         self._batches = [int(x) for x in state["batches"]]
         self._samples = int(state["samples_consumed"])
         self._last_worker = int(state["last_worker"])
+
+
+def reshard_states(states: list[dict], finished: list[bool], rank: int, world_size: int,
+                   workers: int) -> dict:
+    """The loader state for ``rank`` of a world of ``world_size`` x ``workers`` readers that
+    continues the epoch the loaders of ``states`` (one per old rank, ``finished``: that rank
+    had delivered its whole share) were in.
+
+    Exactly once across the change: each old reader's stream is a deterministic sequence
+    (its shards, its shuffle seed) of which the state says how many samples were delivered;
+    its rest is handed whole to one new reader, old readers dealt round-robin over the new
+    ones, and a new reader with several reads them one after the other. Order within the
+    epoch therefore differs from an uninterrupted run on either world size; the set of
+    samples of the epoch is the same, each once. The next epoch is this world's own.
+    Limitation: a state that is itself the rest of a resharded epoch, with a reader part-way
+    through its second stream, cannot be resharded again (the lengths of the streams it
+    already finished are not recorded): ValueError.
+    """
+    if not states:
+        raise ValueError("no loader state to reshard")
+    epochs = {int(s["epoch"]) - int(f and not any(s["batches"])) for s, f in zip(states, finished)}
+    if len(epochs) != 1:
+        raise ValueError(f"the saved loader states are in different epochs: {sorted(epochs)}")
+    epoch = epochs.pop()
+    stream = states[0]["stream"]
+    rest: list[list[int]] = []
+    for old_rank, (state, done) in enumerate(zip(states, finished)):
+        if done:
+            continue
+        old = state["stream"]
+        n_old = int(old["workers"])
+        specs = state.get("streams") or [
+            [[old_rank * n_old + w, int(old["world_size"]) * n_old, old_rank, w, 0]]
+            for w in range(n_old)]
+        for w, chain in enumerate(specs):
+            position = int(state["positions"][w])
+            if position and len(chain) > 1:
+                raise ValueError(
+                    f"old rank {old_rank} is part-way through the rest of an epoch that was "
+                    "itself resharded: resume on the world size that wrote the checkpoint "
+                    "until the epoch ends")
+            rest += [[*spec[:4], int(spec[4]) + position] for spec in chain]
+    readers = world_size * workers
+    streams = [[spec for i, spec in enumerate(rest) if i % readers == rank * workers + w]
+               for w in range(workers)]
+    corrupt = sorted(set().union(*(s["corrupt_shards"] for s in states)))
+    return {"version": STATE_VERSION, "epoch": epoch, "samples_consumed": 0,
+            "batches": [0] * workers, "positions": [0] * workers, "last_worker": -1,
+            "corrupt_shards": corrupt, "streams": streams,
+            "stream": {**stream, "rank": rank, "world_size": world_size, "workers": workers}}

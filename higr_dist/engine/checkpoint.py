@@ -13,8 +13,9 @@ Design
   ``step``, ``epoch``, the resolved config, and **per rank** the loader position, the RNG
   states (python, numpy, torch CPU, CUDA) and the module's persistent buffers (DeepSpeed saves
   rank 0's module state only; models may keep deliberate per-rank buffer state). Ranks gather theirs with ``all_gather_object``
-  before saving; on load each rank picks entry ``[rank]``. Resuming with a different world size
-  is refused (data positions are per rank).
+  before saving; on load each rank picks entry ``[rank]``. A checkpoint of another world size
+  is resumed through :mod:`higr_dist.engine.reshard` (model and optimizer per parameter) and
+  ``loader.reshard_states`` (the rest of the epoch dealt over the new ranks).
 - Atomicity: DeepSpeed's own ``latest`` file is written by rank 0 before the final barrier,
   while other ranks may still be writing their shards, so a kill in between could leave it
   pointing at an incomplete tag. We save with ``save_latest=False`` and write ``latest``
@@ -152,7 +153,17 @@ def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
     doomed = [tag for _, tag in tags[:-keep_last]] if keep_last > 0 else []
     for tag in doomed:
         shutil.rmtree(ckpt_dir / tag)
+    remove_orphan_conversions(ckpt_dir)
     return doomed
+
+
+def remove_orphan_conversions(ckpt_dir: Path) -> None:
+    """Delete ``<tag>.portable`` folders (``higr_dist.engine.reshard``) whose tag is gone, and
+    unfinished ones (``.tmp``)."""
+    for p in ckpt_dir.glob("*.portable*"):
+        base = p.name.split(".portable")[0]
+        if p.name.endswith(".tmp") or not (ckpt_dir / base).is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def remove_incomplete(ckpt_dir: Path, latest: str | None) -> list[str]:
@@ -165,6 +176,7 @@ def remove_incomplete(ckpt_dir: Path, latest: str | None) -> list[str]:
     doomed = [tag for step, tag in list_tags(ckpt_dir) if step > keep]
     for tag in doomed:
         shutil.rmtree(ckpt_dir / tag)
+    remove_orphan_conversions(ckpt_dir)
     return doomed
 
 

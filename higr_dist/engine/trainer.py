@@ -83,9 +83,10 @@ import torch.distributed as dist
 from torch import nn
 
 from higr_dist.config import to_dict, write_run_metadata
-from higr_dist.data.loader import LoaderConfig, StreamingLoader
+from higr_dist.data.loader import LoaderConfig, StreamingLoader, reshard_states
 from higr_dist.data.shardio import list_shards
 from higr_dist.engine import checkpoint as ckpt
+from higr_dist.engine import reshard
 from higr_dist.engine.config import JobConfig, TrainConfig, ensure_resolved
 from higr_dist.engine.ds_config import (
     WarmupCosine,
@@ -665,12 +666,63 @@ class Trainer:
         self.saved_step = self.step
         self.log.message(f"saved checkpoint {self.ckpt_dir / tag}")
 
-    def _resume(self, tag: str) -> None:
-        loaded = ckpt.load(self.engine, self.ckpt_dir, tag)
-        if loaded is None:
-            raise RuntimeError(f"{self.ckpt_dir}: 'latest' vanished while starting")
-        tag, client = loaded
-        mine = client["ranks"][self.env.rank]
+    def _written_by(self, tag: str) -> dict:
+        """Collective: the world size and ZeRO stage that wrote ``tag`` (rank 0 reads)."""
+        box: list[Any] = [None]
+        if self.is_main:
+            try:
+                box = [reshard.written_by(self.ckpt_dir / tag)]
+            except (OSError, RuntimeError, KeyError) as e:
+                box = [{"error": f"{self.ckpt_dir / tag}: {e}"}]
+        dist.broadcast_object_list(box, src=0)
+        if "error" in box[0]:
+            raise BadInput(f"cannot read checkpoint {box[0]['error']}")
+        return box[0]
+
+    def _resume_resharded(self, tag: str, written: dict) -> None:
+        """Resume ``tag``, written by another world size (:mod:`higr_dist.engine.reshard`):
+        model, optimizer, LR schedule and step exactly; the rest of the interrupted epoch dealt
+        over this world's ranks (``loader.reshard_states``), every remaining sample once."""
+        tag_dir = self.ckpt_dir / tag
+        box: list[Any] = [None]
+        if self.is_main:
+            fresh, _ = self.stage.build(self.job.model, self.job.loss, self.job.inputs)
+            try:
+                box = [str(reshard.convert(tag_dir, fresh, self.cfg.weight_decay))]
+            except (OSError, RuntimeError) as e:
+                box = [RuntimeError(str(e))]
+            del fresh
+        dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], Exception):
+            raise BadInput(f"cannot resume {tag_dir} (written by {written['world_size']} "
+                           f"rank(s)) on {self.env.world_size}: {box[0]}")
+        client = reshard.model_states(tag_dir)
+        figures = reshard.apply(self.engine, self.scheduler, Path(box[0]), client)
+        ranks = client["ranks"]
+        old = len(ranks)
+        self._restore_shared(client)
+        self.loader.load_state_dict(reshard_states(
+            [r["loader"] for r in ranks], [bool(r["exhausted"]) for r in ranks],
+            self.env.rank, self.env.world_size, self.loader.workers))
+        self.exhausted = False
+        self.iterator = iter(self.loader)
+        mine = ranks[self.env.rank if self.env.rank < old else 0]
+        if self.env.rank < old:
+            ckpt.set_rng_state(mine["rng"])
+        ckpt.load_buffer_state(self.engine.module, mine["buffers"])
+        self.resumed_from = tag
+        self.saved_step = self.step
+        self.log.message(
+            f"resumed from {tag_dir}, written by {old} rank(s) (ZeRO-{written['zero_stage']}), "
+            f"on {self.env.world_size}: step {self.step}, epoch {self.epoch}, lr "
+            f"{figures['lr']:.3e}; weights, fp32 masters and Adam moments of "
+            f"{figures['params']} tensors ({figures['elements']} values) checked equal to the "
+            f"checkpoint; the rest of epoch {self.epoch} is dealt over the {self.env.world_size} "
+            "rank(s), each remaining sample once")
+        self.log.advance(self.step)
+
+    def _restore_shared(self, client: dict) -> None:
+        """The progress every rank shares (step, epoch, validation history ...)."""
         self.step, self.epoch = int(client["step"]), int(client["epoch"])
         self.epoch_samples = float(client["epoch_samples"])
         self.samples_per_epoch = list(client["samples_per_epoch"])
@@ -678,6 +730,18 @@ class Trainer:
         self.val_history = list(client.get("val_history", []))
         self.best, self.stale = client.get("best"), int(client.get("stale", 0))
         self.stopped_early = bool(client.get("stopped_early", False))
+
+    def _resume(self, tag: str) -> None:
+        written = self._written_by(tag)
+        if written["world_size"] != self.env.world_size:
+            self._resume_resharded(tag, written)
+            return
+        loaded = ckpt.load(self.engine, self.ckpt_dir, tag)
+        if loaded is None:
+            raise RuntimeError(f"{self.ckpt_dir}: 'latest' vanished while starting")
+        tag, client = loaded
+        mine = client["ranks"][self.env.rank]
+        self._restore_shared(client)
         self.loader.load_state_dict(mine["loader"])
         self.exhausted = bool(mine["exhausted"])
         self.iterator = iter(()) if self.exhausted else iter(self.loader)
