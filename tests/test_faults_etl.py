@@ -4,7 +4,7 @@
 - one log and items table holding every kind of bad row at once (invalid UTF-8, wrong column
   counts, a quoted newline, huge and negative ids, timestamps negative / in year 3000 / in
   milliseconds, NaN / inf / text feedback, interactions with unknown items, duplicated item
-  ids with conflicting categories, a 16 KB caption): every row is accounted for
+  ids with conflicting categories, a 1 MB caption): every row is accounted for
   (rows_in = rows_out + rows_quarantined), each bad row under its reason, the quarantine
   tables hold exactly the quarantined rows, and more than ``quarantine_warn_share`` of
   quarantined rows is a warning on stderr and in the manifest, naming the top reasons;
@@ -91,7 +91,7 @@ ZOO_EXTRA = {"unknown_item": 1}
 ITEMS_ZOO = (b"i03,1,again the same\n"  # conflicting_item: i03 was category 0 ... and "item 3"
              b"i04,1,item 4\n"  # an exact duplicate of i04
              b"i05,7,a different category\n"  # conflicting_item
-             b"i21,2," + b"x" * (16 << 10) + b"\n"  # a 16 KB caption: a valid item
+             b"i21,2," + b"x" * (1 << 20) + b"\n"  # a 1 MB caption: a valid item
              b"i22,2,\"a caption\nover two lines\"\n")  # quoted newline in a caption: valid
 
 

@@ -701,9 +701,13 @@ class Trainer:
         ranks = client["ranks"]
         old = len(ranks)
         self._restore_shared(client)
-        self.loader.load_state_dict(reshard_states(
-            [r["loader"] for r in ranks], [bool(r["exhausted"]) for r in ranks],
-            self.env.rank, self.env.world_size, self.loader.workers))
+        try:
+            self.loader.load_state_dict(reshard_states(
+                [r["loader"] for r in ranks], [bool(r["exhausted"]) for r in ranks],
+                self.env.rank, self.env.world_size, self.loader.workers))
+        except ValueError as e:  # the same on every rank: every rank stops here
+            raise BadInput(f"cannot resume {tag_dir} on {self.env.world_size} rank(s): {e}") \
+                from e
         self.exhausted = False
         self.iterator = iter(self.loader)
         mine = ranks[self.env.rank if self.env.rank < old else 0]

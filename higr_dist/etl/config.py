@@ -153,6 +153,11 @@ class EtlConfig:
     """collaborative part of x: signed random projection of each item's co-occurrence row"""
     ngram_sizes: list[int] = field(default_factory=lambda: [2, 3])
     """character n-gram sizes of caption features (character-based, so Chinese text works)"""
+    caption_max_chars: int = 1000
+    """caption features read the first this many characters of the normalised caption (an
+    n-gram at position i costs a walk over the i characters before it in Spark's UTF-8
+    strings, so a caption's cost grows with the square of its length: a 1 MB caption would
+    keep a task busy for hours); the whole caption is kept in the item table"""
     caption_weight: float = 1.0
     """weight of the (L2-normed) caption block against the (L2-normed) category block"""
     primary_category_weight: int = 2
@@ -215,6 +220,8 @@ class EtlConfig:
                             f"{self.effective_threshold}")
         if self.timestamp_min >= self.timestamp_max:
             problems.append("timestamp_min must be < timestamp_max")
+        if self.caption_max_chars < 1:
+            problems.append(f"caption_max_chars must be >= 1, got {self.caption_max_chars}")
         if self.caption_weight < 0:
             problems.append("caption_weight must be >= 0")
         if not 0 <= self.feedback_decimals <= 8:

@@ -478,13 +478,17 @@ def _feature_rows(index: DataFrame, cfg: EtlConfig) -> DataFrame:
         "item_idx", F.lit(_CONTENT).alias("part"),
         _hashed(cfg, _CONTENT, F.concat(F.lit("c:"), F.col("c").cast("string"))),
         F.when(F.col("p") == 0, cfg.primary_category_weight).otherwise(1).cast("long").alias("w"))
-    text = F.trim(F.regexp_replace(F.lower(F.coalesce("caption", F.lit(""))), r"\s+", " "))
+    clean = F.trim(F.regexp_replace(F.lower(F.coalesce("caption", F.lit(""))), r"\s+", " "))
+    # evaluated once per item (a column, not an expression re-evaluated inside the n-gram
+    # lambda for every position), and bounded (EtlConfig.caption_max_chars)
+    items = index.select("item_idx", F.substring(clean, 1, cfg.caption_max_chars).alias("t"))
+    text = F.col("t")
     grams = []
     for n in cfg.ngram_sizes:
         g = F.when(F.length(text) >= n, F.transform(
             F.sequence(F.lit(1), F.length(text) - n + 1), _ngram_at(text, n)))
         grams.append(F.coalesce(g, F.array().cast("array<string>")))
-    caps = index.select("item_idx", F.explode(F.concat(*grams)).alias("f")).select(
+    caps = items.select("item_idx", F.explode(F.concat(*grams)).alias("f")).select(
         "item_idx", F.lit(_CAPTION).alias("part"), _hashed(cfg, _CAPTION, F.col("f")),
         F.lit(1).cast("long").alias("w"))
     return cats.unionByName(caps)
