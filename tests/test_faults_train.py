@@ -9,7 +9,7 @@ one), a SIGKILL in the middle of writing a checkpoint file, a NaN / inf loss.
 
 ``make test`` runs the ``ci_farm`` cases (one of each promise, tokenizer and HSD); ``make
 test-faults`` adds the ``full_farm``: kill and resume for tokenizer, HSD and ORPO, under ZeRO-2
-and bf16 too, killed twice, a torn checkpoint for HSD, an inf loss, a rank without data, and a
+and bf16 too (each stage), killed twice, a torn checkpoint for HSD, an inf loss, a rank without data, and a
 full disk (a real tmpfs) while saving a checkpoint.
 """
 
@@ -244,6 +244,15 @@ def full_farm(ci_farm):
             with_out(stage_job(f"{stage}_a", stages[stage], kill_at_step=13), runs / stage),
             with_out(stage_job(f"{stage}_b", stages[stage], kill_at_step=13), runs / stage),
         ]
+        z2bf = {"zero_stage": 2, "precision": "bf16"}
+        jobs += [
+            with_out(stage_job(f"{stage}_zb_ref", stages[stage], **z2bf),
+                     runs / f"{stage}_zb_ref"),
+            with_out(stage_job(f"{stage}_zb_a", stages[stage], kill_at_step=13, **z2bf),
+                     runs / f"{stage}_zb"),
+            with_out(stage_job(f"{stage}_zb_b", stages[stage], kill_at_step=13, **z2bf),
+                     runs / f"{stage}_zb"),
+        ]
     jobs += [
         with_out(stage_job("hsd_torn_a", stages["hsd"], kill_in_save_at_step=16),
                  runs / "hsd_torn"),
@@ -286,6 +295,20 @@ def test_kill_and_resume_hsd_and_orpo(full_farm, stage):
     assert rcs(res, f"{stage}_b") == [0, 0], job_log(full_farm["root"], f"{stage}_b")[-3000:]
     assert summary(runs / stage)["resumed_from"] == "global_step8"
     assert_same_weights(runs / f"{stage}_ref", runs / stage)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("stage", ["hsd", "orpo"])
+def test_kill_and_resume_hsd_and_orpo_under_zero2_bf16(full_farm, stage):
+    res, runs = full_farm["results"], full_farm["runs"]
+    name = f"{stage}_zb"
+    assert rcs(res, f"{name}_ref") == [0, 0] and rcs(res, f"{name}_a") == [-9, -9]
+    assert rcs(res, f"{name}_b") == [0, 0], job_log(full_farm["root"], f"{name}_b")[-3000:]
+    s = summary(runs / name)
+    assert s["resumed_from"] == "global_step8" and s["precision"] == "bf16"
+    assert s["zero_stage_effective"] == 2
+    # equal to the bf16 uninterrupted run: the same fp32 masters, the same steps
+    assert_same_weights(runs / f"{name}_ref", runs / name, tol=0.0)
 
 
 @pytest.mark.faults
