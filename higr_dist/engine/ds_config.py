@@ -213,7 +213,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        dims = len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()  # ZeRO-3: partitioned
+        (decay if dims >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]

@@ -66,6 +66,7 @@ Scripts that call :func:`train` with loader workers must guard their launch code
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -544,8 +545,36 @@ class Trainer:
                                seed=self.job.run.seed)
 
     def _build_model(self) -> tuple[nn.Module, nn.Module]:
+        """The stage's model and loss; under ZeRO-3 built inside ``deepspeed.zero.Init``, so
+        each submodule's parameters are partitioned over the ranks as soon as it exists (no
+        rank ever holds the whole fp32 model; whole-tensor edits during construction go
+        through ``higr_dist.models.params``, with the values of an unpartitioned build)."""
         seed_all(self.job.run.seed)  # identical initial weights on every rank
-        model, loss_module = self.stage.build(self.job.model, self.job.loss, self.job.inputs)
+        build = contextlib.nullcontext()
+        if effective_zero_stage(self.cfg.zero_stage, self.env.world_size) == 3:
+            import deepspeed
+
+            # fp32 while building, as without ZeRO-3 (zero.Init would otherwise create every
+            # floating tensor of the construction in bf16, buffers and constants included);
+            # the partitions are cast to the training dtype below, as the engine casts an
+            # unpartitioned model's parameters
+            # (told through the config: zero.Init's own ``dtype=torch.float32`` becomes bf16
+            # on a device without fp16, DeepSpeed 0.19)
+            ds_cfg = build_ds_config(self.cfg, self.env.world_size, self.env.device.type)
+            ds_cfg = {**ds_cfg, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
+            build = deepspeed.zero.Init(config_dict_or_path=ds_cfg, mem_efficient_linear=False)
+        with build:
+            model, loss_module = self.stage.build(self.job.model, self.job.loss,
+                                                  self.job.inputs)
+        if self.dtype != torch.float32:
+            for p in model.parameters():
+                if hasattr(p, "ds_tensor") and p.dtype != self.dtype:
+                    p.ds_tensor.data = p.ds_tensor.data.to(self.dtype)
+                    p.data = p.data.to(self.dtype)
+        local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                    for p in model.parameters())
+        full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        self.build_values = {"local": local, "full": full}
         if self.cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing"):
             model.gradient_checkpointing = True
         return model, loss_module
@@ -1045,6 +1074,9 @@ class Trainer:
             "zero_stage": self.cfg.zero_stage,
             "zero_stage_effective": effective_zero_stage(self.cfg.zero_stage,
                                                          self.env.world_size),
+            # parameter values this rank held right after building the model, of the whole
+            # model's (under ZeRO-3 a share: built inside zero.Init)
+            "built_param_values": getattr(self, "build_values", None),
             "precision": self.cfg.precision,
             "device": self.env.device_name,
             "resumed_from": self.resumed_from,

@@ -56,6 +56,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from higr_dist.models.params import whole
+
 MLPKind = Literal["swiglu", "gelu"]
 
 
@@ -359,11 +361,14 @@ def cache_len(cache: Cache | None) -> int:
 
 
 def init_weights(module: nn.Module, n_layers: int, std: float = 0.02) -> None:
-    """GPT-2 initialisation of a model built from these layers (in place)."""
+    """GPT-2 initialisation of a model built from these layers (in place; partitioned
+    parameters are gathered one at a time, ``higr_dist.models.params``)."""
     for name, p in module.named_parameters():
-        if p.dim() < 2:
-            continue  # norm gains stay 1
-        if name.endswith("out.weight") and ("attn" in name or "cross" in name or "mlp" in name):
-            nn.init.normal_(p, 0.0, std / math.sqrt(2 * max(1, n_layers)))
-        else:
-            nn.init.normal_(p, 0.0, std)
+        with whole(p):
+            if p.dim() < 2:
+                continue  # norm gains stay 1
+            if name.endswith("out.weight") and ("attn" in name or "cross" in name
+                                                or "mlp" in name):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * max(1, n_layers)))
+            else:
+                nn.init.normal_(p, 0.0, std)

@@ -48,6 +48,7 @@ from higr_dist.losses.preference import (
 )
 from higr_dist.models.hsd import HSD, HSDConfig
 from higr_dist.models.layers import block_param_count
+from higr_dist.models.params import load_state
 from higr_dist.stages.base import StageInputs, StepOutput, register
 
 
@@ -88,9 +89,10 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_hsd(model_cfg: HSDConfig, path: str | Path, cls: type[HSD] = HSD) -> HSD:
-    """A ``cls(model_cfg)`` with the weights of ``path`` loaded strictly (fp32, CPU)."""
+    """A ``cls(model_cfg)`` with the weights of ``path`` loaded strictly (fp32, CPU; under
+    ``zero.Init`` into the partitioned parameters, one at a time)."""
     model = cls(model_cfg)
-    model.load_state_dict(load_state_file(path), strict=True)
+    load_state(model, load_state_file(path))
     return model
 
 
