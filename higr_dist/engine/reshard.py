@@ -39,6 +39,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,10 @@ def portable_dir(tag_dir: Path) -> Path:
     return tag_dir.with_name(tag_dir.name + PORTABLE_SUFFIX)
 
 
-def convert(tag_dir: Path, model: nn.Module, weight_decay: float) -> Path:
+def convert(tag_dir: Path, build_model: Callable[[], nn.Module], weight_decay: float) -> Path:
     """Rank 0: write (or reuse) ``<tag>.portable`` for ``tag_dir``; returns its path.
-    ``model`` is a freshly built model of the run (parameter names and order)."""
+    ``build_model`` builds the run's model (its parameter names and order map a ZeRO-0
+    optimizer state back to names; not called for ZeRO-1/2/3 checkpoints)."""
     out = portable_dir(tag_dir)
     if (out / "meta.json").is_file():
         return out
@@ -92,7 +94,7 @@ def convert(tag_dir: Path, model: nn.Module, weight_decay: float) -> Path:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise RuntimeError(f"converting {tag_dir} for another world size failed: {last}")
     else:
-        _write_from_zero0(tag_dir, model, weight_decay, tmp)
+        _write_from_zero0(tag_dir, build_model(), weight_decay, tmp)
     meta = {"source": tag_dir.name, **written_by(tag_dir)}
     (tmp / "meta.json").write_text(json.dumps(meta))
     os.replace(tmp, out)

@@ -715,12 +715,13 @@ class Trainer:
         tag_dir = self.ckpt_dir / tag
         box: list[Any] = [None]
         if self.is_main:
-            fresh, _ = self.stage.build(self.job.model, self.job.loss, self.job.inputs)
+            def build() -> nn.Module:
+                return self.stage.build(self.job.model, self.job.loss, self.job.inputs)[0]
+
             try:
-                box = [str(reshard.convert(tag_dir, fresh, self.cfg.weight_decay))]
+                box = [str(reshard.convert(tag_dir, build, self.cfg.weight_decay))]
             except (OSError, RuntimeError) as e:
                 box = [RuntimeError(str(e))]
-            del fresh
         dist.broadcast_object_list(box, src=0)
         if isinstance(box[0], Exception):
             raise BadInput(f"cannot resume {tag_dir} (written by {written['world_size']} "
