@@ -10,10 +10,11 @@ live counterpart's dtype (DeepSpeed casts parameters, not buffers). A mismatch s
 (exit 1, one line). The figures land in ``summary.json`` (``export.roundtrip``); these tests read them and check
 the file independently too (the keys and shapes the stage's model expects, every value finite).
 
-Jobs are real two-rank ``launcher/train.py`` runs on the farm (``tests/farm.py``). ``make
-test`` runs HSD under ZeRO-3 bf16 and the tokenizer under ZeRO-2 bf16 (``faults(ci=True)``); the
-whole matrix, tokenizer / HSD / ORPO x ZeRO 0-3 x fp32, and bf16 at ZeRO-2 and 3, is ``make
-test-faults``.
+Jobs are real two-rank ``launcher/train.py`` runs on the farm (``tests/farm.py``): the whole
+matrix, tokenizer / HSD / ORPO x ZeRO 0-3 x fp32, and bf16 at ZeRO-2 and 3, is ``make
+test-faults``. In ``make test`` the same check is asserted on the runs other tests make anyway
+(``test_hsd_dist.py``: HSD ZeRO-3 bf16, flat, SASRec; ``test_orpo_dist.py``: ORPO and DPO
+under ZeRO-3 bf16), and :func:`test_a_wrong_export_is_caught` runs.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def _check(farm: dict, case: tuple[str, int, str]) -> None:
     assert want.keys() == state.keys()
     assert all(want[k].shape == state[k].shape for k in want)
 
-@pytest.mark.faults(ci=True)
+@pytest.mark.faults
 @pytest.mark.parametrize("case", CI, ids=[_name(*c) for c in CI])
 def test_export_reproduces_the_live_model(ci_runs, case):
     _check(ci_runs, case)

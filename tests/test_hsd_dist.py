@@ -158,6 +158,10 @@ def test_stage_trains_under_deepspeed(runs, stage):
     final = s["losses"]["final"]["loss/total"]
     assert final < 0.75 * first, (stage, first, final)
     assert s["export"]["params"] > 0
+    # the run checked its export: final/model_fp32.pt, reread, gives the live engine's outputs
+    rt = s["export"]["roundtrip"]
+    assert rt["checked"] and "error" not in rt, rt
+    assert rt["max_abs_diff"] <= 1e-5 * max(1.0, rt["max_abs_output"]), rt
     if stage == "hsd":
         assert s["zero_stage"] == 3 and s["precision"] == "bf16"
         assert "loss/ild" in s["losses"]["final"]

@@ -422,10 +422,10 @@ def take(loader: StreamingLoader, n: int) -> list:
 
 @pytest.mark.parametrize("old_workers,new_world,new_workers", [
     (0, 1, 0),
-    # spawned workers (~2 s each start): out of make test-fast
-    pytest.param(1, 3, 0, marks=pytest.mark.slow),
-    pytest.param(2, 1, 2, marks=pytest.mark.slow),
-    pytest.param(0, 4, 1, marks=pytest.mark.slow)])
+    # spawned workers (~2 s each start): in make test-faults (docs/RELIABILITY.md)
+    pytest.param(1, 3, 0, marks=[pytest.mark.slow, pytest.mark.faults]),
+    pytest.param(2, 1, 2, marks=[pytest.mark.slow, pytest.mark.faults]),
+    pytest.param(0, 4, 1, marks=[pytest.mark.slow, pytest.mark.faults])])
 def test_reshard_mid_epoch_to_another_world_size_exactly_once(shards, old_workers, new_world,
                                                               new_workers):
     """Two ranks stop mid-epoch (rank 1 after its whole share); the rest of the epoch, dealt to

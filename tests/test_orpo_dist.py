@@ -142,6 +142,10 @@ def test_preference_stage_trains_under_deepspeed(runs, stage):
     assert final["loss/margin"] > first["loss/margin"], (stage, first, final)
     assert final["loss/pair_acc"] > first["loss/pair_acc"], (stage, first, final)
     assert final[pref] < first[pref]
+    # the run checked its export: final/model_fp32.pt, reread, gives the live engine's outputs
+    rt = s["export"]["roundtrip"]
+    assert rt["checked"] and "error" not in rt, rt
+    assert rt["max_abs_diff"] <= 1e-5 * max(1.0, rt["max_abs_output"]), rt
     if stage == "orpo":
         assert s["zero_stage"] == 3 and s["precision"] == "bf16"
         assert s["export"]["objectives"] == ["o1", "o2", "o3"]
