@@ -81,6 +81,14 @@ def rcs(farm: dict, name: str) -> list[int]:
     return [r["rc"] for r in farm["results"][name]]
 
 
+def killed_then_resumed(farm: dict, name: str, old: int, new: int) -> str:
+    """Job ``<name>_a`` (``old`` ranks) was killed, ``<name>_b`` (``new`` ranks) finished
+    resuming it: its one resume line."""
+    assert rcs(farm, f"{name}_a") == [-9] * old
+    assert rcs(farm, f"{name}_b") == [0] * new, job_log(farm["root"], f"{name}_b")[-3000:]
+    return resume_line(farm, f"{name}_b")
+
+
 def resume_line(farm: dict, name: str) -> str:
     lines = [ln for ln in job_log(farm["root"], name).splitlines() if "resumed from" in ln]
     assert len(lines) == 1, job_log(farm["root"], name)[-3000:]
@@ -102,9 +110,7 @@ def source_weights(tag_dir) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("d", ["d21", "d12"])
 def test_resume_on_another_world_size_finishes_with_every_sample_once(hsd_runs, d):
     old, new = (2, 1) if d == "d21" else (1, 2)
-    assert rcs(hsd_runs, f"{d}_a") == [-9] * old
-    assert rcs(hsd_runs, f"{d}_b") == [0] * new, job_log(hsd_runs["root"], f"{d}_b")[-3000:]
-    line = resume_line(hsd_runs, f"{d}_b")
+    line = killed_then_resumed(hsd_runs, d, old, new)
     assert f"written by {old} rank(s)" in line and f"on {new}: step 12, epoch 1" in line, line
     assert "checked equal to the checkpoint" in line, line
     run, ref = hsd_runs["runs"] / d, hsd_runs["runs"] / f"ref{new}"
@@ -126,9 +132,7 @@ def test_resume_on_another_world_size_finishes_with_every_sample_once(hsd_runs, 
 @pytest.mark.parametrize("x", ["x21", "x12"])
 def test_resumed_weights_equal_deepspeeds_consolidation_of_the_source(hsd_runs, x):
     old, new = (2, 1) if x == "x21" else (1, 2)
-    assert rcs(hsd_runs, f"{x}_a") == [-9] * old
-    assert rcs(hsd_runs, f"{x}_b") == [0] * new, job_log(hsd_runs["root"], f"{x}_b")[-3000:]
-    resume_line(hsd_runs, f"{x}_b")
+    killed_then_resumed(hsd_runs, x, old, new)
     run = hsd_runs["runs"] / x
     want = source_weights(run / "checkpoints" / "global_step12")
     got = weights(run)
@@ -159,9 +163,7 @@ def tok_runs(tmp_path_factory):
 @pytest.mark.faults
 @pytest.mark.parametrize("name,old,new", [("t", 2, 1), ("u", 1, 2), ("z", 2, 1), ("y", 1, 2)])
 def test_tokenizer_bf16_zero2_and_zero3_resume_across_world_sizes(tok_runs, name, old, new):
-    assert rcs(tok_runs, f"{name}_a") == [-9] * old
-    assert rcs(tok_runs, f"{name}_b") == [0] * new, job_log(tok_runs["root"], f"{name}_b")[-3000:]
-    line = resume_line(tok_runs, f"{name}_b")
+    line = killed_then_resumed(tok_runs, name, old, new)
     assert f"written by {old} rank(s)" in line and "checked equal" in line, line
     s = summary(tok_runs["runs"] / name)
     assert s["resumed_from"] == "global_step8"

@@ -34,6 +34,7 @@ per-rank client state (RNG, buffers) the trainer's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -47,6 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from higr_dist.engine.checkpoint import _lowp_master_map
 from higr_dist.engine.ds_config import param_groups
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -142,19 +144,11 @@ def _load_tensor(path: Path, shape: torch.Size) -> torch.Tensor:
 
 
 def _base_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
-    """The torch optimizer(s) under DeepSpeed's wrappers."""
-    seen, o = [], optimizer
+    """The torch optimizer under DeepSpeed's wrappers (an empty list when there is none)."""
+    o = optimizer
     while o is not None and not isinstance(o, torch.optim.Optimizer):
         o = getattr(o, "optimizer", None)
-    if o is not None:
-        seen.append(o)
-    return seen
-
-
-def _lowp_masters(optimizer: Any) -> dict[int, torch.Tensor]:
-    from higr_dist.engine.checkpoint import _lowp_master_map
-
-    return _lowp_master_map(optimizer)
+    return [] if o is None else [o]
 
 
 def _kind(p: nn.Parameter, masters: dict[int, torch.Tensor]) -> str:
@@ -176,7 +170,7 @@ def apply(engine: Any, scheduler: Any, folder: Path, model_states: dict) -> dict
 
     module: nn.Module = engine.module
     optimizer = engine.optimizer
-    masters = _lowp_masters(optimizer)
+    masters = _lowp_master_map(optimizer)
     bases = _base_optimizers(optimizer)
     step = int(model_states["global_steps"])
     torch_state = bases[0].state if bases else {}
@@ -263,7 +257,8 @@ def _verify(engine: Any, folder: Path, masters: dict, bases: list, step: int,
         if kind == "deepspeed":
             got = {"fp32": get_fp32(p)}
             got.update({k: get_state(p, k) for k in MOMENTS})
-            with deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else _null():
+            with deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") \
+                    else contextlib.nullcontext():
                 weight = p.detach().clone()
         elif kind == "lowp":
             hp = masters[id(p)]
@@ -284,10 +279,3 @@ def _verify(engine: Any, folder: Path, masters: dict, bases: list, step: int,
                 break
     return bad
 
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -451,26 +451,24 @@ def _compare_outputs(want: list[torch.Tensor], got: list[torch.Tensor], rel_tol:
     """Figures of how ``got`` differs from ``want`` (floating tensors: max abs difference
     against ``rel_tol`` x the largest magnitude; integer tensors: equal), with ``error`` (one
     line) when they differ."""
-    error = None
+    max_abs = scale = 0.0
+    ints_equal = True
     if len(want) != len(got) or any(w.shape != g.shape for w, g in zip(want, got)):
         error = (f"{what}: the reloaded model's forward returns {[tuple(g.shape) for g in got]}"
                  f", the live model's {[tuple(w.shape) for w in want]}")
-    max_abs = scale = 0.0
-    ints_equal = True
-    for w, g in zip(want, got):
-        if error is not None:
-            break
-        if w.is_floating_point():
-            w, g = w.double(), g.double()
-            max_abs = max(max_abs, float((w - g).abs().max())) if w.numel() else max_abs
-            scale = max(scale, float(w.abs().max())) if w.numel() else scale
-        else:
-            ints_equal = ints_equal and torch.equal(w, g)
-    if error is None and (max_abs > rel_tol * max(scale, 1.0) or not ints_equal):
-        error = (f"{what} does not reproduce the live model: max abs output difference "
-                 f"{max_abs:.3e} (outputs up to {scale:.3e}, tolerance {rel_tol:g} relative)"
-                 f"{'' if ints_equal else ', integer outputs differ'}; the export is wrong: "
-                 "report it with the run folder")
+    else:
+        for w, g in zip(want, got):
+            if not w.is_floating_point():
+                ints_equal = ints_equal and torch.equal(w, g)
+            elif w.numel():
+                max_abs = max(max_abs, float((w.double() - g.double()).abs().max()))
+                scale = max(scale, float(w.double().abs().max()))
+        error = None
+        if max_abs > rel_tol * max(scale, 1.0) or not ints_equal:
+            error = (f"{what} does not reproduce the live model: max abs output difference "
+                     f"{max_abs:.3e} (outputs up to {scale:.3e}, tolerance {rel_tol:g} relative)"
+                     f"{'' if ints_equal else ', integer outputs differ'}; the export is wrong: "
+                     "report it with the run folder")
     out = {"checked": True, "tensors": len(want), "elements": sum(w.numel() for w in want),
            "max_abs_diff": max_abs, "max_abs_output": scale, "integers_equal": ints_equal}
     if error is not None:
@@ -1011,7 +1009,7 @@ class Trainer:
             fresh.load_state_dict(ckpt.load_state_file(path), strict=True)  # the file, reread
             fresh.eval()
             if live is not None:
-                check = self._check_export(fresh, live)
+                check = self._check_export(fresh, live, path)
             result = self.stage.finalize(fresh, self.job.model, self.job.loss, self.job.inputs,
                                          self.out_dir / "export") or {}
         box = [check]
@@ -1044,7 +1042,8 @@ class Trainer:
         return (batch, outputs) if self.is_main else None
 
     @torch.no_grad()
-    def _check_export(self, fresh: nn.Module, live: tuple[Any, list[torch.Tensor]]) -> dict:
+    def _check_export(self, fresh: nn.Module, live: tuple[Any, list[torch.Tensor]],
+                      path: Path) -> dict:
         """Rank 0: a model loaded from ``final/model_fp32.pt`` must give the live model's
         outputs (logits, codes) on the check batch, to 1e-5 relative. Under bf16 each reloaded
         tensor is cast to the dtype of its live counterpart (DeepSpeed casts the parameters,
@@ -1060,8 +1059,7 @@ class Trainer:
             if name in live_dtypes and t.dtype != live_dtypes[name]:
                 t.data = t.data.to(live_dtypes[name])
         got = _forward_outputs(self.stage, probe, probe, self.loss_module, batch)
-        return _compare_outputs(want, got, rel_tol=1e-5,
-                                what=f"{self.out_dir / 'final' / 'model_fp32.pt'}")
+        return _compare_outputs(want, got, rel_tol=1e-5, what=str(path))
 
     def _summary(self, export: dict, wall_s: float) -> dict:
         rates = [s / t for s, t in zip(self.step_samples, self.step_times) if t > 0]
