@@ -28,8 +28,10 @@ def sweep(run_dir: Path, beams: list[int], batch: int, users: int, repeats: int,
           rank: str, threshold: float) -> list[dict]:
     from higr_dist.data.slates import SlateCollate
     from higr_dist.eval.harness import decode_latency, evaluate, make_predictors
+    from higr_dist.layout import RunLayout
 
-    etl_dir, sid_dir = run_dir / "etl", run_dir / "tokenizer" / "export"
+    layout = RunLayout(run_dir)
+    etl_dir, sid_dir = layout.etl.root, layout.sids
     item_emb = np.load(sid_dir / "item_features.npy", mmap_mode="r")
     points = []
     for beam in beams:
@@ -65,18 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", help="JSON (default <run-dir>/beam_sweep.json)")
     args = p.parse_args(argv)
+    from higr_dist.layout import RunLayout
+
     run_dir = Path(args.run_dir)
-    if not (run_dir / "resolved_config.yaml").is_file():
+    layout = RunLayout(run_dir)
+    if not layout.resolved_config.is_file():
         print(f"beam_sweep: {run_dir} is not a `higr run` folder", file=sys.stderr)
         return 2
     from higr_dist.config import load
-    from higr_dist.pipeline import PipelineConfig
+    from higr_dist.run_config import PipelineConfig
 
-    cfg = load(PipelineConfig, run_dir / "resolved_config.yaml")
+    cfg = load(PipelineConfig, layout.resolved_config)
     torch.set_num_threads(args.threads)
     points = sweep(run_dir, sorted(args.beams), args.batch, args.users, args.repeats,
                    cfg.eval.rank, cfg.eval.effective_threshold)
-    out = Path(args.out) if args.out else run_dir / "beam_sweep.json"
+    out = Path(args.out) if args.out else layout.beam_sweep
     out.write_text(json.dumps({
         "bench": "beam_sweep", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),

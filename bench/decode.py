@@ -213,23 +213,25 @@ def load_run(run_dir: str | Path, batch_size: int, max_users: int = 0
     from higr_dist.data.slates import SlateCollate
     from higr_dist.decode.trie import SidTrie
     from higr_dist.eval.harness import load_stage_model
+    from higr_dist.layout import RunLayout
     from higr_dist.schema import FOLDERS
 
     run = Path(run_dir)
-    sid_dir = run / "tokenizer" / "export"
+    layout = RunLayout(run)
+    sid_dir = layout.sids
     trie = SidTrie.from_export(sid_dir)
     models: dict[str, tuple[nn.Module, Decoder]] = {}
     cfg = None
     for name, stage, decoder in RUN_MODELS:
-        if not (run / stage / "final" / "model_fp32.pt").is_file():
+        if not layout.stage(stage).final_weights.is_file():
             continue
-        _, model = load_stage_model(run / stage)  # eval mode
+        _, model = load_stage_model(layout.stage(stage).root)  # eval mode
         cfg = model.cfg
         models[name] = (model, DECODERS[decoder])
     if cfg is None:
         raise FileNotFoundError(f"no trained hsd/orpo/flat model under {run}")
     collate = SlateCollate(sid_dir, cfg.N, cfg.history_len)
-    samples = list(iterate_samples(list_shards(run / "etl" / "slates" / "test"),
+    samples = list(iterate_samples(list_shards(layout.etl.kind("slates/test")),
                                    FOLDERS["slates/test"]))
     if max_users:
         samples = samples[:max_users]

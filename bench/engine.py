@@ -106,8 +106,10 @@ def _write_pairs_etl(out: Path, n_shards: int, per_shard: int, dim: int) -> None
     import numpy as np
 
     from higr_dist.data.shardio import write_listing, write_shard
+    from higr_dist.layout import EtlLayout
     from higr_dist.schema import ITEM, PAIR_BLOCK, blocks
 
+    layout = EtlLayout(out)
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(64, dim)).astype(np.float32)
     cat = rng.integers(0, 64, size=N_ITEMS)
@@ -115,20 +117,22 @@ def _write_pairs_etl(out: Path, n_shards: int, per_shard: int, dim: int) -> None
     # the export at the end of the trainer run covers these few items only: a barely trained
     # tokenizer puts most items under one SID prefix, and K items per prefix is the most that
     # collision resolution can place
-    (out / "items").mkdir(parents=True, exist_ok=True)
-    write_listing(out / "items", [write_shard(out / "items" / "shard-000000.tar", ITEM, (
+    items = layout.kind("items")
+    items.mkdir(parents=True, exist_ok=True)
+    write_listing(items, [write_shard(items / "shard-000000.tar", ITEM, (
         (f"i{i}", {"item_idx": i, "item_id": str(i), "categories": [int(cat[i])], "x": x[i]})
         for i in range(EXPORT_ITEMS)))])
-    (out / "pairs").mkdir(parents=True, exist_ok=True)
+    pairs = layout.kind("pairs")
+    pairs.mkdir(parents=True, exist_ok=True)
     entries = []
     for s in range(n_shards):
         a = rng.integers(0, N_ITEMS, size=per_shard)
         b = np.where(rng.random(per_shard) < 0.5, a, rng.integers(0, N_ITEMS, size=per_shard))
-        entries.append(write_shard(out / "pairs" / f"shard-{s:06d}.tar", PAIR_BLOCK, blocks((
+        entries.append(write_shard(pairs / f"shard-{s:06d}.tar", PAIR_BLOCK, blocks((
             (f"s{s}_{i}", {"anchor": int(a[i]), "positive": int(b[i]), "weight": 1.0,
                            "x_anchor": x[a[i]], "x_positive": x[b[i]]})
             for i in range(per_shard)), 32)))
-    write_listing(out / "pairs", entries)
+    write_listing(pairs, entries)
 
 
 def _write_slates_etl(out: Path, n_shards: int, per_shard: int, K: int, L: int, N: int,
@@ -137,6 +141,7 @@ def _write_slates_etl(out: Path, n_shards: int, per_shard: int, K: int, L: int, 
     import numpy as np
 
     from higr_dist.data.shardio import write_listing, write_shard
+    from higr_dist.layout import EtlLayout
     from higr_dist.schema import SLATE_GROUP_BLOCK, blocks
     from higr_dist.schema.slates import slate_group_of
 
@@ -145,7 +150,7 @@ def _write_slates_etl(out: Path, n_shards: int, per_shard: int, K: int, L: int, 
     sids.mkdir(parents=True, exist_ok=True)
     np.save(sids / "sid_table.npy", rng.integers(0, K, size=(N_ITEMS, L), dtype=np.int64))
     (sids / "sid_meta.json").write_text(json.dumps({"K": K, "L": L, "num_items": N_ITEMS}))
-    folder = out / "slates" / "train"
+    folder = EtlLayout(out).kind("slates/train")
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
     for s in range(n_shards):
@@ -318,13 +323,14 @@ def _run_case(name: str, case: Case, env, args, tmp: Path) -> dict:
     from higr_dist.config import load_yaml
     from higr_dist.engine.config import load_job
     from higr_dist.engine.trainer import train
+    from higr_dist.layout import RunLayout
     from higr_dist.stages.base import get_stage
 
     raw = load_yaml(ROOT / case.config)
     base = {"stage": case.stage, "model": {**raw["model"], **case.model_overrides},
             "loss": raw.get("loss", {})}
     job = load_job(None, base=base)
-    etl = tmp / name / "etl"
+    etl = RunLayout(tmp / name).etl.root
     inputs = _prepare(case, job, etl, env.world_size) if env.rank == 0 else None
     box = [inputs]
     dist.broadcast_object_list(box, src=0)

@@ -122,6 +122,7 @@ def _loader_rate(etl_dir: Path, num_items: int, workers: int, batch_size: int,
     from higr_dist.data.loader import LoaderConfig, StreamingLoader
     from higr_dist.data.shardio import list_shards
     from higr_dist.data.slates import SlateCollate
+    from higr_dist.layout import EtlLayout
     from higr_dist.schema import FOLDERS
 
     sid_dir = scratch / "sids"
@@ -129,7 +130,7 @@ def _loader_rate(etl_dir: Path, num_items: int, workers: int, batch_size: int,
     rng = np.random.default_rng(0)
     np.save(sid_dir / "sid_table.npy", rng.integers(0, 256, size=(num_items, 3), dtype=np.int64))
     (sid_dir / "sid_meta.json").write_text(json.dumps({"K": 256, "L": 3, "num_items": num_items}))
-    shards = list_shards(etl_dir / "slates" / "train")
+    shards = list_shards(EtlLayout(etl_dir).kind("slates/train"))
     cfg = LoaderConfig(num_workers=workers, shuffle_buffer=1000)
     loader = StreamingLoader(shards, FOLDERS["slates/train"], SlateCollate(sid_dir, 5, 50),
                              batch_size, cfg)
@@ -154,23 +155,25 @@ def run_one(args: argparse.Namespace) -> dict:
     from higr_dist.etl.config import EtlConfig
     from higr_dist.etl.spark import get_spark
     from higr_dist.etl.synthetic import SyntheticConfig, generate
+    from higr_dist.layout import RunLayout
 
     rows = args.one
     users = rows // args.per_user
     scratch = Path(args.work).resolve() / f"rows{rows}"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
+    layout = RunLayout(scratch)  # the scratch folder is laid out as a run's: data/ and etl/
     spark = get_spark(app_name="bench-etl", master=args.master,
                       shuffle_partitions=args.shuffle_partitions,
                       driver_memory=args.driver_memory)
     jvm_pid = int(spark._jvm.java.lang.ProcessHandle.current().pid())
     syn = SyntheticConfig(users=users, items=args.items, interactions_per_user=args.per_user)
     c0, t0 = _tree_cpu_s(), time.perf_counter()
-    inter, items = generate(spark, syn, str(scratch / "data"))
+    inter, items = generate(spark, syn, str(layout.data))
     gen_s, c1 = time.perf_counter() - t0, _tree_cpu_s()
     etl_cfg = load(EtlConfig, None, [f"shuffle_partitions={args.shuffle_partitions}"])
     t0 = time.perf_counter()
-    manifest = run_etl(spark, etl_cfg, inter, items, scratch / "etl", overwrite=True)
+    manifest = run_etl(spark, etl_cfg, inter, items, layout.etl.root, overwrite=True)
     etl_s, c2 = time.perf_counter() - t0, _tree_cpu_s()
     jvm_peak = _peak_rss_mb(jvm_pid)
     py_peak = _self_peak_rss_mb()
@@ -193,7 +196,7 @@ def run_one(args: argparse.Namespace) -> dict:
     Path(args.result).write_text(json.dumps(out, indent=1))  # kept if the loader part fails
     if args.loader_seconds > 0:
         out["loader"] = [
-            _loader_rate(scratch / "etl", manifest["num_items"], w, args.batch_size,
+            _loader_rate(layout.etl.root, manifest["num_items"], w, args.batch_size,
                          args.loader_seconds, scratch)
             for w in (0, args.loader_workers)]
     if not args.keep:

@@ -144,12 +144,14 @@ def run_one(args: argparse.Namespace) -> dict:
     from higr_dist.etl.config import EtlConfig
     from higr_dist.etl.spark import get_spark
     from higr_dist.etl.synthetic import SyntheticConfig, generate
+    from higr_dist.layout import RunLayout
 
     rows = args.one
     users = rows // args.per_user
     partitions = max(8, rows // args.rows_per_partition)
     scratch = Path(args.work).resolve() / f"rows{rows}-{args.tag}"
     shutil.rmtree(scratch, ignore_errors=True)
+    layout = RunLayout(scratch)  # data/ and etl/ as in a run folder, next to Spark's scratch
     events = scratch / "events"
     events.mkdir(parents=True)
     local = scratch / "spark-local"
@@ -162,19 +164,19 @@ def run_one(args: argparse.Namespace) -> dict:
     jvm_pid = int(spark._jvm.java.lang.ProcessHandle.current().pid())
     syn = SyntheticConfig(users=users, items=args.items, interactions_per_user=args.per_user)
     c0, t0 = _tree_cpu_s(), time.perf_counter()
-    inter, items = generate(spark, syn, str(scratch / "data"))
+    inter, items = generate(spark, syn, str(layout.data))
     gen_s, c1 = time.perf_counter() - t0, _tree_cpu_s()
-    data_bytes = sum(p.stat().st_size for p in (scratch / "data").rglob("*") if p.is_file())
+    data_bytes = sum(p.stat().st_size for p in layout.data.rglob("*") if p.is_file())
     etl_cfg = load(EtlConfig, None, [f"shuffle_partitions={partitions}"])
     t0 = time.perf_counter()
-    manifest = run_etl(spark, etl_cfg, inter, items, scratch / "etl", overwrite=True)
+    manifest = run_etl(spark, etl_cfg, inter, items, layout.etl.root, overwrite=True)
     etl_s, c2 = time.perf_counter() - t0, _tree_cpu_s()
     jvm_peak = _peak_rss_mb(jvm_pid)
     py_peak = _self_peak_rss_mb()
     spark.stop()
     if manifest["rows_in"] != rows:
         raise RuntimeError(f"generated {manifest['rows_in']} rows, asked for {rows}")
-    shutil.rmtree(scratch / "data", ignore_errors=True)
+    shutil.rmtree(layout.data, ignore_errors=True)
     shutil.rmtree(local, ignore_errors=True)
     kinds = manifest["kinds"]
     return {
@@ -194,7 +196,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "shards": {k: len(v["shards"]) for k, v in kinds.items()},
         "shard_bytes": {k: sum(s["bytes"] for s in v["shards"]) for k, v in kinds.items()},
         "shard_bytes_total": sum(s["bytes"] for v in kinds.values() for s in v["shards"]),
-        "etl_dir": str(scratch / "etl"),
+        "etl_dir": str(layout.etl.root),
     }
 
 
@@ -219,9 +221,10 @@ def run_loader_rank(args: argparse.Namespace) -> dict:
 
     from higr_dist.data.loader import LoaderConfig, StreamingLoader
     from higr_dist.data.shardio import list_shards
+    from higr_dist.layout import EtlLayout
     from higr_dist.schema import FOLDERS
 
-    shards = list_shards(Path(args.etl_dir) / "slates" / "train")
+    shards = list_shards(EtlLayout(Path(args.etl_dir)).kind("slates/train"))
     cfg = LoaderConfig(num_workers=args.loader_workers, shuffle_buffer=1000)
     loader = StreamingLoader(shards, FOLDERS["slates/train"], KeyHashes(), args.batch_size, cfg,
                              rank=args.loader_rank, world_size=args.loader_ranks)

@@ -160,7 +160,9 @@ def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     steps twice)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    from higr_dist.layout import StageLayout
+
+    acc = EventAccumulator(str(StageLayout(run).tensorboard), size_guidance={"scalars": 0})
     acc.Reload()
     out = {}
     for tag in acc.Tags()["scalars"]:
@@ -220,6 +222,7 @@ def write_data(root: Path, preset: str, samples: int, shards: int, num_items: in
     import numpy as np
 
     from higr_dist.data.shardio import write_listing, write_shard
+    from higr_dist.layout import RunLayout
     from higr_dist.models.hsd import preset as hsd_preset
     from higr_dist.schema import SLATE_GROUP_BLOCK, blocks
     from higr_dist.schema.slates import slate_group_of
@@ -233,7 +236,8 @@ def write_data(root: Path, preset: str, samples: int, shards: int, num_items: in
     table = np.stack([(keys // K ** (L - 1 - i)) % K for i in range(L)], 1).astype(np.int64)
     np.save(sid / "sid_table.npy", table)
     (sid / "sid_meta.json").write_text(json.dumps({"K": K, "L": L, "num_items": num_items}))
-    folder = root / "etl" / "slates" / "train"
+    etl = RunLayout(root).etl  # the ETL output where a run keeps it
+    folder = etl.kind("slates/train")
     folder.mkdir(parents=True, exist_ok=True)
     per = -(-samples // shards)
     entries, u = [], 0
@@ -251,7 +255,7 @@ def write_data(root: Path, preset: str, samples: int, shards: int, num_items: in
         entries.append(write_shard(folder / f"shard-{s:06d}.tar", SLATE_GROUP_BLOCK,
                                    blocks(records, 16)))
     write_listing(folder, entries)
-    return {"etl": str(root / "etl"), "sid": str(sid), "samples": u, "shards": shards,
+    return {"etl": str(etl.root), "sid": str(sid), "samples": u, "shards": shards,
             "num_items": num_items, "K": K, "L": L, "N": N, "history_len": H}
 
 
@@ -280,6 +284,8 @@ def job_config(path: Path, data: dict, preset: str, out_dir: Path, micro: int, s
 
 
 def train_phase(work: Path, data: dict, args: argparse.Namespace, env: dict) -> dict:
+    from higr_dist.layout import StageLayout
+
     run = work / "train"
     config = job_config(work / "train.yaml", data, args.preset, run, args.micro_batch,
                         args.steps, args.workers, "bf16")
@@ -287,7 +293,7 @@ def train_phase(work: Path, data: dict, args: argparse.Namespace, env: dict) -> 
     proc = launch(config, [], env, args.phase_timeout, log)
     if proc.returncode != 0:
         raise RuntimeError(f"training failed (rc {proc.returncode}): {_tail(log, 1500)}")
-    s = json.loads((run / "summary.json").read_text())
+    s = json.loads(StageLayout(run).summary.read_text())
     sc = scalars(run)
     mem = sc.get("health/device_max_alloc_gb", [])
     out = {
@@ -338,19 +344,21 @@ def parity_phase(work: Path, data: dict, args: argparse.Namespace, env: dict) ->
 
 
 def resume_phase(work: Path, data: dict, args: argparse.Namespace, env: dict) -> dict:
+    from higr_dist.layout import LATEST, StageLayout
+
     run = work / "resume"
     config = job_config(work / "resume.yaml", data, args.preset, run, args.micro_batch,
                         args.parity_steps, args.workers, "bf16")
     overrides = [*PARITY, "train.checkpoint_every=4", "train.kill_at_step=6"]
     log = work / "resume.log"
     killed = launch(config, overrides, env, args.phase_timeout, log)
-    latest = run / "checkpoints" / "latest"
+    latest = StageLayout(run).checkpoints / LATEST
     saved = latest.read_text().strip() if latest.is_file() else None
     resumed = launch(config, overrides, env, args.phase_timeout, log)  # the same command
     if resumed.returncode != 0:
         raise RuntimeError(f"resumed run failed (rc {resumed.returncode}): {_tail(log, 1500)}")
-    s = json.loads((run / "summary.json").read_text())
-    ref = json.loads((work / "parity_bf16" / "summary.json").read_text())
+    s = json.loads(StageLayout(run).summary.read_text())
+    ref = json.loads(StageLayout(work / "parity_bf16").summary.read_text())
     final, want = s["losses"]["final"]["loss/total"], ref["losses"]["final"]["loss/total"]
     rel = abs(final - want) / max(abs(want), 1e-12)
     tol = 1e-4 if args.dry_run else args.resume_tol
@@ -389,7 +397,10 @@ Path(out).write_text(json.dumps(res))
 
 def decode_phase(work: Path, data: dict, train: dict | None, args: argparse.Namespace,
                  env: dict) -> dict:
-    if not train or not Path(train.get("run_dir", "")).joinpath("final").is_dir():
+    from higr_dist.layout import StageLayout
+
+    final = StageLayout(Path(train.get("run_dir", ""))).final_weights.parent if train else None
+    if final is None or not final.is_dir():
         raise RuntimeError("no trained HSD export (the train phase failed)")
     script, out = work / "decode_child.py", work / "decode.json"
     script.write_text(DECODE_CHILD)

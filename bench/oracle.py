@@ -82,6 +82,7 @@ from higr_dist.etl.synthetic import (  # noqa: E402
     watch_log_density,
 )
 from higr_dist.eval.metrics import SlateMetrics  # noqa: E402
+from higr_dist.layout import EtlLayout, RunLayout  # noqa: E402
 from higr_dist.schema import FOLDERS  # noqa: E402
 
 
@@ -116,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def synthetic_config(run_dir: Path) -> SyntheticConfig:
-    resolved = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())
+    resolved = yaml.safe_load(RunLayout(run_dir).resolved_config.read_text())
     source = resolved["source"]
     if source.get("interactions"):
         raise SystemExit(f"{run_dir} was trained on a user log, not the synthetic source")
@@ -128,11 +129,13 @@ def heldout(etl_dir: Path, split: str) -> tuple[dict[int, tuple[list, list]], di
     """user -> (target item_idx, target watch ratios) of ``split``; item_id -> item_idx."""
     import pyarrow.parquet as pq
 
-    t = pq.read_table(etl_dir / "item_index", columns=["item_id", "item_idx"])
+    etl = EtlLayout(etl_dir)
+    t = pq.read_table(etl.item_index, columns=["item_id", "item_idx"])
     idx_of = dict(zip((int(i) for i in t.column("item_id").to_pylist()),
                       t.column("item_idx").to_pylist()))
     users = {}
-    for s in iterate_samples(list_shards(etl_dir / "slates" / split), FOLDERS[f"slates/{split}"]):
+    kind = f"slates/{split}"
+    for s in iterate_samples(list_shards(etl.kind(kind)), FOLDERS[kind]):
         users[int(s["user_id"])] = (list(s["target_items"]), list(s["target_fb"]))
     return users, idx_of
 
@@ -325,12 +328,13 @@ def bootstrap(values: np.ndarray, reps: int = 2000, seed: int = 0) -> list[float
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run_dir = Path(args.run_dir)
+    layout = RunLayout(run_dir)
     cfg = synthetic_config(run_dir)
-    etl = json.loads((run_dir / "etl" / "manifest.json").read_text())
+    etl = json.loads(layout.etl.manifest.read_text())
     n = etl["config"]["slate_size"]
     if etl["rows_quarantined"]:
         raise SystemExit("the oracle assumes no quarantined rows (positions = time steps)")
-    targets, idx_of = heldout(run_dir / "etl", args.split)
+    targets, idx_of = heldout(layout.etl.root, args.split)
     t0 = cfg.interactions_per_user - n * (1 if args.split == "test" else 2)
     item_of_idx = np.empty(cfg.items, dtype=np.int64)
     for item_id, i in idx_of.items():
@@ -391,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                          "grid_points": len(weight_grid(args.grid, cfg.prefs_per_user)),
                          "min_ess": round(min_ess, 1), "resampled_user_steps": resampled,
                          "map_tastes_true_share": found / len(users)}
-    compare = Path(args.compare) if args.compare else Path(args.run_dir) / "report.json"
+    compare = Path(args.compare) if args.compare else layout.report_json
     if args.split == "test" and compare.exists():
         models = {k: v["effective"]["ndcg5"]
                   for k, v in json.loads(compare.read_text())["eval"].items()}

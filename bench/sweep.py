@@ -44,13 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from higr_dist.config import load  # noqa: E402
+from higr_dist.layout import RunLayout, StageLayout  # noqa: E402
 from higr_dist.pipeline import (  # noqa: E402
-    PipelineConfig,
     _stage_config_path,
     launch_command,
     sized_overrides,
     stage_overrides,
 )
+from higr_dist.run_config import PipelineConfig  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -63,12 +64,13 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def train(run_dir: Path, stage: str, name: str, extra: list[str]) -> dict:
     """Train ``stage`` of a finished run with ``extra`` overrides (reusing a finished variant;
     without overrides the run's own stage is the variant); the variant's summary."""
-    if not extra and (run_dir / stage / "summary.json").is_file():
-        return json.loads((run_dir / stage / "summary.json").read_text())
-    cfg = load(PipelineConfig, run_dir / "resolved_config.yaml")
-    manifest = json.loads((run_dir / "etl" / "manifest.json").read_text())
-    out = run_dir / "sweep" / f"{stage}-{name}"
-    summary = out / "summary.json"
+    layout = RunLayout(run_dir)
+    if not extra and layout.stage(stage).summary.is_file():
+        return json.loads(layout.stage(stage).summary.read_text())
+    cfg = load(PipelineConfig, layout.resolved_config)
+    manifest = json.loads(layout.etl.manifest.read_text())
+    out = run_dir / "sweep" / f"{stage}-{name}"  # a stage folder of the variant
+    summary = StageLayout(out).summary
     if not summary.is_file():
         overrides = [*stage_overrides(cfg, stage, sized_overrides(cfg, manifest)),
                      f"run.out_dir={out.resolve()}", "train.progress_bar=false", *extra]
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     variants = [parse_variant(v) for v in args.variant]
-    runs = sorted(d for d in Path(args.runs).iterdir() if (d / "report.json").is_file())
+    runs = sorted(d for d in Path(args.runs).iterdir() if RunLayout(d).report_json.is_file())
     if args.logs:
         runs = [d for d in runs if d.name in args.logs.split(",")]
     t0 = time.perf_counter()

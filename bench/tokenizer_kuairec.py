@@ -253,12 +253,14 @@ def load_etl_data(etl_dir: Path, cfg: BenchConfig) -> BenchData:
     """
     from higr_dist.data.loader import iterate_samples
     from higr_dist.data.shardio import list_shards
+    from higr_dist.layout import EtlLayout
     from higr_dist.schema import FOLDERS
     from higr_dist.schema.items import ITEM
 
+    etl = EtlLayout(etl_dir)
     t0 = time.perf_counter()
     idx, xs, c1, c2 = [], [], [], []
-    for s in iterate_samples(list_shards(etl_dir / "items"), ITEM):
+    for s in iterate_samples(list_shards(etl.kind("items")), ITEM):
         cats = list(s["categories"]) or [-1]
         idx.append(int(s["item_idx"]))
         xs.append(np.asarray(s["x"], dtype=np.float32))
@@ -272,7 +274,7 @@ def load_etl_data(etl_dir: Path, cfg: BenchConfig) -> BenchData:
     cat1 = np.asarray(c1, dtype=np.int64)[order]
     cat2 = np.asarray(c2, dtype=np.int64)[order]
     a, p, w = [], [], []
-    for s in iterate_samples(list_shards(etl_dir / "pairs"), FOLDERS["pairs"]):
+    for s in iterate_samples(list_shards(etl.kind("pairs")), FOLDERS["pairs"]):
         a.append(int(s["anchor"]))
         p.append(int(s["positive"]))
         w.append(float(s["weight"]))

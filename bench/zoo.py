@@ -40,6 +40,9 @@ import sys
 import time
 from pathlib import Path
 
+from higr_dist.configs import HERE as CONFIGS
+from higr_dist.layout import RunLayout
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -70,7 +73,7 @@ def run_log(log: str, work: Path, config: str, extra: list[str], movielens: str 
             ) -> dict:
     """``higr run`` on one log (reusing a finished run folder); its report and wall time."""
     name = f"zoo-{log}"
-    report = work / "runs" / name / "report.json"
+    report = RunLayout(work / "runs" / name).report_json
     t0 = time.perf_counter()
     if not report.is_file():
         cmd = [sys.executable, "-m", "higr_dist", "run", "--config", config,
@@ -96,16 +99,17 @@ def rank_ablation(run_dir: Path) -> dict:
     from higr_dist.engine.validate import ValidateConfig, Validator
     from higr_dist.eval.harness import load_stage_model
 
+    layout = RunLayout(run_dir)
     cache = run_dir / "zoo_rank_ablation.json"  # the kept models do not change once trained
     if cache.is_file():
         return json.loads(cache.read_text())
     out: dict = {}
     for name, stage in (("higr", "orpo"), ("higr_no_align", "hsd"), ("flat", "flat")):
-        if not (run_dir / stage / "final" / "model_fp32.pt").is_file():
+        if not layout.stage(stage).final_weights.is_file():
             continue
-        _, model = load_stage_model(run_dir / stage)
+        _, model = load_stage_model(layout.stage(stage).root)
         for rank in RANKS:
-            v = Validator(run_dir / "etl", run_dir / "tokenizer" / "export", model.cfg.N,
+            v = Validator(layout.etl.root, layout.sids, model.cfg.N,
                           model.cfg.history_len, ValidateConfig(every_epochs=1, rank=rank))
             out.setdefault(name, {})[rank] = v.score(model)["ndcg5"]
     cache.write_text(json.dumps(out, indent=1))
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--logs", default=",".join(LOGS), help=f"comma-separated, from {LOGS}")
     p.add_argument("--work", default="runs/zoo", help="data and run folders")
-    p.add_argument("--config", default=str(ROOT / "configs" / "tiny" / "run.yaml"))
+    p.add_argument("--config", default=str(CONFIGS / "tiny" / "run.yaml"))
     p.add_argument("--movielens", default=None,
                    help="GroupLens ml-100k folder, RecBole folder or wheel (default: download)")
     p.add_argument("--out", default=None, help="JSON results file")

@@ -7,7 +7,7 @@ Each section of a config is a ``@dataclass`` that lives next to the code that us
 only knows how to turn plain dicts (YAML files, ``key=value`` overrides) into those dataclasses and
 back, with precedence::
 
-    dataclass defaults  <  YAML file in configs/  <  CLI overrides (``a.b.c=value``)
+    dataclass defaults  <  YAML file (a shipped config or the user's)  <  CLI overrides (``a.b.c=value``)
 
 Validation is strict and *collecting*: unknown keys, wrong types and missing required fields are
 all gathered into one :class:`ConfigError` whose ``problems`` list holds one human-readable line
@@ -58,10 +58,16 @@ _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; a missing file or a non-mapping top level is a ConfigError."""
-    p = Path(path)
+    """Read a YAML mapping; a missing file or a non-mapping top level is a ConfigError.
+
+    ``path`` is a config reference (:func:`higr_dist.configs.resolve`): a file, or the name of
+    a shipped config (``tiny``, ``tiny/hsd``)."""
+    from higr_dist import configs
+
+    p = configs.resolve(path)
     if not p.is_file():
-        raise ConfigError([f"config file not found: {p}"])
+        raise ConfigError([f"config file not found: {p} (nor a shipped config; shipped: "
+                           f"{', '.join(configs.scales())}, e.g. tiny or tiny/hsd)"])
     try:
         data = yaml.load(p.read_text(), Loader=_YAML_LOADER)
     except yaml.YAMLError as e:
@@ -303,9 +309,15 @@ def config_hash(obj: Any) -> str:
 
 
 def git_sha(cwd: str | Path | None = None) -> str:
-    """The checkout's commit (``+dirty`` when the tree has changes), or ``unknown``."""
+    """The checkout's commit (``+dirty`` when the tree has changes), or ``unknown`` (an
+    installed package: its folder is not the top of a git checkout)."""
     here = Path(cwd) if cwd else Path(__file__).resolve().parent
     try:
+        if cwd is None:
+            top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here,
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+            if not top or Path(top).resolve() != here.parent:
+                return "unknown"
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
@@ -316,11 +328,18 @@ def git_sha(cwd: str | Path | None = None) -> str:
 
 
 def write_run_metadata(run_dir: str | Path, cfg: Any, extra: dict | None = None) -> Path:
-    """Write ``resolved_config.yaml`` and ``run_meta.json`` (git SHA, config hash) into run_dir."""
+    """Write ``resolved_config.yaml`` and ``run_meta.json`` (the code: git SHA, package version
+    and folder; the config hash) into run_dir."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "resolved_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    meta = {"git_sha": git_sha(), "config_hash": config_hash(cfg), **(extra or {})}
-    path = run_dir / "run_meta.json"
+    from higr_dist.layout import RESOLVED_CONFIG, RUN_META
+
+    (run_dir / RESOLVED_CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    import higr_dist
+
+    meta = {"git_sha": git_sha(), "version": higr_dist.__version__,
+            "package": str(Path(higr_dist.__file__).resolve().parent),
+            "config_hash": config_hash(cfg), **(extra or {})}
+    path = run_dir / RUN_META
     path.write_text(json.dumps(meta, indent=2, sort_keys=True))
     return path

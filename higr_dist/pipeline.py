@@ -2,8 +2,8 @@
 
 Launch::
 
-    higr run --config configs/tiny/run.yaml --name demo                 # embedded synthetic data
-    higr run --config configs/tiny/run.yaml --name mine \\
+    higr run --config tiny --name demo                 # embedded synthetic data
+    higr run --config tiny --name mine \\
         --interactions logs.parquet --items items.parquet               # your data, generic schema
 
 Design
@@ -11,7 +11,8 @@ Design
 The pipeline is an orchestrator, not a second trainer: every training stage runs through the one
 engine, launched as a real multi-process job (``torchrun`` by default, ``deepspeed`` or in-process
 on request), exactly as a user would launch it on a cluster; the stage configs are the shipped
-``configs/<scale>/<stage>.yaml`` files with the run's paths given as ``key=value`` overrides.
+``<scale>/<stage>`` files (:mod:`higr_dist.configs`; or the user's own) with the run's paths
+given as ``key=value`` overrides.
 
 Steps are idempotent: each one records its output (ETL ``manifest.json``, a stage's
 ``summary.json``) and a re-run skips finished steps, so a killed pipeline continues where it
@@ -40,167 +41,22 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from higr_dist import sizing
 from higr_dist.config import ConfigError, load, to_dict, write_run_metadata
-
-ROOT = Path(__file__).resolve().parents[1]
-
-#: stages trained by the pipeline, in order, with the stage each one's weights initialise from
-STAGE_ORDER = ("tokenizer", "hsd", "flat", "sasrec", "orpo", "dpo")
-
-
-@dataclass
-class SourceSpec:
-    """Where the pipeline's input data comes from (the ``source:`` section)."""
-
-    interactions: str = ""
-    """Interaction log (CSV/Parquet, any Hadoop-FS URI); empty = the embedded synthetic data."""
-    items: str = ""
-    """Items table (``item_id, category[, caption]``); required with ``interactions``."""
-    synthetic: dict = field(default_factory=dict)
-    """Overrides of the synthetic generator's config (``higr_dist.etl.synthetic.SyntheticConfig``)."""
-
-
-@dataclass
-class LaunchSpec:
-    """How training stages are launched (the ``launch:`` section)."""
-
-    mode: Literal["torchrun", "deepspeed", "inprocess"] = "torchrun"
-    """``torchrun --standalone`` / ``deepspeed --num_gpus`` with ``nproc`` ranks, or in this
-    process as a world of one (fastest start-up; for debugging)."""
-    nproc: int = 2
-    """Ranks per stage on this machine (CPU: gloo processes; GPU: one per device)."""
-    hostfile: str = ""
-    """With ``mode: deepspeed``: a DeepSpeed hostfile (``hostfile.example``) to launch across
-    nodes instead of ``--num_gpus nproc`` on this one."""
-    node_rank: int = -1
-    """With a ``hostfile``: this node's rank (its line in the hostfile, 0 = the first) when every
-    node runs its own ``higr run`` and launcher, without ssh (``deepspeed --no_ssh``; Kubernetes,
-    Slurm). -1: one launcher on this node starts every node over ssh. Node 0 runs the data, ETL
-    and evaluation steps; the others wait for the ETL output (``wait_etl_s``) and train."""
-    master_addr: str = ""
-    """With ``node_rank``: node 0's address, where rank 0 hosts the rendezvous (required)."""
-    master_port: int = 0
-    """The rendezvous port of ``deepspeed`` launches (0 = DeepSpeed's default, 29500)."""
-    wait_etl_s: float = 3600.0
-    """Nodes other than 0: how long to wait for node 0's ETL output (its ``manifest.json``, written
-    last, in the shared run folder, for this run's ETL config) before giving up."""
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.node_rank >= 0:
-            if self.mode != "deepspeed" or not self.hostfile:
-                problems.append("node_rank: needs mode: deepspeed and a hostfile (one launcher "
-                                "per node, without ssh)")
-            if not self.master_addr:
-                problems.append("node_rank: needs master_addr (node 0's address)")
-        elif self.node_rank != -1:
-            problems.append(f"node_rank: must be -1 (one launcher) or >= 0, got "
-                            f"{self.node_rank}")
-        if not 0 <= self.master_port <= 65535:
-            problems.append(f"master_port: must be 0..65535, got {self.master_port}")
-        if not self.wait_etl_s > 0:
-            problems.append(f"wait_etl_s: must be > 0, got {self.wait_etl_s}")
-        return problems
-
-
-@dataclass
-class EvalSpec:
-    """Evaluation and generation settings (the ``eval:`` section)."""
-
-    beam: int = 10
-    """Beam width for trie-constrained decoding (HiGR generator and flat baseline)."""
-    rank: str = "mass"
-    """How the SID decoders fill and order a slate (``higr_dist.decode.hier.RANKS``):
-    ``placed`` (the planner's placement order) or ``mass`` (the decoded candidates with the
-    largest expected presence). Also what validation selects models with."""
-    batch_size: int = 64
-    """Users per decoding batch."""
-    max_users: int = 0
-    """Evaluate on at most this many test users (0 = all)."""
-    effective_threshold: float = 2.0
-    """watch_ratio at or above which a held-out item counts as an effective view."""
-    latency_batches: list[int] = field(default_factory=lambda: [1, 64])
-    """Batch sizes for the decode-latency measurement in the report."""
-    latency_repeats: int = 20
-    """Timed decode calls per batch size (median and p99 over these)."""
-    latency_budget_s: float = 20.0
-    """Stop timing one decoder at one batch size after this many seconds (at least 3 calls;
-    0 = always ``latency_repeats``). bench/decode.py is the place for careful latency figures."""
-    generate_users: int = 100
-    """Users to write slates for (``slates.jsonl``)."""
-    device: str = "auto"
-    """Where evaluation, decode timing and generation run: ``auto`` (the first CUDA device when
-    there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``
-    (``higr_dist.eval.harness.resolve_device``; whether the device exists is checked when
-    evaluation starts, so a config can be written on a machine without it)."""
-
-    def validate(self) -> list[str]:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
-            return [f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}"]
-        return []
-
-
-@dataclass
-class PipelineConfig:
-    """The whole pipeline (``configs/<scale>/run.yaml``)."""
-
-    name: str = "demo"
-    """Run name: outputs go to ``<out_root>/<name>/``."""
-    out_root: str = "runs"
-    """Parent folder of run folders."""
-    seed: int = 0
-    """Seed for data generation and every stage."""
-    source: SourceSpec = field(default_factory=SourceSpec)
-    """Input data."""
-    etl: str = "configs/tiny/etl.yaml"
-    """ETL config file."""
-    etl_overrides: list[str] = field(default_factory=list)
-    """``key=value`` overrides of the ETL config."""
-    spark_master: str = "local[*]"
-    """Spark master for the ETL (the pipeline runs Spark in-process)."""
-    stages: dict[str, str] = field(default_factory=lambda: {
-        s: f"configs/tiny/{s}.yaml" for s in STAGE_ORDER if s != "dpo"})
-    """Stage name -> job config file. A stage absent here is skipped (``dpo`` is off by
-    default: it is the comparison for ORPO, evaluated as ``higr_dpo``)."""
-    stage_overrides: dict[str, list[str]] = field(default_factory=dict)
-    """Stage name -> ``key=value`` overrides (e.g. ``{hsd: [train.max_steps=50]}``)."""
-    sizing: sizing.SizingConfig = field(default_factory=sizing.SizingConfig)
-    """What is derived from the ETL manifest (codebook size, identity buckets, training
-    length, the catalogue bound): ``higr_dist.sizing``."""
-    launch: LaunchSpec = field(default_factory=LaunchSpec)
-    """How stages are launched."""
-    eval: EvalSpec = field(default_factory=EvalSpec)
-    """Evaluation."""
-
-    def validate(self) -> list[str]:
-        problems = []
-        if bool(self.source.interactions) != bool(self.source.items):
-            problems.append("source: give both interactions and items, or neither (synthetic)")
-        from higr_dist.decode.hier import RANKS
-
-        if self.eval.rank not in RANKS:
-            problems.append(f"eval.rank: must be one of {', '.join(RANKS)}, got "
-                            f"{self.eval.rank!r}")
-        for s in self.stages:
-            if s not in STAGE_ORDER:
-                problems.append(f"stages: unknown stage {s!r}; known: {', '.join(STAGE_ORDER)}")
-        if "tokenizer" not in self.stages or "hsd" not in self.stages:
-            problems.append("stages: tokenizer and hsd are required")
-        return problems
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_root) / self.name
+from higr_dist.layout import RunLayout
+from higr_dist.run_config import (  # noqa: F401 - the run config is part of this API
+    DEFAULT_STAGES,
+    EvalSpec,
+    LaunchSpec,
+    PipelineConfig,
+    SourceSpec,
+)
 
 
 def _log(msg: str) -> None:
@@ -218,10 +74,10 @@ def step_data(cfg: PipelineConfig, spark) -> tuple[str, str]:
         return cfg.source.interactions, cfg.source.items
     from higr_dist.etl.synthetic import SyntheticConfig, generate
 
-    out = cfg.run_dir / "data"
+    out = cfg.layout.data
     syn = load(SyntheticConfig, None, [f"{k}={json.dumps(v)}" for k, v in cfg.source.synthetic.items()],
                base={"seed": cfg.seed})
-    done = out / "_SUCCESS.json"
+    done = cfg.layout.data_done
     if done.is_file():
         paths = json.loads(done.read_text())
         if paths.get("config") == to_dict(syn):
@@ -237,8 +93,7 @@ def step_data(cfg: PipelineConfig, spark) -> tuple[str, str]:
 def _etl_config(cfg: PipelineConfig):
     from higr_dist.etl.config import EtlConfig
 
-    return load(EtlConfig, ROOT / cfg.etl if not Path(cfg.etl).is_absolute() else cfg.etl,
-                [*cfg.etl_overrides])
+    return load(EtlConfig, _config_path(cfg.etl), [*cfg.etl_overrides])
 
 
 def step_etl(cfg: PipelineConfig, spark, interactions: str, items: str) -> dict:
@@ -246,8 +101,8 @@ def step_etl(cfg: PipelineConfig, spark, interactions: str, items: str) -> dict:
     from higr_dist.etl.build import run_etl
 
     etl_cfg = _etl_config(cfg)
-    out = cfg.run_dir / "etl"
-    manifest_path = out / "manifest.json"
+    out = cfg.layout.etl.root
+    manifest_path = cfg.layout.etl.manifest
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("config_hash") == config_hash(etl_cfg):
@@ -261,16 +116,13 @@ def stage_overrides(cfg: PipelineConfig, stage: str, sized: dict[str, list[str]]
                     ) -> list[str]:
     """The run-specific paths of one stage, then what sizing derived for it from the data
     (``sized``, :func:`sized_overrides`), then the user's overrides for it (which win)."""
-    rd = cfg.run_dir.resolve()
-    ov = [f"run.name={cfg.name}-{stage}", f"run.out_dir={rd / stage}", f"run.seed={cfg.seed}",
-          f"inputs.etl_dir={rd / 'etl'}"]
-    if stage != "tokenizer":
-        ov.append(f"inputs.sid_dir={rd / 'tokenizer' / 'export'}")
-    if stage in ("orpo", "dpo"):
-        ov.append(f"inputs.init_from={rd / 'hsd' / 'final' / 'model_fp32.pt'}")
-    if stage == "dpo":
-        ov.append(f"inputs.reference_from={rd / 'hsd' / 'final' / 'model_fp32.pt'}")
-    if stage != "tokenizer":  # models are selected with the evaluation's own decoding
+    from higr_dist.stages import graph
+    from higr_dist.stages.base import get_stage
+
+    run = RunLayout(cfg.run_dir.resolve())
+    ov = [f"run.name={cfg.name}-{stage}", f"run.out_dir={run.stage(stage).root}",
+          f"run.seed={cfg.seed}", *graph.input_overrides(stage, run)]
+    if get_stage(stage).validates:  # models are selected with the evaluation's own decoding
         ov += [f"validation.beam={cfg.eval.beam}", f"validation.rank={cfg.eval.rank}"]
     return ov + list((sized or {}).get(stage, [])) + list(cfg.stage_overrides.get(stage, []))
 
@@ -300,7 +152,7 @@ def wait_for_etl(cfg: PipelineConfig, poll_s: float = 2.0) -> dict:
     """
     from higr_dist.config import config_hash
 
-    path = cfg.run_dir / "etl" / "manifest.json"
+    path = cfg.layout.etl.manifest
     want = config_hash(_etl_config(cfg))
     deadline = time.monotonic() + cfg.launch.wait_etl_s
     _log(f"node {cfg.launch.node_rank}: waiting for node 0's ETL output {path}")
@@ -318,7 +170,7 @@ def wait_for_etl(cfg: PipelineConfig, poll_s: float = 2.0) -> dict:
 
 
 def _manifest(cfg: PipelineConfig) -> dict | None:
-    path = cfg.run_dir / "etl" / "manifest.json"
+    path = cfg.layout.etl.manifest
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -348,7 +200,11 @@ def check_run(cfg: PipelineConfig) -> list[str]:
                                          for k, v in cfg.source.synthetic.items()])
         except ConfigError as e:
             problems += [f"source.synthetic: {p}" for p in e.problems]
-    for stage in (s for s in STAGE_ORDER if s in cfg.stages):
+    try:
+        order = cfg.stage_order()
+    except ValueError as e:
+        return problems + str(e).split("; ")
+    for stage in order:
         try:
             load_job(_stage_config_path(cfg, stage), stage_overrides(cfg, stage))
         except ConfigError as e:
@@ -383,13 +239,21 @@ def check_samples(cfg: PipelineConfig, manifest: dict) -> None:
         raise ConfigError([
             f"etl: no samples for {', '.join(empty)}: {manifest.get('rows_in', 0):,} rows in, "
             f"{manifest.get('rows_quarantined', 0):,} quarantined ({top or 'none'}); see "
-            f"{cfg.run_dir / 'etl' / 'quarantine'} and the ETL config (holdout, min_history, "
+            f"{cfg.layout.etl.quarantine} and the ETL config (holdout, min_history, "
             f"timestamp bounds)"])
 
 
+def _launcher(name: str, module: str) -> list[str]:
+    """A launcher's console script: the one installed beside this Python, else the one on
+    PATH, else the module it runs (``python -m``), which works wherever the package imports."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    return [found] if found else [sys.executable, "-m", module]
+
+
 def launch_command(cfg: PipelineConfig, config_path: str, overrides: list[str]) -> list[str]:
-    """The exact command a user would type to run this stage."""
-    script = str(ROOT / "launcher" / "train.py")
+    """The exact command a user would type to run this stage: the launcher starts
+    :mod:`higr_dist.launch` as a module on every rank, so it runs from any folder, installed
+    or from a checkout."""
     args = ["--config", config_path, *overrides]
     launch = cfg.launch
     if launch.mode == "deepspeed":
@@ -400,9 +264,10 @@ def launch_command(cfg: PipelineConfig, config_path: str, overrides: list[str]) 
                       "--master_addr", launch.master_addr]
         if launch.master_port:
             where += ["--master_port", str(launch.master_port)]
-        return ["deepspeed", *where, script, *args]
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    return [exe, "--standalone", "--nproc_per_node", str(cfg.launch.nproc), script, *args]
+        return [*_launcher("deepspeed", "deepspeed.launcher.runner"), *where,
+                "--module", "higr_dist.launch", *args]
+    return [*_launcher("torchrun", "torch.distributed.run"), "--standalone", "--nproc_per_node",
+            str(cfg.launch.nproc), "-m", "higr_dist.launch", *args]
 
 
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -436,15 +301,17 @@ def _in_process_world():
                     os.environ[k] = v
 
 
-def _finished(stage_dir: Path) -> bool:
-    """A stage folder whose training ended (summary written, fp32 weights exported)."""
-    return (stage_dir / "summary.json").is_file() and \
-        (stage_dir / "final" / "model_fp32.pt").is_file()
+def _config_path(ref: str) -> str:
+    """A config reference as an absolute file path (what launched processes are handed, so
+    they read the file this process checked wherever they start)."""
+    from higr_dist import configs
+
+    path = configs.resolve(ref)
+    return str(path.resolve()) if path.is_file() else str(ref)
 
 
 def _stage_config_path(cfg: PipelineConfig, stage: str) -> str:
-    path = Path(cfg.stages[stage])
-    return str(path if path.is_absolute() else ROOT / path)
+    return _config_path(cfg.stages[stage])
 
 
 def _flat(data: object, prefix: str = "") -> dict[str, object]:
@@ -460,7 +327,7 @@ def stale_stages(cfg: PipelineConfig) -> list[str]:
     """One line per finished stage folder that the current configs would train differently.
 
     A re-run reuses finished steps (that is how a killed pipeline continues). Reusing a stage
-    trained under another config (say, after editing ``configs/tiny/hsd.yaml``) would report
+    trained under another config (say, after editing its ``hsd.yaml``) would report
     the old model under the new config, and every later stage builds on it; so this check runs
     before any process starts and the run stops with the keys that differ. Nothing is deleted:
     the user picks a new ``--name`` or removes the folders.
@@ -473,7 +340,7 @@ def stale_stages(cfg: PipelineConfig) -> list[str]:
 
     problems = []
     rd = cfg.run_dir.resolve()
-    manifest = cfg.run_dir / "etl" / "manifest.json"
+    manifest = cfg.layout.etl.manifest
     etl = _manifest(cfg)
     sized = sized_overrides(cfg, etl)
     if etl is not None and etl.get("schema_version") != SCHEMA_VERSION:
@@ -482,10 +349,10 @@ def stale_stages(cfg: PipelineConfig) -> list[str]:
                         f"{etl.get('schema_version')}, this version reads {SCHEMA_VERSION}; "
                         f"use a new --name, or delete the run folder")
     etl_changed = etl is not None and etl.get("config_hash") != config_hash(_etl_config(cfg))
-    for stage in (s for s in STAGE_ORDER if s in cfg.stages):
-        out = cfg.run_dir / stage
-        resolved = out / "resolved_config.yaml"
-        if not _finished(out):
+    for stage in cfg.stage_order():
+        out = cfg.layout.stage(stage).root
+        resolved = cfg.layout.stage(stage).resolved_config
+        if not cfg.layout.stage(stage).finished():
             continue
         if etl_changed:
             problems.append(f"{stage}: {out} was trained on an ETL output built with another "
@@ -516,9 +383,9 @@ def stale_stages(cfg: PipelineConfig) -> list[str]:
 def step_stage(cfg: PipelineConfig, stage: str, sized: dict[str, list[str]] | None = None
                ) -> dict:
     """Train one stage (skipped when its summary exists); returns its summary."""
-    out = cfg.run_dir / stage
-    summary = out / "summary.json"
-    if _finished(out):
+    out = cfg.layout.stage(stage).root
+    summary = cfg.layout.stage(stage).summary
+    if cfg.layout.stage(stage).finished():
         _log(f"{stage}: reusing {out}")
         return json.loads(summary.read_text())
     config_path = _stage_config_path(cfg, stage)
@@ -533,9 +400,8 @@ def step_stage(cfg: PipelineConfig, stage: str, sized: dict[str, list[str]] | No
     else:
         cmd = launch_command(cfg, config_path, overrides)
         _log(f"{stage}: {' '.join(cmd)}")
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        proc = subprocess.run(cmd, env=env, cwd=str(ROOT))
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0:
             raise StageFailed(f"stage {stage} failed (exit {proc.returncode}; its output above "
                               f"says why); rerun: {' '.join(cmd)}")
@@ -565,8 +431,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_metadata(run_dir, cfg)
 
-        from pyspark.sql import SparkSession
-
+        try:
+            from pyspark.sql import SparkSession
+        except ImportError:
+            raise RunFailed("node 0 runs the ETL, which needs PySpark and Java 17+: pip install "
+                            "'higr-dist[etl,train]' (nodes with launch.node_rank > 0 need only "
+                            "the train extra)") from None
         from higr_dist.etl.spark import get_spark
 
         owned = SparkSession.getActiveSession() is None  # never stop a caller's session
@@ -602,11 +472,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     summaries = {}
     world = _in_process_world() if cfg.launch.mode == "inprocess" else contextlib.nullcontext()
     with world:
-        for stage in STAGE_ORDER:
-            if stage in cfg.stages:
-                t = time.perf_counter()
-                summaries[stage] = step_stage(cfg, stage, sized)
-                timings[stage] = time.perf_counter() - t
+        for stage in cfg.stage_order():
+            t = time.perf_counter()
+            summaries[stage] = step_stage(cfg, stage, sized)
+            timings[stage] = time.perf_counter() - t
 
     if node > 0:  # node 0 evaluates and writes the report
         return {"node_rank": node, "stages": summaries,
@@ -621,14 +490,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     report["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     from higr_dist.eval.report import write_report
 
-    tb = {s: run_dir / s / "tb" for s in summaries}
-    write_report(run_dir, report, tb)
+    write_report(run_dir, report, {s: cfg.layout.stage(s).tensorboard for s in summaries})
     return report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="higr run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "tiny" / "run.yaml"))
+    p.add_argument("--config", default="tiny",
+                   help="run config: a file, or a shipped one by name (tiny, kuairec, cluster)")
     p.add_argument("--name", default=None, help="run name (outputs in runs/<name>/)")
     p.add_argument("--interactions", default=None, help="interaction log (generic schema)")
     p.add_argument("--items", default=None, help="items table (generic schema)")
@@ -658,10 +527,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     if cfg.launch.node_rank > 0:
         print(f"\nnode {cfg.launch.node_rank}: trained {', '.join(report['stages'])}; node 0 "
-              f"writes the report ({cfg.run_dir / 'report.json'})")
+              f"writes the report ({cfg.layout.report_json})")
         return 0
     from higr_dist.eval.report import eval_table
 
     print("\n" + eval_table(report.get("eval", {})))
-    print(f"\nreport: {cfg.run_dir / 'report.json'}  {cfg.run_dir / 'report.md'}")
+    print(f"\nreport: {cfg.layout.report_json}  {cfg.layout.report_md}")
     return 0

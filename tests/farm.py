@@ -4,7 +4,7 @@
 ``MASTER_ADDR`` in the environment; :func:`run_farm` starts them). Each rank process imports
 torch, DeepSpeed and the engine once, then runs the spec's jobs in order, each in a *forked*
 child that is a real rank process of that job: it sets ``WORLD_SIZE``/``MASTER_PORT`` for the
-job, redirects its output to ``<logs>/<job>.rank<R>.log`` and runs ``launcher/train.py``'s
+job, redirects its output to ``<logs>/<job>.rank<R>.log`` and runs ``higr_dist.launch``'s
 ``main`` (preflight, train, the one-line errors and exit codes), so a ``kill -9`` of the job
 (``train.kill_at_step``) kills that child only and the farm goes on with the next job. Jobs of
 world 1 run on rank 0 only. Per job and rank the parent records the exit code (a negative
@@ -36,10 +36,9 @@ def _child(job: dict, rank: int, logs: Path) -> int:
     os.dup2(log.fileno(), 2)
     sys.stdout = os.fdopen(1, "w", buffering=1)
     sys.stderr = os.fdopen(2, "w", buffering=1)
-    sys.path.insert(0, str(ROOT / "launcher"))
-    import train as launcher  # launcher/train.py
+    from higr_dist import launch
 
-    return launcher.main(["--config", job["config"], *job.get("overrides", [])])
+    return launch.main(["--config", job["config"], *job.get("overrides", [])])
 
 
 def main(spec_path: str) -> None:

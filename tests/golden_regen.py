@@ -37,7 +37,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: the figures
 
 from test_engine import write_tiny_etl  # noqa: E402
 
-TINY = ROOT / "configs" / "tiny" / "tokenizer.yaml"
+from higr_dist.configs import HERE as CONFIGS  # noqa: E402
+
+TINY = CONFIGS / "tiny" / "tokenizer.yaml"
 GOLDEN = HERE / "golden" / "tokenizer_tiny.json"
 #: optimizer steps recorded
 STEPS = 10

@@ -42,11 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "etl"))
 import pack_env  # noqa: E402
 
+from higr_dist.configs import HERE as CONFIGS  # noqa: E402
+
 SPARK_HOME = Path(__import__("pyspark").__file__).parent
 SUBMIT = "spark-submit --master spark://"
 #: a small log: 300 users x 40 interactions, 200 items
 DATA = {"users": 300, "items": 200, "interactions_per_user": 40, "seed": 0}
-ETL_CONFIG = ROOT / "configs" / "tiny" / "etl.yaml"
+ETL_CONFIG = CONFIGS / "tiny" / "etl.yaml"
 #: two shards per kind and two shuffle partitions: one task per executor core and stage
 OVERRIDES = ["shuffle_partitions=2", "min_shards=2"]
 JOB_TIMEOUT_S = 420

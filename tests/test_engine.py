@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from higr_dist.config import ConfigError, to_dict
+from higr_dist.configs import HERE as CONFIGS
 from higr_dist.data.shardio import write_listing, write_shard
 from higr_dist.engine import checkpoint as ckpt
 from higr_dist.engine.config import JobConfig, TrainConfig, ensure_resolved, load_job
@@ -32,7 +33,7 @@ from higr_dist.engine.trainer import clip_gradients, schema_for, total_steps_for
 from higr_dist.schema import ITEM, PAIR_BLOCK, blocks
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny" / "tokenizer.yaml"
+TINY = CONFIGS / "tiny" / "tokenizer.yaml"
 
 #: tiny catalogue: items, feature size, clusters (= categories)
 N_ITEMS, DIM, CLUSTERS = 96, 16, 8
@@ -85,7 +86,7 @@ def tiny_overrides(etl: Path, out_dir: Path) -> list[str]:
 
 def test_shipped_configs_load_and_divide():
     for scale, world in (("tiny", 2), ("kuairec", 8), ("cluster", 32)):
-        job = load_job(ROOT / "configs" / scale / "tokenizer.yaml")
+        job = load_job(CONFIGS / scale / "tokenizer.yaml")
         assert job.stage == "tokenizer"
         assert type(job.model).__name__ == "PCRQVAEConfig"
         assert job.train.batch_problems(world) == []

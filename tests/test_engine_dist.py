@@ -33,10 +33,12 @@ import torch
 from golden_regen import GOLDEN, golden_overrides, read_losses, write_golden_etl
 from test_engine import DIM, tiny_overrides, write_tiny_etl
 
+from higr_dist.configs import HERE as CONFIGS
+
 pytestmark = pytest.mark.dist
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny" / "tokenizer.yaml"
+TINY = CONFIGS / "tiny" / "tokenizer.yaml"
 PAIRS = 192
 #: short, fast-learning schedule on top of configs/tiny/tokenizer.yaml
 TRAIN = ["train.max_steps=24", "train.lr=0.01", "train.warmup_steps=2", "train.log_every=4",

@@ -32,9 +32,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from higr_dist.config import load, to_dict
+from higr_dist.configs import HERE as CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
+SHIPPED = sorted(CONFIGS.rglob("*.yaml"))
 #: malformed values tried in every field
 BAD = [[], {}, None, "nan", "inf", 1e308, 10**40, -1, -1e9, "x", True, [[1], "a"],
        {"a": {"b": 1}}]
@@ -135,7 +136,7 @@ def check_case(source: Path, changes: list[tuple[tuple, object]], tmp: Path, cap
     config = tmp / f"fuzz-{source.parent.name}-{source.name}"
     config.write_text(yaml.dump(data, Dumper=DUMPER))
     rc, out = call(kind_of(source), config, tmp, capsys)
-    case = f"{source.relative_to(ROOT)} with {changes!r}"
+    case = f"{source.relative_to(CONFIGS)} with {changes!r}"
     assert rc in (0, 2), f"{case}: exit {rc}\n{out}"
     assert "Traceback" not in out and "check failed with" not in out, f"{case}:\n{out}"
     current = dict(FIELDS[source])
@@ -185,7 +186,7 @@ def test_fuzz_sample(case, tmp_path, capsys):
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize("source", SHIPPED, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+@pytest.mark.parametrize("source", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_field_every_bad_value(source, tmp_path, capsys):
     """The full sweep: each field of the resolved config, one at a time, with every BAD value."""
     tried = rejected = 0
@@ -193,7 +194,7 @@ def test_every_field_every_bad_value(source, tmp_path, capsys):
         for value in BAD:
             rejected += check_case(source, [(path, value)], tmp_path, capsys)
             tried += 1
-    print(f"{source.relative_to(ROOT)}: {tried} malformed configs, {rejected} rejected, "
+    print(f"{source.relative_to(CONFIGS)}: {tried} malformed configs, {rejected} rejected, "
           "0 tracebacks")
     assert tried == len(FIELDS[source]) * len(BAD)
 
@@ -242,7 +243,7 @@ def test_fuzz_hostfile(lines, tmp_path, capsys):
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("\n".join(lines), errors="surrogateescape")
-    rc = main(["--config", str(ROOT / "configs" / "tiny" / "tokenizer.yaml"),
+    rc = main(["--config", str(CONFIGS / "tiny" / "tokenizer.yaml"),
                "--hostfile", str(hostfile)])
     out = capsys.readouterr()
     text = out.out + out.err
@@ -278,7 +279,7 @@ def _fake_run(tmp: Path) -> Path:
     """A folder that looks like a pipeline run folder but holds nothing trained."""
     run = tmp / "run"
     run.mkdir()
-    (run / "resolved_config.yaml").write_text((ROOT / "configs" / "tiny" / "run.yaml").read_text())
+    (run / "resolved_config.yaml").write_text((CONFIGS / "tiny" / "run.yaml").read_text())
     return run
 
 
@@ -311,7 +312,7 @@ def test_eval_and_generate_arguments(tmp_path, capsys):
     rc = generate_main(["--run-dir", str(run)])  # reads the garbage SID table first
     err = capsys.readouterr().err
     assert rc == 2 and "higr-generate:" in err and len(err.strip().splitlines()) == 1, err
-    (run / "resolved_config.yaml").write_text((ROOT / "configs" / "tiny" / "run.yaml").read_text())
+    (run / "resolved_config.yaml").write_text((CONFIGS / "tiny" / "run.yaml").read_text())
     rc = eval_main(["--run-dir", str(run)])
     err = capsys.readouterr().err
     assert rc == 2 and "manifest.json" in err and len(err.strip().splitlines()) == 1, err

@@ -26,10 +26,12 @@ import yaml
 from farm import job_log, run_farm
 from test_engine import tiny_overrides, write_tiny_etl
 
+from higr_dist.configs import HERE as CONFIGS
+
 pytestmark = pytest.mark.dist
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "tiny" / "tokenizer.yaml")
+TINY = str(CONFIGS / "tiny" / "tokenizer.yaml")
 #: 24 steps of 3 per epoch (192 pairs, 64 per step): checkpoints at 8 and 16 are mid-epoch
 TRAIN = ["train.max_steps=24", "train.lr=0.01", "train.warmup_steps=2", "train.log_every=4",
          "train.checkpoint_every=8", "train.keep_last=2", "model.restart_every=6",

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from test_engine import tiny_overrides, write_tiny_etl
 
-from higr_dist.config import ConfigError, to_dict
+from higr_dist.config import ConfigError
+from higr_dist.configs import HERE as CONFIGS
 from higr_dist.engine.config import TrainConfig, load_job
 from higr_dist.engine.ds_config import (
     ZERO_AT_WORLD_ONE,
@@ -52,8 +53,8 @@ from higr_dist.models.sasrec import (
 from higr_dist.stages.base import StageInputs, get_stage
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_TOKENIZER = ROOT / "configs" / "tiny" / "tokenizer.yaml"
-SHIPPED = sorted(p for d in ("cluster", "kuairec") for p in (ROOT / "configs" / d).rglob("*.yaml")
+TINY_TOKENIZER = CONFIGS / "tiny" / "tokenizer.yaml"
+SHIPPED = sorted(p for d in ("cluster", "kuairec") for p in (CONFIGS / d).rglob("*.yaml")
                  if p.name not in ("etl.yaml", "run.yaml"))
 
 
@@ -82,7 +83,7 @@ def test_peak_tflops_per_device_name(name, bf16, fp32):
     assert peak_tflops("Some Future GPU", "bf16") == 0.0  # unknown: MFU not logged
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_shipped_configs_take_the_peak_from_the_device(path):
     job = load_job(path)
     assert job.train.peak_tflops == 0, f"{path} pins a device's peak FLOP/s"
@@ -295,13 +296,15 @@ def test_eval_device_option(tmp_path, capsys):
         assert capsys.readouterr().err.strip() == ("higr-generate: device 'cuda': CUDA is not "
                                                    "available on this machine (use cpu or auto)")
     # a stage folder loads onto the requested device
-    job = load_job(ROOT / "configs" / "tiny" / "hsd.yaml", [
+    job = load_job(CONFIGS / "tiny" / "hsd.yaml", [
         "inputs.sid_dir=x", "inputs.etl_dir=y", "model.history_len=6"])
-    stage_dir = tmp_path / "hsd"
-    (stage_dir / "final").mkdir(parents=True)
-    import yaml
+    from higr_dist.layout import StageLayout
+    from higr_dist.models import card
 
-    (stage_dir / "resolved_config.yaml").write_text(yaml.safe_dump(to_dict(job)))
-    torch.save(HSD(job.model).state_dict(), stage_dir / "final" / "model_fp32.pt")
-    _, model = load_stage_model(stage_dir, resolve_device("auto"))
+    folder = StageLayout(tmp_path / "hsd")
+    folder.final_weights.parent.mkdir(parents=True)
+    model = HSD(job.model)
+    torch.save(model.state_dict(), folder.final_weights)
+    folder.model_card.write_text(json.dumps(card.card(model)))
+    _, model = load_stage_model(folder.root, resolve_device("auto"))
     assert next(model.parameters()).device == resolve_device("auto") and not model.training

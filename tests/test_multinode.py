@@ -151,7 +151,7 @@ def _node(setup: dict, rank: int, port: int, out: Path) -> subprocess.Popen:
     argv = substitute(readme_command(COMMAND), {
         "$NODE_RANK": str(rank), "$MASTER_ADDR": "127.0.0.1"},
         words={"hostfile": str(setup["hostfile"]), "29500": str(port),
-               "configs/cluster/hsd.yaml": str(setup["config"])})
+               "cluster/hsd": str(setup["config"])})
     return setup["launches"].start([*argv, f"run.out_dir={out}"], f"node{rank}-{out.name}")
 
 
@@ -238,7 +238,7 @@ def _pipeline(*overrides: str):
     from higr_dist.config import load
     from higr_dist.pipeline import PipelineConfig
 
-    return load(PipelineConfig, ROOT / "configs" / "tiny" / "run.yaml", list(overrides))
+    return load(PipelineConfig, "tiny", list(overrides))
 
 
 def test_higr_run_builds_the_readme_command_per_node():
@@ -248,18 +248,17 @@ def test_higr_run_builds_the_readme_command_per_node():
         cfg = _pipeline("launch.mode=deepspeed", "launch.hostfile=hostfile",
                         f"launch.node_rank={rank}", "launch.master_addr=10.0.0.1",
                         "launch.master_port=29500")
-        cmd = launch_command(cfg, "configs/cluster/hsd.yaml", ["run.seed=0"])
+        cmd = launch_command(cfg, "cluster/hsd", ["run.seed=0"])
         readme = substitute(readme_command(COMMAND),
                             {"$NODE_RANK": str(rank), "$MASTER_ADDR": "10.0.0.1"})
-        script = cmd.index(str(ROOT / "launcher" / "train.py"))
-        assert cmd[:script] == readme[:readme.index("launcher/train.py")]
-        assert cmd[script + 1:] == ["--config", "configs/cluster/hsd.yaml", "run.seed=0"]
+        assert Path(cmd[0]).name == readme[0] == "deepspeed"
+        assert cmd[1:] == readme[1:] + ["run.seed=0"]
     # one launcher over ssh, and one node: as before
     cfg = _pipeline("launch.mode=deepspeed", "launch.hostfile=hostfile")
-    assert launch_command(cfg, "c.yaml", [])[:3] == ["deepspeed", "--hostfile", "hostfile"]
+    assert launch_command(cfg, "c.yaml", [])[1:3] == ["--hostfile", "hostfile"]
     assert "--no_ssh" not in launch_command(cfg, "c.yaml", [])
     cfg = _pipeline("launch.mode=deepspeed", "launch.nproc=4")
-    assert launch_command(cfg, "c.yaml", [])[:3] == ["deepspeed", "--num_gpus", "4"]
+    assert launch_command(cfg, "c.yaml", [])[1:3] == ["--num_gpus", "4"]
 
 
 def test_higr_run_rejects_a_node_rank_without_its_launch_settings():

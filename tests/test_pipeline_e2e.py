@@ -1,15 +1,23 @@
-"""The main job end to end at a CI-sized scale: synthetic data (a Spark job) -> ETL -> tokenizer
--> HSD, flat, SASRec -> ORPO -> evaluation -> slates, through ``higr run``'s own code path.
+"""The main job end to end at a CI-sized scale, as a user installs and runs it: this checkout
+``pip install``-ed (not editable) into a fresh venv, then ``higr run --config tiny --name smoke``
+from an empty folder: synthetic data (a Spark job) -> ETL -> tokenizer -> HSD, flat, SASRec ->
+ORPO -> evaluation -> slates, every stage through ``torchrun`` and ``higr_dist.launch`` on two
+ranks, as shipped.
 
-Stages run in-process (a world of one) to keep CI fast; multi-rank training through the real
-launchers is covered by the ``*_dist`` tests. The assertions are the report contract of issue 4
-(keys scripts read), the ETL row invariant, and the learnability claim: the pretrained HSD beats
-popularity on held-out users.
+The fresh venv takes its dependencies from this test run's venv (a ``.pth`` line), so nothing
+is downloaded but the build backend; the checkout itself is neither on the path nor the working
+folder, and the run records which copy of the code ran (``run_meta.json``). The assertions are
+the report contract (keys scripts read), the ETL row invariant, and the learnability claim:
+the pretrained HSD beats popularity on held-out users.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -18,7 +26,6 @@ from higr_dist.config import ConfigError, load
 from higr_dist.pipeline import PipelineConfig, run_pipeline, stale_stages
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = ROOT / "configs" / "tiny" / "run.yaml"
 EVAL_KEYS = ("impressions.hit5", "impressions.recall5", "effective.hit5", "effective.recall5",
              "effective.ndcg5", "ild")
 
@@ -32,14 +39,13 @@ def _get(d: dict, dotted: str):
 STEPS = {"tokenizer": 60, "hsd": 150, "flat": 150, "sasrec": 150, "orpo": 30}
 
 
-def _overrides(root: Path, hsd_extra: str = "", etl_extra: str = "") -> list[str]:
+def _overrides(hsd_extra: str = "", etl_extra: str = "") -> list[str]:
     """The CI-sized run (and, for the stale-config test, the same run with one key changed)."""
     stages = ", ".join(
         f"{s}: [train.max_steps={n}, train.checkpoint_every=0, train.progress_bar=false, "
-        f"data.num_workers=0, train.micro_batch_size=64, train.global_batch_size=64"
+        f"data.num_workers=0, train.micro_batch_size=32, train.global_batch_size=64"
         f"{hsd_extra if s == 'hsd' else ''}]" for s, n in STEPS.items())
     return [
-        "name=e2e", f"out_root={root}", "launch.mode=inprocess",
         "source.synthetic={users: 500, items: 300, interactions_per_user: 50}",
         f"etl_overrides=[samples_per_shard=500, min_shards=2, shuffle_partitions=2{etl_extra}]",
         "eval.latency_repeats=3", "eval.generate_users=10", "eval.max_users=256",
@@ -47,17 +53,63 @@ def _overrides(root: Path, hsd_extra: str = "", etl_extra: str = "") -> list[str
     ]
 
 
+def _config(work: Path, **changes: str) -> PipelineConfig:
+    """The smoke run's config as this process loads it (its run folder: ``work/runs/smoke``)."""
+    return load(PipelineConfig, "tiny",
+                ["name=smoke", f"out_root={work / 'runs'}", *_overrides(**changes)])
+
+
 # the whole pipeline on a tiny log: minutes, and a JVM
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory, spark) -> tuple[Path, dict]:
-    # `spark` (session fixture) is requested so the pipeline reuses the one JVM of this test run
-    overrides = _overrides(tmp_path_factory.mktemp("e2e"))
-    cfg = load(PipelineConfig, TINY_RUN, overrides)
-    rep = run_pipeline(cfg)
-    return cfg.run_dir, rep
+def installed(tmp_path_factory) -> Path:
+    """A fresh venv with this checkout installed as a user installs it (its ``bin``)."""
+    venv = tmp_path_factory.mktemp("venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = Path(subprocess.run([venv / "bin" / "python", "-c", "import sysconfig; "
+                                "print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    # the dependencies: this venv's packages, read through a path line (their .pth files,
+    # among them the editable install of this checkout, are not processed)
+    (site / "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "-q",
+                    "--disable-pip-version-check", f"{ROOT}[etl,train]"],
+                   check=True, cwd=venv)
+    return venv / "bin"
+
+
+def _user_env(bin_dir: Path) -> dict:
+    """A user's shell with the fresh venv active: no checkout on any path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    ours = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([str(bin_dir), *(d for d in env["PATH"].split(os.pathsep)
+                                                   if d and d != ours)])
+    env.update(VIRTUAL_ENV=str(bin_dir.parent), PYSPARK_PYTHON=str(bin_dir / "python"),
+               PYSPARK_DRIVER_PYTHON=str(bin_dir / "python"))
+    return env
+
+
+@pytest.fixture(scope="module")
+def report(installed, tmp_path_factory) -> tuple[Path, dict]:
+    work = tmp_path_factory.mktemp("empty")
+    proc = subprocess.run([installed / "higr", "run", "--config", "tiny", "--name", "smoke",
+                           *_overrides()], cwd=work, env=_user_env(installed),
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    run_dir = work / "runs" / "smoke"
+    return run_dir, json.loads((run_dir / "report.json").read_text())
+
+
+def test_the_installed_package_ran_not_the_checkout(report, installed):
+    run_dir, _ = report
+    site = installed.parent.resolve()
+    for meta in [run_dir / "run_meta.json", *sorted(run_dir.glob("*/run_meta.json"))]:
+        m = json.loads(meta.read_text())
+        assert Path(m["package"]).is_relative_to(site), (meta, m["package"])
+        assert m["git_sha"] == "unknown", meta  # an installed package is no checkout
+    assert len(list(run_dir.glob("*/run_meta.json"))) == len(STEPS)  # every stage's ranks
 
 
 def test_report_contract(report):
@@ -80,16 +132,6 @@ def test_report_contract(report):
     md = (run_dir / "report.md").read_text()
     assert "popularity" in md and "NDCG" in md
     assert list(run_dir.glob("*.png")) or list((run_dir / "plots").glob("*.png"))
-
-
-def test_in_process_run_leaves_no_process_group(report):
-    # later tests fork gloo workers: an inherited default group breaks their init
-    import os
-
-    import torch.distributed as dist
-
-    assert not dist.is_initialized()
-    assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
 
 
 def test_hsd_beats_popularity(report):
@@ -136,17 +178,18 @@ def test_rerun_refuses_stages_trained_under_another_config(report):
     # a re-run reuses finished stages; one trained under other settings must stop the run
     # before any process starts (naming the keys), never be reported as the new config's model
     run_dir, _ = report
-    same = load(PipelineConfig, TINY_RUN, _overrides(run_dir.parent))
+    work = run_dir.parents[1]
+    same = _config(work)
     assert stale_stages(same) == []
 
-    lr = load(PipelineConfig, TINY_RUN, _overrides(run_dir.parent, hsd_extra=", train.lr=0.0123"))
+    lr = _config(work, hsd_extra=", train.lr=0.0123")
     problems = stale_stages(lr)
     assert len(problems) == 1 and problems[0].startswith("hsd: ")
     assert "train.lr: " in problems[0] and "-> 0.0123" in problems[0]
     with pytest.raises(ConfigError, match="train.lr"):
         run_pipeline(lr)
 
-    etl = load(PipelineConfig, TINY_RUN, _overrides(run_dir.parent, etl_extra=", min_shards=3"))
+    etl = _config(work, etl_extra=", min_shards=3")
     problems = stale_stages(etl)
     assert [p.split(":")[0] for p in problems] == list(STEPS)
     assert all("another ETL config" in p for p in problems)

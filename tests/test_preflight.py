@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from test_engine import tiny_overrides, write_tiny_etl
 
+from higr_dist.configs import HERE as CONFIGS
 from higr_dist.engine.hostfile import parse_hostfile_text, world_size
 from higr_dist.engine.preflight import main, preflight
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny" / "tokenizer.yaml"
+TINY = CONFIGS / "tiny" / "tokenizer.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -168,13 +169,10 @@ def test_launcher_fails_fast_with_exit_code_2(ok, tmp_path):
 
 
 def test_launcher_accepts_the_deepspeed_local_rank_argument():
-    """``deepspeed`` starts ``launcher/train.py --local_rank=<n> <user args>``; torchrun does not
+    """``deepspeed`` starts ``higr_dist.launch --local_rank=<n> <user args>``; torchrun does not
     pass it. Both spellings parse, before or after the options."""
-    import importlib.util
+    from higr_dist import launch as launcher
 
-    spec = importlib.util.spec_from_file_location("launcher_train", ROOT / "launcher" / "train.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
     a = launcher.parse_args(["--local_rank=1", "--config", "c.yaml", "train.zero_stage=2"])
     assert (a.local_rank, a.config, a.overrides) == (1, "c.yaml", ["train.zero_stage=2"])
     b = launcher.parse_args(["--config", "c.yaml", "--local-rank", "3"])

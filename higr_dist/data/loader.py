@@ -91,6 +91,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from higr_dist.data.shardio import list_shards
+from higr_dist.layout import SHARD_LISTING
 from higr_dist.schema.codec import SampleSchema, SchemaError
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def _load_listings(shards: list[str]) -> dict[str, _Expected]:
     """``shards.json`` entries (size, sample count) for the given shards, where a listing exists."""
     out: dict[str, _Expected] = {}
     for directory in sorted({str(Path(s).parent) for s in shards}):
-        listing = Path(directory) / "shards.json"
+        listing = Path(directory) / SHARD_LISTING
         if not listing.is_file():
             continue
         for entry in json.loads(listing.read_text())["shards"]:

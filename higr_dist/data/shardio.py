@@ -22,6 +22,7 @@ from pathlib import Path
 
 import webdataset as wds
 
+from higr_dist.layout import SHARD_LISTING
 from higr_dist.schema.codec import SampleSchema
 
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -85,7 +86,7 @@ def list_shards(directory: str | Path) -> list[str]:
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"shard directory not found: {d}")
-    listing = d / "shards.json"
+    listing = d / SHARD_LISTING
     if listing.is_file():
         names = [s["name"] for s in json.loads(listing.read_text())["shards"]]
         return [str(d / n) for n in names]
@@ -103,6 +104,6 @@ def write_listing(directory: str | Path, shards: list[dict]) -> Path:
     listing = {"samples": sum(s["samples"] for s in shards), "shards": shards}
     if any("unpacked" in s for s in shards):
         listing["unpacked"] = sum(s["unpacked"] for s in shards)
-    path = d / "shards.json"
+    path = d / SHARD_LISTING
     path.write_text(json.dumps(listing, indent=1, sort_keys=True))
     return path

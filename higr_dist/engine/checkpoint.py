@@ -65,9 +65,8 @@ import torch.distributed as dist
 from torch import nn
 
 from higr_dist.engine.errors import CheckpointFailed
+from higr_dist.layout import LATEST
 
-CHECKPOINT_DIR = "checkpoints"
-LATEST = "latest"
 _TAG = re.compile(r"^global_step(\d+)$")
 
 

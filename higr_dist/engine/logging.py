@@ -38,6 +38,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from higr_dist.layout import StageLayout
+
 #: order and short names of the console line (tags not listed are TensorBoard-only)
 _CONSOLE = (
     ("loss/total", "loss", "{:.4f}"),
@@ -128,7 +130,7 @@ class RunLogger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tb"))
+        self.writer = SummaryWriter(log_dir=str(StageLayout(Path(out_dir)).tensorboard))
         if progress_bar:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             dynamic_ncols=True, file=sys.stderr, mininterval=1.0)

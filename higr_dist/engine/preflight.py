@@ -47,6 +47,7 @@ from higr_dist.config import ConfigError
 from higr_dist.engine.config import JobConfig, load_job
 from higr_dist.engine.hostfile import parse_hostfile
 from higr_dist.engine.hostfile import world_size as hostfile_world_size
+from higr_dist.layout import SHARD_LISTING
 
 
 def _guard(name: str, problems: list[str], check: Callable[[], list[str]]) -> None:
@@ -114,8 +115,8 @@ def check_shards(job: JobConfig, sample_kind: str, world: int) -> list[str]:
         return [f"too few shards: {len(shards)} in {folder} for {world} rank(s) x {workers} "
                 f"worker(s) = {readers} readers (each reader streams whole shards); lower "
                 "data.num_workers or write more shards"]
-    if job.train.epochs and not job.train.max_steps and not (folder / "shards.json").is_file():
-        return [f"train.epochs without train.max_steps needs {folder / 'shards.json'} (sample "
+    if job.train.epochs and not job.train.max_steps and not (folder / SHARD_LISTING).is_file():
+        return [f"train.epochs without train.max_steps needs {folder / SHARD_LISTING} (sample "
                 "counts size the LR schedule); set train.max_steps"]
     return []
 
@@ -196,7 +197,7 @@ def shard_fingerprint(shard_dir: Path) -> str:
     if not shard_dir.is_dir():
         return f"missing: {shard_dir}"
     h = hashlib.sha256()
-    listing = shard_dir / "shards.json"
+    listing = shard_dir / SHARD_LISTING
     try:
         if listing.is_file():
             h.update(listing.read_bytes())

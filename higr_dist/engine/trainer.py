@@ -69,6 +69,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import json
 import math
 import os
 import signal
@@ -103,6 +104,8 @@ from higr_dist.engine.errors import BadInput, ExportMismatch, NonFiniteLoss
 from higr_dist.engine.logging import RunLogger, metric_tag
 from higr_dist.engine.preflight import check_shared_paths
 from higr_dist.engine.validate import METRIC, Validator, gathered
+from higr_dist.layout import SHARD_LISTING, StageLayout
+from higr_dist.models import card as model_card
 from higr_dist.schema import FOLDERS, SampleSchema
 from higr_dist.stages.base import Stage, get_stage
 
@@ -322,9 +325,7 @@ def schema_for(sample_kind: str) -> SampleSchema:
 def listed_samples(shard_dir: Path) -> int | None:
     """Training samples listed in ``<shard_dir>/shards.json`` (what a grouped kind's records
     unpack to); None when there is no listing."""
-    import json
-
-    listing = shard_dir / "shards.json"
+    listing = shard_dir / SHARD_LISTING
     if not listing.is_file():
         return None
     data = json.loads(listing.read_text())
@@ -341,7 +342,7 @@ def total_steps_for(train: TrainConfig, shard_dir: Path) -> int:
         return train.max_steps
     samples = listed_samples(shard_dir)
     if samples is None:
-        raise FileNotFoundError(f"train.epochs needs {shard_dir / 'shards.json'} to size the LR "
+        raise FileNotFoundError(f"train.epochs needs {shard_dir / SHARD_LISTING} to size the LR "
                                 "schedule; set train.max_steps or write the listing")
     per_epoch = max(1, math.ceil(samples / train.global_batch_size))
     steps = per_epoch * train.epochs
@@ -492,7 +493,8 @@ class Trainer:
         self.env = init_distributed(self.cfg.dist_timeout_s)
         self.stage: Stage = get_stage(self.job.stage)
         self.out_dir = self.job.out_path
-        self.ckpt_dir = self.out_dir / ckpt.CHECKPOINT_DIR
+        self.folder = StageLayout(self.out_dir)
+        self.ckpt_dir = self.folder.checkpoints
         self.shard_dir = self.job.shard_dir(self.stage.sample_kind)
         self.gas = self.cfg.grad_accum(self.env.world_size)
         self.total_steps = total_steps_for(self.cfg, self.shard_dir)
@@ -635,13 +637,13 @@ class Trainer:
         samples = listed_samples(self.shard_dir)
         if samples is None:
             raise FileNotFoundError(f"validation.every_epochs needs "
-                                    f"{self.shard_dir / 'shards.json'} to count an epoch")
+                                    f"{self.shard_dir / SHARD_LISTING} to count an epoch")
         per_epoch = max(1, math.ceil(samples / self.cfg.global_batch_size))
         return max(1, round(vcfg.every_epochs * per_epoch))
 
     @property
     def best_path(self) -> Path:
-        return self.out_dir / "best" / "model_fp32.pt"
+        return self.folder.best_weights
 
     def _validate(self) -> None:
         """Collective: score the model on the validation split; keep the best weights."""
@@ -992,7 +994,7 @@ class Trainer:
         ``validation.keep_best``, else the last ones, consolidated to fp32) ->
         final/model_fp32.pt, checked against the live model (:meth:`_check_export`);
         rank 0 finalizes."""
-        path = self.out_dir / "final" / "model_fp32.pt"
+        path = self.folder.final_weights
         kept_best = bool(self.val_every and self.job.validation.keep_best and self.best is not None)
         if kept_best:
             state = ckpt.load_state_file(self.best_path) if self.is_main else {}
@@ -1008,10 +1010,11 @@ class Trainer:
             fresh, _ = self.stage.build(self.job.model, self.job.loss, self.job.inputs)
             fresh.load_state_dict(ckpt.load_state_file(path), strict=True)  # the file, reread
             fresh.eval()
+            self.folder.model_card.write_text(json.dumps(model_card.card(fresh), indent=2))
             if live is not None:
                 check = self._check_export(fresh, live, path)
             result = self.stage.finalize(fresh, self.job.model, self.job.loss, self.job.inputs,
-                                         self.out_dir / "export") or {}
+                                         self.folder.export) or {}
         box = [check]
         dist.broadcast_object_list(box, src=0)
         check = box[0]
@@ -1127,17 +1130,15 @@ class Trainer:
             self.log.message(f"{self.job.stage}: nothing to train for this model config; "
                              "finalizing directly")
             export = self.stage.finalize(model, self.job.model, self.job.loss, self.job.inputs,
-                                         self.out_dir / "export") or {}
+                                         self.folder.export) or {}
         return self._finish(export, t_start)
 
     def _finish(self, export: dict, t_start: float) -> dict:
         """Write summary.json on rank 0 and hand the summary to every rank."""
         summary = self._summary(export, time.perf_counter() - t_start)
         if self.is_main:
-            import json
-
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            self.log.message(f"done: step {self.step}, summary {self.out_dir / 'summary.json'}")
+            self.folder.summary.write_text(json.dumps(summary, indent=2))
+            self.log.message(f"done: step {self.step}, summary {self.folder.summary}")
         box = [summary]
         dist.broadcast_object_list(box, src=0)
         return box[0]

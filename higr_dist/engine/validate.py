@@ -41,6 +41,7 @@ from higr_dist.data.slates import SlateCollate
 from higr_dist.decode.hier import RANKS
 from higr_dist.decode.trie import SidTrie
 from higr_dist.eval.metrics import SlateMetrics
+from higr_dist.layout import EtlLayout
 from higr_dist.schema import FOLDERS
 
 #: the metric that selects models (effective-view NDCG@5, the report's headline)
@@ -93,7 +94,7 @@ class ValidateConfig:
 
 def effective_threshold(etl_dir: Path) -> float:
     """The ETL's effective-view threshold (manifest ``feedback``), 2.0 when not recorded."""
-    manifest = Path(etl_dir) / "manifest.json"
+    manifest = EtlLayout(Path(etl_dir)).manifest
     if manifest.is_file():
         fb = json.loads(manifest.read_text()).get("feedback", {})
         return float(fb.get("effective_threshold", 2.0))
@@ -128,7 +129,7 @@ class Validator:
 
     def _mine(self):
         """This rank's validation samples (every world_size-th user, up to max_users)."""
-        shards = list_shards(self.etl_dir / "slates" / "val")
+        shards = list_shards(EtlLayout(Path(self.etl_dir)).kind("slates/val"))
         for n, s in enumerate(iterate_samples(shards, FOLDERS["slates/val"])):
             if self.cfg.max_users and n >= self.cfg.max_users:
                 return

@@ -67,14 +67,14 @@ from higr_dist.etl.writer import (
     write_kind,
     write_kinds,
 )
+from higr_dist.layout import EtlLayout
 from higr_dist.schema import SCHEMA_VERSION
 
 __all__ = ["EtlConfig", "SourceConfig", "run_etl", "main", "OUTPUT_ENTRIES",
            "quarantine_warnings"]
 
 #: Everything the ETL writes under ``out_dir`` (what ``overwrite`` removes, and nothing else).
-OUTPUT_ENTRIES = ("manifest.json", "quarantine", "quarantine_items", "item_index", "items",
-                  "pairs", "slates", "prefs")
+OUTPUT_ENTRIES = tuple(p.name for p in EtlLayout(Path(".")).entries())
 
 #: feature vectors of catalogues up to this many bytes are broadcast to the pair join
 _BROADCAST_FEATURE_BYTES = 64 << 20
@@ -168,7 +168,7 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str,
         # the manifest names the quarantine folders relative to itself (the same manifest
         # wherever the output lies); the console names them in full
         manifest["warnings"] = quarantine_warnings(manifest, cfg, None)
-        _write_json(out / "manifest.json", manifest)
+        _write_json(EtlLayout(out).manifest, manifest)
     except BaseException:
         # a failed ETL (bad input, a full disk, an interrupt) leaves no output: complete
         # shards without their manifest would read as a smaller data set
@@ -202,8 +202,9 @@ def quarantine_warnings(manifest: dict, cfg: EtlConfig, out: Path | None) -> lis
     ``cfg.quarantine_warn_share``: the share, the top reasons with counts, what the top one
     usually means and where the rows are (under ``out``; relative to the output when None)."""
     lines = []
-    tables = (("interaction rows", manifest, "quarantine"),
-              ("items-table rows", manifest["items_table"], "quarantine_items"))
+    folders = EtlLayout(Path("."))
+    tables = (("interaction rows", manifest, folders.quarantine.name),
+              ("items-table rows", manifest["items_table"], folders.quarantine_items.name))
     for what, part, where in tables:
         rows_in, bad = int(part["rows_in"]), int(part["rows_quarantined"])
         if not bad or bad <= cfg.quarantine_warn_share * rows_in:
@@ -223,13 +224,14 @@ def _run(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str, out
     with timer.phase("catalog"):
         catalog = build_catalog(read_items(spark, items, cfg.source, _items_format(cfg, items)),
                                 cfg)
-        catalog.index.write.mode("overwrite").parquet(str(out / "item_index"))
-        catalog.quarantine.write.mode("overwrite").parquet(str(out / "quarantine_items"))
+        folders = EtlLayout(out)
+        catalog.index.write.mode("overwrite").parquet(str(folders.item_index))
+        catalog.quarantine.write.mode("overwrite").parquet(str(folders.quarantine_items))
         # downstream reads the written index back: a file relation, unlike the checkpointed
         # frame (whose recorded range partitioning keeps old attribute ids), stays equal to
         # itself when a plan uses it twice, so Spark's cache matching keeps working (without
         # this, features and pairs recomputed validation and sequences from the raw log)
-        index = spark.read.parquet(str(out / "item_index"))
+        index = spark.read.parquet(str(folders.item_index))
 
     with timer.phase("validate"):
         # validation, the quarantine and the per-user sequences: one shuffle, one aggregate
@@ -247,7 +249,7 @@ def _run(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str, out
         if rows_in != rows_out + quarantined_rows:
             raise RuntimeError(f"row accounting broken: {rows_in} in != {rows_out} out + "
                                f"{quarantined_rows} quarantined")
-        bad.write.mode("overwrite").parquet(str(out / "quarantine"))
+        bad.write.mode("overwrite").parquet(str(folders.quarantine))
 
     with timer.phase("features"):
         collab = materialise(features.collab(seq, cfg, catalog.num_items))

@@ -63,6 +63,7 @@ from higr_dist.data.shardio import (
 )
 from higr_dist.etl.config import EtlConfig
 from higr_dist.etl.sequences import pref_group, pref_windows_batch, slate_group, slate_samples
+from higr_dist.layout import EtlLayout
 from higr_dist.schema import FOLDERS, SCHEMAS, SampleSchema, blocks
 from higr_dist.schema.codec import chunks
 
@@ -260,7 +261,7 @@ def write_kinds(df: DataFrame, out_dir: str | Path, kind_dirs: Sequence[str], sh
     ``block``: records per member of the block kinds among them."""
     folders = []
     for kind_dir in kind_dirs:
-        directory = Path(out_dir) / kind_dir
+        directory = EtlLayout(Path(out_dir)).kind(kind_dir)
         directory.mkdir(parents=True, exist_ok=True)
         folders.append((str(directory.resolve()), FOLDERS[kind_dir].kind))
     task = ShardTask(tuple(folders), builder, reorder, block)

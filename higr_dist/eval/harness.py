@@ -55,6 +55,8 @@ from higr_dist.decode.hier import RANKS
 from higr_dist.decode.trie import SidTrie
 from higr_dist.eval.metrics import SlateMetrics, paired_bootstrap
 from higr_dist.eval.predict import Predict, slate_predictor
+from higr_dist.layout import EtlLayout, RunLayout, StageLayout
+from higr_dist.models import card as model_card
 from higr_dist.schema import FOLDERS
 
 
@@ -90,19 +92,19 @@ def _sync(device: torch.device) -> None:
 
 
 def load_stage_model(stage_dir: Path, device: torch.device | str = "cpu"):
-    """(job, model) for a trained stage folder, weights from ``final/model_fp32.pt``, eval mode,
-    on ``device``."""
-    from higr_dist.engine.config import load_job
-    from higr_dist.stages.base import get_stage
-
-    job = load_job(stage_dir / "resolved_config.yaml")
-    stage = get_stage(job.stage)
-    model, _ = stage.build(job.model, job.loss, job.inputs)
-    state = torch.load(stage_dir / "final" / "model_fp32.pt", map_location="cpu", weights_only=True)
+    """(model card, model) for a trained stage folder: the model its card names
+    (:mod:`higr_dist.models.card`) with its exported weights, eval mode, on ``device``."""
+    folder = StageLayout(Path(stage_dir))
+    if not folder.model_card.is_file():
+        raise FileNotFoundError(f"{folder.model_card} is missing: {folder.root} holds no "
+                                "finished model (train it with `higr run`)")
+    card = _read_json(folder.model_card)
+    model = model_card.build(card)
+    state = torch.load(folder.final_weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     model.to(device)
     model.eval()
-    return job, model
+    return card, model
 
 
 def test_batches(etl_dir: Path, collate, batch_size: int, max_users: int = 0,
@@ -111,7 +113,8 @@ def test_batches(etl_dir: Path, collate, batch_size: int, max_users: int = 0,
     ``test`` (each user's last N interactions) or ``val`` (the N before them, for model
     selection; its history stops before the validation window)."""
     buf, seen = [], 0
-    for s in iterate_samples(list_shards(etl_dir / "slates" / split), FOLDERS[f"slates/{split}"]):
+    kind = f"slates/{split}"
+    for s in iterate_samples(list_shards(EtlLayout(Path(etl_dir)).kind(kind)), FOLDERS[kind]):
         buf.append(s)
         seen += 1
         if len(buf) == batch_size:
@@ -126,7 +129,8 @@ def test_batches(etl_dir: Path, collate, batch_size: int, max_users: int = 0,
 def popularity_top(etl_dir: Path, k: int = 5) -> np.ndarray:
     """The k items most frequent among training target slates (streaming count)."""
     counts: Counter[int] = Counter()
-    for s in iterate_samples(list_shards(etl_dir / "slates" / "train"), FOLDERS["slates/train"]):
+    for s in iterate_samples(list_shards(EtlLayout(Path(etl_dir)).kind("slates/train")),
+                             FOLDERS["slates/train"]):
         counts.update(s["target_items"])
     return np.array([i for i, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]])
 
@@ -140,12 +144,14 @@ def make_predictors(run_dir: Path, sid_dir: Path, beam: int, rank: str = "placed
     preds: dict[str, Predict] = {}
     models: dict = {"trie": trie, "device": device}
 
+    run = RunLayout(Path(run_dir))
+
     def add(name: str, stage: str) -> None:
-        _, model = load_stage_model(run_dir / stage, device)
+        _, model = load_stage_model(run.stage(stage).root, device)
         preds[name], models[name] = slate_predictor(model, trie, beam, rank), model
 
     def trained(stage: str) -> bool:
-        return (run_dir / stage / "final" / "model_fp32.pt").is_file()
+        return run.stage(stage).final_weights.is_file()
 
     if trained("orpo"):
         add("higr", "orpo")
@@ -246,7 +252,7 @@ def item_ids(etl_dir: Path) -> np.ndarray:
     """item_idx -> source item_id (strings), from the ETL's item_index (catalogue-sized)."""
     import pyarrow.parquet as pq
 
-    t = pq.read_table(etl_dir / "item_index", columns=["item_idx", "item_id"])
+    t = pq.read_table(EtlLayout(Path(etl_dir)).item_index, columns=["item_idx", "item_id"])
     idx = t.column("item_idx").to_numpy()
     ids = np.empty(idx.max() + 1, dtype=object)
     ids[idx] = t.column("item_id").to_pylist()
@@ -256,7 +262,8 @@ def item_ids(etl_dir: Path) -> np.ndarray:
 def serving_samples(etl_dir: Path, users: set[str] | None = None) -> Iterator[dict]:
     """Each user's whole log as a serving context: the test sample's history followed by its
     held-out window (so the slate is "what to show next"), filtered to ``users`` when given."""
-    for s in iterate_samples(list_shards(etl_dir / "slates" / "test"), FOLDERS["slates/test"]):
+    for s in iterate_samples(list_shards(EtlLayout(Path(etl_dir)).kind("slates/test")),
+                             FOLDERS["slates/test"]):
         if users is not None and str(s["user_id"]) not in users:
             continue
         yield dict(s, hist_items=[*s["hist_items"], *s["target_items"]],
@@ -301,9 +308,9 @@ def generate_slates(predict: Predict, etl_dir: Path, collate, num_users: int, ou
 def evaluate_run(cfg, manifest: dict, summaries: dict) -> dict:
     """Everything after training for a pipeline run; returns the report dict."""
     _threads()
-    run_dir = Path(cfg.run_dir)
-    etl_dir, sid_dir = run_dir / "etl", run_dir / "tokenizer" / "export"
-    preds, models = make_predictors(run_dir, sid_dir, cfg.eval.beam, cfg.eval.rank,
+    run = RunLayout(Path(cfg.run_dir).resolve())  # the report names files wherever it is read
+    etl_dir, sid_dir = run.etl.root, run.sids
+    preds, models = make_predictors(run.root, sid_dir, cfg.eval.beam, cfg.eval.rank,
                                     resolve_device(cfg.eval.device))
     hcfg = models["higr"].cfg
     collate = SlateCollate(sid_dir, hcfg.N, hcfg.history_len)
@@ -316,7 +323,7 @@ def evaluate_run(cfg, manifest: dict, summaries: dict) -> dict:
                             list(cfg.eval.latency_batches),
                             cfg.eval.latency_repeats, cfg.eval.latency_budget_s)
     n_slates = generate_slates(preds["higr"], etl_dir, collate, cfg.eval.generate_users,
-                               run_dir / "slates.jsonl")
+                               run.slates)
     sid_report = json.loads((sid_dir / "sid_report.json").read_text())
     return {
         "name": cfg.name,
@@ -328,12 +335,12 @@ def evaluate_run(cfg, manifest: dict, summaries: dict) -> dict:
         "eval_seconds": round(eval_s, 1),
         "effective_threshold": cfg.eval.effective_threshold,
         "decode": decode,
-        "slates": {"file": str(run_dir / "slates.jsonl"), "users": n_slates},
+        "slates": {"file": str(run.slates), "users": n_slates},
         "stages": {s: {k: v for k, v in (summ or {}).items() if not isinstance(v, dict | list)}
                    for s, summ in summaries.items()},
         "selection": {s: {"final_step": summ["final_step"], **summ["validation"]}
                       for s, summ in summaries.items() if (summ or {}).get("validation")},
-        "tensorboard": str(run_dir),
+        "tensorboard": str(run.root),
     }
 
 
@@ -344,16 +351,18 @@ def evaluate_run(cfg, manifest: dict, summaries: dict) -> dict:
 
 def _load_pipeline(run_dir: Path):
     from higr_dist.config import load
-    from higr_dist.pipeline import PipelineConfig
+    from higr_dist.run_config import PipelineConfig
 
-    return load(PipelineConfig, run_dir / "resolved_config.yaml")
+    return load(PipelineConfig, RunLayout(run_dir).resolved_config)
 
 
-def _run_folder_problem(run_dir: Path, need: tuple[str, ...]) -> str | None:
-    """Why ``run_dir`` is not a finished pipeline run folder with ``need`` in it (None: it is)."""
+def _run_folder_problem(run_dir: Path, need: tuple[Path, ...]) -> str | None:
+    """Why ``run_dir`` is not a finished pipeline run folder with the files ``need`` in it
+    (None: it is)."""
     if not run_dir.is_dir():
         return f"{run_dir} is not a folder"
-    missing = [n for n in ("resolved_config.yaml", *need) if not (run_dir / n).is_file()]
+    missing = [str(p.relative_to(run_dir)) for p in (RunLayout(run_dir).resolved_config, *need)
+               if not p.is_file()]
     if missing:
         return (f"{run_dir} is not a finished pipeline run folder (no {', '.join(missing)}); "
                 "run `higr run` first")
@@ -409,9 +418,9 @@ def eval_main(argv: list[str] | None = None) -> int:
                         "eval.device)")
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
+    run = RunLayout(run_dir)
     try:
-        problem = _run_folder_problem(run_dir, ("etl/manifest.json",
-                                                "tokenizer/export/sid_report.json"))
+        problem = _run_folder_problem(run_dir, (run.etl.manifest, run.sids / "sid_report.json"))
         if problem:
             raise _CliError(f"higr-eval: {problem}")
         with _cli_errors("higr-eval"):
@@ -419,18 +428,18 @@ def eval_main(argv: list[str] | None = None) -> int:
             if args.device is not None:
                 cfg.eval.device = args.device
             resolve_device(cfg.eval.device)
-            manifest = _read_json(run_dir / "etl" / "manifest.json")
-            summaries = {s: _read_json(run_dir / s / "summary.json")
-                         for s in cfg.stages if (run_dir / s / "summary.json").is_file()}
+            manifest = _read_json(run.etl.manifest)
+            summaries = {s: _read_json(run.stage(s).summary)
+                         for s in cfg.stages if run.stage(s).summary.is_file()}
             if "hsd" not in summaries:
-                raise ValueError(f"{run_dir / 'hsd'} has no summary.json: the HSD stage has not "
-                                 "finished; run `higr run` first")
+                raise ValueError(f"{run.stage('hsd').root} has no {run.stage('hsd').summary.name}:"
+                                 " the HSD stage has not finished; run `higr run` first")
         with _cli_errors("higr-eval", setup=False):
             report = evaluate_run(cfg, manifest, summaries)
     except _CliError as e:
         print(e, file=sys.stderr)
         return 2
-    write_report(run_dir, report, {s: run_dir / s / "tb" for s in summaries})
+    write_report(run_dir, report, {s: run.stage(s).tensorboard for s in summaries})
     print(eval_table(report["eval"]))
     return 0
 
@@ -457,11 +466,12 @@ def generate_main(argv: list[str] | None = None) -> int:
     if args.beam < 1:
         p.error(f"--beam must be >= 1, got {args.beam}")
     run_dir = Path(args.run_dir)
+    run = RunLayout(run_dir)
     try:
         with _cli_errors("higr-generate"):  # the arguments first, before any file is read
             device = resolve_device(args.device)
-        problem = _run_folder_problem(run_dir, ("tokenizer/export/sid_table.npy",
-                                                "hsd/final/model_fp32.pt"))
+        problem = _run_folder_problem(run_dir, (run.sids / "sid_table.npy",
+                                                run.stage("hsd").final_weights))
         if problem:
             raise _CliError(f"higr-generate: {problem}")
         with _cli_errors("higr-generate"):
@@ -469,17 +479,17 @@ def generate_main(argv: list[str] | None = None) -> int:
             if args.users:
                 users = {ln.strip() for ln in Path(args.users).read_text().splitlines()
                          if ln.strip()}
-            out = Path(args.out) if args.out else run_dir / "slates.jsonl"
+            out = Path(args.out) if args.out else run.slates
             if out.is_dir():
                 raise IsADirectoryError(f"--out {out} is a folder; give a file name")
             _threads()
-            sid_dir = run_dir / "tokenizer" / "export"
+            sid_dir = run.sids
             preds, models = make_predictors(run_dir, sid_dir, args.beam, args.rank, device)
             if args.model not in preds:
                 raise ValueError(f"model {args.model!r} was not trained in {run_dir}")
         with _cli_errors("higr-generate", setup=False):
             hcfg = models["higr"].cfg
-            n = generate_slates(preds[args.model], run_dir / "etl",
+            n = generate_slates(preds[args.model], run.etl.root,
                                 SlateCollate(sid_dir, hcfg.N, hcfg.history_len),
                                 args.num_users if users is None else 0, out, users=users)
     except _CliError as e:
@@ -488,5 +498,5 @@ def generate_main(argv: list[str] | None = None) -> int:
     print(f"wrote {n} slates to {out}")
     if users is not None and n < len(users):
         print(f"higr-generate: {len(users) - n} of {len(users)} requested users are not in "
-              f"{run_dir / 'etl'}", file=sys.stderr)
+              f"{run.etl.root}", file=sys.stderr)
     return 0

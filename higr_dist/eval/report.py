@@ -22,6 +22,8 @@ import json
 import math
 from pathlib import Path
 
+from higr_dist.layout import RunLayout
+
 MODEL_ORDER = ("higr", "higr_no_align", "flat", "sasrec", "popularity")
 
 
@@ -367,10 +369,10 @@ CAPTIONS = {
 
 def write_plots(run_dir: Path, report: dict, tb_dirs: dict[str, Path]) -> list[Path]:
     """Every plot of the report into ``run_dir/plots`` (from the event files and the report)."""
-    out_dir = run_dir / "plots"
+    out_dir = RunLayout(run_dir).plots
     out_dir.mkdir(parents=True, exist_ok=True)
     series = stage_series(tb_dirs)
-    sweep_file = run_dir / "beam_sweep.json"
+    sweep_file = RunLayout(run_dir).beam_sweep
     sweep = json.loads(sweep_file.read_text()) if sweep_file.is_file() else None
     made = [plot_health(series, out_dir), plot_losses(series, out_dir),
             plot_diagnostics(series, out_dir), plot_models(report.get("eval", {}), out_dir),
@@ -386,7 +388,8 @@ def write_plots(run_dir: Path, report: dict, tb_dirs: dict[str, Path]) -> list[P
 def write_report(run_dir: str | Path, report: dict, tb_dirs: dict[str, Path]) -> tuple[Path, Path]:
     """Write ``report.json`` and ``report.md`` (+ plots/) into ``run_dir``."""
     run_dir = Path(run_dir)
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=float))
+    run = RunLayout(run_dir)
+    run.report_json.write_text(json.dumps(report, indent=2, sort_keys=True, default=float))
     plots = write_plots(run_dir, report, tb_dirs)
     lines = [f"# higr-dist run report: {report.get('name', run_dir.name)}", ""]
     if "etl" in report:
@@ -413,14 +416,13 @@ def write_report(run_dir: str | Path, report: dict, tb_dirs: dict[str, Path]) ->
             caption = CAPTIONS.get(p.stem, p.stem)
             if p.stem == "quality_latency":
                 caption += (" From `beam_sweep.json` (`bench/beam_sweep.py`)."
-                            if (run_dir / "beam_sweep.json").is_file() else
+                            if run.beam_sweep.is_file() else
                             " At this run's beam only; `python bench/beam_sweep.py --run-dir "
                             f"{run_dir}` measures the other widths.")
-            lines += [caption, "", f"![{p.stem}](plots/{p.name})", ""]
+            lines += [caption, "", f"![{p.stem}]({p.relative_to(run_dir)})", ""]
     lines += [f"TensorBoard: `tensorboard --logdir {report.get('tensorboard', run_dir)}`", ""]
-    md = run_dir / "report.md"
-    md.write_text("\n".join(lines))
-    return run_dir / "report.json", md
+    run.report_md.write_text("\n".join(lines))
+    return run.report_json, run.report_md
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -433,14 +435,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", required=True)
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
-    if not (run_dir / "report.json").is_file():
+    run = RunLayout(run_dir)
+    if not run.report_json.is_file():
         print(f"report: {run_dir} has no report.json; run `higr run` or `higr-eval` first",
               file=sys.stderr)
         return 2
-    report = json.loads((run_dir / "report.json").read_text())
-    tb = {d.parent.name: d for d in sorted(run_dir.glob("*/tb")) if d.is_dir()}
+    report = json.loads(run.report_json.read_text())
+    tb = {d.name: run.stage(d.name).tensorboard for d in sorted(run_dir.iterdir())
+          if run.stage(d.name).tensorboard.is_dir()}
     _, md = write_report(run_dir, report, tb)
-    print(f"wrote {md} and {len(list((run_dir / 'plots').glob('*.png')))} plots")
+    print(f"wrote {md} and {len(list(run.plots.glob('*.png')))} plots")
     return 0
 
 

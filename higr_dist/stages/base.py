@@ -60,6 +60,11 @@ class Stage(Protocol):
     """Registry name (``tokenizer``, ``hsd``, ``orpo``, ``dpo`` ...)."""
     sample_kind: str
     """Folder under the ETL output that this stage streams (``pairs``, ``slates/train``, ``prefs``)."""
+    consumes: dict[str, str]
+    """``inputs`` field -> the artifact it reads (:mod:`higr_dist.layout`: ``etl``, ``sids``,
+    ``hsd.weights``); :mod:`higr_dist.stages.graph` orders stages and fills inputs from it."""
+    produces: tuple[str, ...]
+    """Artifacts written besides the stage's own weights (the tokenizer: ``sids``)."""
     model_config_cls: type
     """Dataclass for the config's ``model:`` section."""
     loss_config_cls: type
@@ -90,6 +95,7 @@ class Stage(Protocol):
 
 
 _REGISTRY: dict[str, Callable[[], Stage]] = {}
+_BUILTINS_IMPORTED = False
 
 
 def register(name: str) -> Callable[[Callable[[], Stage]], Callable[[], Stage]]:
@@ -104,21 +110,23 @@ def register(name: str) -> Callable[[Callable[[], Stage]], Callable[[], Stage]]:
 
 def get_stage(name: str) -> Stage:
     """Instantiate a registered stage by name (imports the built-in stages on first use)."""
-    if not _REGISTRY:
-        import_builtin_stages()
+    import_builtin_stages()
     if name not in _REGISTRY:
         raise KeyError(f"unknown stage {name!r}; known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]()
 
 
 def known_stages() -> list[str]:
-    if not _REGISTRY:
-        import_builtin_stages()
+    import_builtin_stages()
     return sorted(_REGISTRY)
 
 
 def import_builtin_stages() -> None:
-    """Import the stage modules so their ``@register`` decorators run."""
+    """Import the stage modules so their ``@register`` decorators run (once; a registry that
+    already holds some stage, say one imported directly, still gets every built-in one)."""
+    global _BUILTINS_IMPORTED
+    if _BUILTINS_IMPORTED:
+        return
     import importlib
 
     for mod in ("tokenizer", "hsd", "orpo"):
@@ -128,3 +136,4 @@ def import_builtin_stages() -> None:
             # only tolerate the stage module itself being absent (during development)
             if e.name != f"higr_dist.stages.{mod}":
                 raise
+    _BUILTINS_IMPORTED = True

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from higr_dist import layout
 from higr_dist.data.sids import load_sid_meta
 from higr_dist.data.slates import SlateBatch, SlateCollate
 from higr_dist.models.flat import Flat, FlatLoss, FlatLossConfig, flat_param_count
@@ -120,6 +121,8 @@ def _n_params(model: nn.Module) -> int:
 class HSDStage:
     name = "hsd"
     sample_kind = "slates/train"
+    consumes = {"etl_dir": layout.ETL, "sid_dir": layout.SIDS}
+    produces = ()
     validates = True
     model_config_cls = HSDConfig
     loss_config_cls = HSDLossConfig
@@ -158,6 +161,8 @@ class HSDStage:
 class FlatStage:
     name = "flat"
     sample_kind = "slates/train"
+    consumes = {"etl_dir": layout.ETL, "sid_dir": layout.SIDS}
+    produces = ()
     validates = True
     model_config_cls = HSDConfig
     loss_config_cls = FlatLossConfig
@@ -203,6 +208,8 @@ def resolve_num_items(cfg: SASRecConfig, inputs: StageInputs) -> int:
 class SASRecStage:
     name = "sasrec"
     sample_kind = "slates/train"
+    consumes = {"etl_dir": layout.ETL, "sid_dir": layout.SIDS}
+    produces = ()
     validates = True
     model_config_cls = SASRecConfig
     loss_config_cls = SASRecLossConfig

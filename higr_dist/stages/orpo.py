@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from higr_dist import layout
 from higr_dist.data.pairs import PairConfig, PrefBatch, PrefCollate
 from higr_dist.data.sids import load_sid_meta
 from higr_dist.losses.preference import (
@@ -129,6 +130,11 @@ class PreferenceStage:
     def __init__(self, name: str, loss_config_cls: type):
         self.name = name
         self.loss_config_cls = loss_config_cls
+        self.consumes = {"etl_dir": layout.ETL, "sid_dir": layout.SIDS,
+                         "init_from": layout.weights_artifact("hsd")}
+        if name == "dpo":  # the frozen reference: the same pretrained HSD
+            self.consumes["reference_from"] = layout.weights_artifact("hsd")
+        self.produces = ()
         self._num_slates = 1 + len(PairConfig().objectives)
         """1 + R, remembered from the last loss config seen (flops_per_sample gets none)."""
 

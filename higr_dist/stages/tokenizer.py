@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from higr_dist import layout
 from higr_dist.models.pcrq_vae import (
     PCRQVAE,
     PCRQVAEConfig,
@@ -97,6 +98,8 @@ def _linear_params(dims: list[int]) -> int:
 class TokenizerStage:
     name = "tokenizer"
     sample_kind = "pairs"
+    consumes = {"etl_dir": layout.ETL}
+    produces = (layout.SIDS,)
     validates = False
     model_config_cls = PCRQVAEConfig
     loss_config_cls = PCRQVAELossConfig

@@ -121,7 +121,7 @@ def stage_sections(out: list[str]) -> None:
     for name in known_stages():
         stage = get_stage(name)
         out += [f"## Stage `{name}`: `model:` and `loss:`", "",
-                f"In a job file with `stage: {name}` (shipped: `configs/<scale>/{name}.yaml`).",
+                f"In a job file with `stage: {name}` (shipped: `<scale>/{name}`, e.g. `tiny/{name}`).",
                 ""]
         section(stage.model_config_cls, "model", out)
         section(stage.loss_config_cls, "loss", out)
@@ -130,21 +130,23 @@ def stage_sections(out: list[str]) -> None:
 def generate() -> str:
     from higr_dist.engine.config import JobConfig
     from higr_dist.etl.config import EtlConfig
-    from higr_dist.pipeline import PipelineConfig
+    from higr_dist.run_config import PipelineConfig
 
     out = ["# Configuration reference", "",
            f"Generated from the config dataclasses by `{REGENERATE}`; do not edit by hand "
            "(`tests/test_config_reference.py` fails when this file is stale). The defaults are "
-           "the dataclasses'; the shipped files under `configs/<scale>/` set some of them "
+           "the dataclasses'; the shipped configs (`higr_dist/configs/<scale>/`, named "
+           "`<scale>/<file>`: `tiny/hsd`) set some of them "
            "differently, and `higr run` sizes a few from the data (`sizing:` below). "
            "Precedence: dataclass default < the YAML file < `key=value` overrides on the "
            "command line. Every run writes its resolved config into its run folder.", "",
            "Three kinds of file:", "",
-           "- the pipeline (`higr run --config configs/<scale>/run.yaml`): "
+           "- the pipeline (`higr run --config <scale>` or a file): "
            "[run.yaml](#the-pipeline-runyaml);",
            "- the ETL (`etl/build_shards.py --config`, or `etl:` of run.yaml): "
            "[etl.yaml](#the-etl-etlyaml);",
-           "- one training stage (`launcher/train.py --config`, or `stages:` of run.yaml): "
+           "- one training stage (`python -m higr_dist.launch --config`, or `stages:` of "
+           "run.yaml): "
            "[job file](#a-stage-job-file), with a `model:` and `loss:` section per stage.", "",
            "## The pipeline: `run.yaml`", ""]
     section(PipelineConfig, "", out, title="top level")
