@@ -39,7 +39,7 @@ etl-env: setup
 	$(VPY) etl/pack_env.py --out dist $(if $(ETL_PYTHON),--python $(ETL_PYTHON))
 
 demo: setup
-	$(VENV)/bin/higr run --config configs/tiny/run.yaml --name demo
+	$(VENV)/bin/higr run --config tiny --name demo
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -367,7 +367,7 @@ def _run_case(name: str, case: Case, env, args, tmp: Path) -> dict:
     model, _ = stage.build(job.model, job.loss, job.inputs)
     return {"case": name, "stage": case.stage, "config": case.config,
             "params": sum(p.numel() for p in model.parameters()),
-            "flops_per_sample": stage.flops_per_sample(job.model), "micro_batch": case.micro,
+            "flops_per_sample": stage.flops_per_sample(job.model, job.loss, job.inputs), "micro_batch": case.micro,
             "steps": steps, "bare_ms": medians.pop("bare"),
             "torch_sharded_ms": {k: medians.pop(k) for k in list(medians)
                                  if k.startswith("torch_")},

@@ -66,24 +66,28 @@ from higr_dist.data.shardio import list_shards  # noqa: E402
 from higr_dist.etl.synthetic import (  # noqa: E402
     SyntheticConfig,
     UserState,
-    drift_log_prob,
     drift_prefs,
-    effective_probs,
     init_users,
-    item_prob,
-    next_item_probs,
     normal,
-    prefs_log_prior,
-    sample_prior,
     simulate_users,
-    sub_topics,
     uniform,
     user_step,
-    watch_log_density,
 )
 from higr_dist.eval.metrics import SlateMetrics  # noqa: E402
 from higr_dist.layout import EtlLayout, RunLayout  # noqa: E402
 from higr_dist.schema import FOLDERS  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling bench modules
+from synthetic_oracle import (  # noqa: E402
+    drift_log_prob,
+    effective_probs,
+    item_prob,
+    next_item_probs,
+    prefs_log_prior,
+    sample_prior,
+    sub_topics,
+    watch_log_density,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -46,9 +46,9 @@ sys.path.insert(0, str(ROOT))
 from higr_dist.config import load  # noqa: E402
 from higr_dist.layout import RunLayout, StageLayout  # noqa: E402
 from higr_dist.pipeline import (  # noqa: E402
-    _stage_config_path,
     launch_command,
     sized_overrides,
+    stage_config_path,
     stage_overrides,
 )
 from higr_dist.run_config import PipelineConfig  # noqa: E402
@@ -74,7 +74,7 @@ def train(run_dir: Path, stage: str, name: str, extra: list[str]) -> dict:
     if not summary.is_file():
         overrides = [*stage_overrides(cfg, stage, sized_overrides(cfg, manifest)),
                      f"run.out_dir={out.resolve()}", "train.progress_bar=false", *extra]
-        cmd = launch_command(cfg, _stage_config_path(cfg, stage), overrides)
+        cmd = launch_command(cfg, stage_config_path(cfg, stage), overrides)
         print(f"[sweep] {run_dir.name} {stage} {name}: {' '.join(extra) or '(reference)'}",
               flush=True)
         env = dict(os.environ, OMP_NUM_THREADS="1",

@@ -251,11 +251,6 @@ def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return np.where(n > eps, x / np.maximum(n, eps), 0.0).astype(np.float32)
 
 
-def text_embeddings(texts: list[str], cfg: TextFeatureConfig | None = None) -> np.ndarray:
-    """Fit on ``texts`` and embed them: ``float32 [N, dim]``, L2-normalised (zero when empty)."""
-    return TextEmbedder.fit(texts, cfg).transform(texts)
-
-
 # ---------------------------------------------------------------------------------------------
 # positive pairs
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """spark-submit entry point of the ETL (thin): see ``higr_dist.etl.build``.
 
     spark-submit etl/build_shards.py --interactions PATH --items PATH --output DIR \
-        [--config configs/<scale>/etl.yaml] [--format csv|parquet|kuairec|movielens] \
+        [--config <scale>/etl] [--format csv|parquet|kuairec|movielens] \
         [key=value ...]
 
 e.g. MovieLens-100k as GroupLens publishes it::

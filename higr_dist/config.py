@@ -57,17 +57,52 @@ class ConfigError(ValueError):
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def load_yaml(path: str | Path) -> dict:
+#: the key by which a config file extends others (composition, :func:`load_yaml`)
+EXTENDS = "extends"
+
+
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """Read a YAML mapping; a missing file or a non-mapping top level is a ConfigError.
 
     ``path`` is a config reference (:func:`higr_dist.configs.resolve`): a file, or the name of
-    a shipped config (``tiny``, ``tiny/hsd``)."""
+    a shipped config (``tiny``, ``tiny/hsd``).
+
+    Composition: a file may start with ``extends: <ref>`` (or a list of refs, later ones
+    winning); each is read the same way (a file next to this one first, then the reference
+    as above, so ``extends: cluster/_slate`` works from any folder) and this file's keys are
+    merged over it, sections key by key (:func:`deep_merge`)."""
     from higr_dist import configs
 
     p = configs.resolve(path)
     if not p.is_file():
         raise ConfigError([f"config file not found: {p} (nor a shipped config; shipped: "
                            f"{', '.join(configs.scales())}, e.g. tiny or tiny/hsd)"])
+    data = _read_mapping(p)
+    refs = data.pop(EXTENDS, None)
+    if refs is None:
+        return data
+    if isinstance(refs, str):
+        refs = [refs]
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r.strip()
+                                                          for r in refs):
+        raise ConfigError([f"{p}: {EXTENDS}: expected a config name or file (or a list of "
+                           f"them), got {refs!r}"])
+    here = p.resolve()
+    base: dict = {}
+    for ref in refs:
+        beside = p.parent / ref
+        target = beside if beside.is_file() else configs.resolve(ref)
+        if not target.is_file():
+            raise ConfigError([f"{p}: {EXTENDS}: no config {ref!r} (neither beside it nor "
+                               f"shipped)"])
+        if target.resolve() in (*_chain, here):
+            raise ConfigError([f"{p}: {EXTENDS}: {ref!r} extends {p.name} again (a cycle)"])
+        base = deep_merge(base, load_yaml(target, (*_chain, here)))
+    return deep_merge(base, data)
+
+
+def _read_mapping(p: Path) -> dict:
+    """One YAML file's top-level mapping (ConfigError in one line otherwise)."""
     try:
         data = yaml.load(p.read_text(), Loader=_YAML_LOADER)
     except yaml.YAMLError as e:

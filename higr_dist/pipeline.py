@@ -134,7 +134,7 @@ def sized_overrides(cfg: PipelineConfig, manifest: dict | None) -> dict[str, lis
         return {}
     from higr_dist.engine.config import load_job
 
-    jobs = {s: load_job(_stage_config_path(cfg, s), list(cfg.stage_overrides.get(s, [])))
+    jobs = {s: load_job(stage_config_path(cfg, s), list(cfg.stage_overrides.get(s, [])))
             for s in cfg.stages}
     return sizing.derive(manifest, cfg.sizing,
                          batch={s: j.train.global_batch_size for s, j in jobs.items()},
@@ -206,7 +206,7 @@ def check_run(cfg: PipelineConfig) -> list[str]:
         return problems + str(e).split("; ")
     for stage in order:
         try:
-            load_job(_stage_config_path(cfg, stage), stage_overrides(cfg, stage))
+            load_job(stage_config_path(cfg, stage), stage_overrides(cfg, stage))
         except ConfigError as e:
             problems += [f"stages.{stage} ({cfg.stages[stage]}): {p}" for p in e.problems]
     return problems
@@ -310,7 +310,8 @@ def _config_path(ref: str) -> str:
     return str(path.resolve()) if path.is_file() else str(ref)
 
 
-def _stage_config_path(cfg: PipelineConfig, stage: str) -> str:
+def stage_config_path(cfg: PipelineConfig, stage: str) -> str:
+    """The absolute path of ``stage``'s job config in this run (what its launch is given)."""
     return _config_path(cfg.stages[stage])
 
 
@@ -361,7 +362,7 @@ def stale_stages(cfg: PipelineConfig) -> list[str]:
         if not resolved.is_file():
             problems.append(f"{stage}: {out} is finished but has no resolved_config.yaml")
             continue
-        want = _flat(to_dict(load_job(_stage_config_path(cfg, stage),
+        want = _flat(to_dict(load_job(stage_config_path(cfg, stage),
                                       stage_overrides(cfg, stage, sized))))
         had = _flat(yaml.safe_load(resolved.read_text()))
         # a run folder that was moved or renamed is still the same run: compare its own paths
@@ -388,7 +389,7 @@ def step_stage(cfg: PipelineConfig, stage: str, sized: dict[str, list[str]] | No
     if cfg.layout.stage(stage).finished():
         _log(f"{stage}: reusing {out}")
         return json.loads(summary.read_text())
-    config_path = _stage_config_path(cfg, stage)
+    config_path = stage_config_path(cfg, stage)
     overrides = stage_overrides(cfg, stage, sized)
     t0 = time.perf_counter()
     if cfg.launch.mode == "inprocess":

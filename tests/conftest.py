@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+# the shared test toolkit's asserts report their values like the tests' own
+pytest.register_assert_rewrite("helpers")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")

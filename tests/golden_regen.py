@@ -1,23 +1,27 @@
-"""Golden losses of the tiny tokenizer: what ``tests/golden/tokenizer_tiny.json`` holds and how
-it is (re)made.
+"""Golden losses: what ``tests/golden/*.json`` hold and how they are (re)made.
 
-Regenerate (from the repository root; ~15 s)::
+Regenerate (from the repository root; ~15 s each)::
 
-    .venv/bin/python tests/golden_regen.py        # or: .venv/bin/python -m tests.golden_regen
+    .venv/bin/python tests/golden_regen.py                  # the tokenizer's
+    .venv/bin/python tests/golden_regen.py --stage hsd      # or orpo; --stage all: every one
 
-The run: ``configs/tiny/tokenizer.yaml`` as shipped (ZeRO-1, fp32, seed 0, global batch 64 =
-micro 16 x 4 accumulation), on the deterministic tiny pair shards of
-:func:`test_engine.write_tiny_etl` with the config's own ``model.input_dim`` features, as a
-world of one (no launcher environment, the engine trains in-process), for :data:`STEPS`
-optimizer steps, logging every step. The losses are read back from the run's TensorBoard event
-files (``loss/total`` and its terms, steps 1..STEPS), so the golden test checks the whole path:
-shards -> loader -> stage -> DeepSpeed step -> logged means.
+Three goldens, each the first :data:`STEPS` logged losses of one stage as a world of one (no
+launcher environment, the engine trains in-process), fp32, ZeRO-1, seed 0, logging every
+step, read back from the run's TensorBoard event files (``loss/total`` and its terms), so a
+golden test checks the whole path: shards -> loader -> stage -> DeepSpeed step -> logged means.
 
-``tests/test_engine_dist.py::test_golden_losses`` repeats exactly this run (in its world-of-one
-driver process, as the first run there) and compares with rtol 1e-5. Regenerate only after a
-deliberate change of numerics (model, loss, optimizer, data order, the tiny config) and say
-why in the commit; a drift nobody intended is what the test is there to catch. The figures are
-CPU fp32 with ``OMP_NUM_THREADS=1``; another CPU family may round differently.
+- ``tokenizer_tiny.json``: ``tiny/tokenizer`` as shipped (global batch 64 = micro 16 x 4
+  accumulation) on the deterministic pair shards of ``helpers.write_tiny_etl`` with the config's own
+  ``model.input_dim`` features; ``tests/test_engine_dist.py::test_golden_losses`` repeats it.
+- ``hsd_tiny.json`` and ``orpo_tiny.json``: a tiny HSD (:data:`SLATE_JOBS`, spelled out here
+  so no shared helper can move it) on the slate shards of ``helpers.write_slate_inputs``, and
+  ORPO from the fixed initial HSD of ``helpers.write_pref_inputs`` on its preference shards;
+  ``tests/test_golden.py`` repeats them (this script, in a subprocess) and compares.
+
+Compared with rtol 1e-5. Regenerate only after a deliberate change of numerics (model, loss,
+optimizer, data order, the tiny configs) and say why in the commit; a drift nobody intended is
+what the tests are there to catch. The figures are CPU fp32 with ``OMP_NUM_THREADS=1``;
+another CPU family may round differently.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ if str(HERE) not in sys.path:  # `python -m tests.golden_regen` puts only the cw
     sys.path.insert(0, str(HERE))
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: the figures are 1-thread
 
-from test_engine import write_tiny_etl  # noqa: E402
+from helpers import write_pref_inputs, write_slate_inputs, write_tiny_etl  # noqa: E402
 
 from higr_dist.configs import HERE as CONFIGS  # noqa: E402
 
@@ -62,18 +66,21 @@ def golden_overrides(etl: Path, out_dir: Path) -> list[str]:
     return [f"inputs.etl_dir={etl}", f"run.out_dir={out_dir}", *OVERRIDES]
 
 
-def read_losses(run: Path) -> dict[str, list[float]]:
+def read_losses(run: Path, tags: tuple[str, ...] = TAGS) -> dict[str, list[float]]:
     """tag -> the logged value at steps 1..STEPS, from the run's TensorBoard event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    from higr_dist.layout import StageLayout
+
+    tb = StageLayout(run).tensorboard
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
     acc.Reload()
     out = {}
-    for tag in TAGS:
+    for tag in tags:
         events = acc.Scalars(tag)
         steps = [e.step for e in events]
         if steps != list(range(1, STEPS + 1)):
-            raise ValueError(f"{run / 'tb'}: {tag} logged at steps {steps}, expected 1..{STEPS}")
+            raise ValueError(f"{tb}: {tag} logged at steps {steps}, expected 1..{STEPS}")
         out[tag] = [float(e.value) for e in events]
     return out
 
@@ -85,7 +92,7 @@ def record(losses: dict[str, list[float]]) -> dict:
 
     return {
         "what": f"first {STEPS} logged losses of configs/tiny/tokenizer.yaml (fp32, seed 0, "
-                "world size 1, in-process) on test_engine.write_tiny_etl shards",
+                "world size 1, in-process) on helpers.write_tiny_etl shards",
         "config": str(TINY.relative_to(ROOT)),
         "overrides": ["inputs.etl_dir=<tmp>/etl", "run.out_dir=<tmp>/run", *OVERRIDES],
         "regenerate": ".venv/bin/python tests/golden_regen.py",
@@ -96,25 +103,97 @@ def record(losses: dict[str, list[float]]) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Regenerate tests/golden/tokenizer_tiny.json.")
-    p.add_argument("--out", type=Path, default=GOLDEN, help="file to write")
-    args = p.parse_args(argv)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)  # a world of one, exactly like the test's driver
-    from higr_dist.engine.config import load_job
-    from higr_dist.engine.trainer import shutdown, train
+# --------------------------------------------------------------------------------------------
+# HSD and ORPO
+# --------------------------------------------------------------------------------------------
 
-    with tempfile.TemporaryDirectory() as tmp:
-        etl = write_golden_etl(Path(tmp) / "etl")
-        run = Path(tmp) / "run"
-        train(load_job(TINY, golden_overrides(etl, run)))
-        shutdown()
-        losses = read_losses(run)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record(losses), indent=2) + "\n")
-    print(f"wrote {args.out}: loss/total {losses['loss/total'][0]:.6f} -> "
-          f"{losses['loss/total'][-1]:.6f}")
+#: the slate stages' job sections (the data and run folders are filled in per run)
+_TRAIN = {"zero_stage": 1, "precision": "fp32", "global_batch_size": 32,
+          "micro_batch_size": 16, "max_steps": STEPS, "lr": 1e-2, "warmup_steps": 2,
+          "weight_decay": 0.0, "checkpoint_every": 0, "log_every": 1, "progress_bar": False}
+SLATE_JOBS = {
+    "hsd": {"stage": "hsd", "data": {"num_workers": 0, "shuffle_buffer": 64},
+            "train": _TRAIN, "validation": {"every_epochs": 0.0},
+            "model": {"K": 8, "L": 3, "N": 4, "d_model": 32, "n_heads": 2, "ctx_layers": 1,
+                      "planner_layers": 2, "gen_layers": 1, "history_len": 6, "dropout": 0.0},
+            "loss": {"lambda_ild": 0.1}},
+    "orpo": {"stage": "orpo", "data": {"num_workers": 0, "shuffle_buffer": 32},
+             "train": _TRAIN, "validation": {"every_epochs": 0.0},
+             "model": {"K": 8, "L": 2, "N": 3, "d_model": 32, "n_heads": 2, "ctx_layers": 1,
+                       "planner_layers": 2, "gen_layers": 1, "history_len": 6, "dropout": 0.0},
+             "loss": {"lambda_or": 0.5}},
+}
+SLATE_TAGS = {"hsd": ("loss/total", "loss/ce", "loss/ild"),
+              "orpo": ("loss/total", "loss/nll", "loss/or_loss")}
+GOLDENS = {"tokenizer": GOLDEN, "hsd": HERE / "golden" / "hsd_tiny.json",
+           "orpo": HERE / "golden" / "orpo_tiny.json"}
+
+
+def slate_job(stage: str, root: Path) -> dict:
+    """The golden job of ``stage`` (hsd, orpo) with its inputs written under ``root``."""
+    job = json.loads(json.dumps(SLATE_JOBS[stage]))
+    if stage == "hsd":
+        etl, sid = write_slate_inputs(root / "inputs")
+        job["inputs"] = {"etl_dir": str(etl), "sid_dir": str(sid)}
+    else:
+        etl, sid, init = write_pref_inputs(root / "inputs")
+        job["inputs"] = {"etl_dir": str(etl), "sid_dir": str(sid), "init_from": str(init)}
+    job["run"] = {"name": f"golden-{stage}", "out_dir": str(root / "run"), "seed": 0}
+    return job
+
+
+def slate_record(stage: str, losses: dict[str, list[float]]) -> dict:
+    import deepspeed
+    import torch
+
+    return {
+        "what": f"first {STEPS} logged losses of the tiny {stage} job in tests/golden_regen.py "
+                "(fp32, ZeRO-1, seed 0, world size 1, in-process)",
+        "job": {k: v for k, v in SLATE_JOBS[stage].items()},
+        "inputs": "helpers.write_slate_inputs" if stage == "hsd" else
+                  "helpers.write_pref_inputs",
+        "regenerate": f".venv/bin/python tests/golden_regen.py --stage {stage}",
+        "rtol": 1e-5,
+        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__},
+        "steps": list(range(1, STEPS + 1)),
+        "losses": losses,
+    }
+
+
+def run_golden(stage: str, root: Path) -> dict:
+    """Train ``stage``'s golden run under ``root``; its golden file's content."""
+    from higr_dist.engine.config import load_job, resolve_job
+    from higr_dist.engine.trainer import train
+
+    if stage == "tokenizer":
+        etl = write_golden_etl(root / "etl")
+        train(load_job(TINY, golden_overrides(etl, root / "run")))
+        return record(read_losses(root / "run"))
+    train(resolve_job(slate_job(stage, root)))
+    return slate_record(stage, read_losses(root / "run", SLATE_TAGS[stage]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Regenerate tests/golden/*.json.")
+    p.add_argument("--stage", action="append", choices=[*GOLDENS, "all"],
+                   help="which golden (repeatable; default: tokenizer)")
+    p.add_argument("--out-dir", type=Path, default=HERE / "golden",
+                   help="folder to write <stage>_tiny.json into")
+    args = p.parse_args(argv)
+    stages = list(GOLDENS) if "all" in (args.stage or []) else (args.stage or ["tokenizer"])
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)  # a world of one, exactly like the tests' drivers
+    from higr_dist.engine.trainer import shutdown
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for stage in dict.fromkeys(stages):
+        with tempfile.TemporaryDirectory() as tmp:
+            content = run_golden(stage, Path(tmp))
+        out = args.out_dir / GOLDENS[stage].name
+        out.write_text(json.dumps(content, indent=2) + "\n")
+        total = content["losses"]["loss/total"]
+        print(f"wrote {out}: loss/total {total[0]:.6f} -> {total[-1]:.6f}")
+    shutdown()
     return 0
 
 

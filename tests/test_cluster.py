@@ -253,7 +253,7 @@ def _submit_argv(cluster: Cluster, root: Path, shipped: dict[str, Path], out: Pa
         "/shared/higr/etl": str(out),
         "/shared/higr/": f"{root / 'shared'}/",
         ".venv/bin/python": sys.executable,
-        "configs/cluster/etl.yaml": str(ETL_CONFIG),
+        "cluster/etl": str(ETL_CONFIG),
     })
 
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from higr_dist import configs
-from higr_dist.config import load, load_yaml, to_dict
+from higr_dist.config import ConfigError, deep_merge, load, load_yaml, to_dict
 from higr_dist.configs import HERE as CONFIGS
 from higr_dist.engine.config import load_job
 from higr_dist.etl.config import EtlConfig
+from higr_dist.models.hsd import PRESETS
 from higr_dist.pipeline import PipelineConfig
 
 FILES = configs.all_files()
@@ -72,8 +74,6 @@ def test_config_references_resolve_to_shipped_files_unless_a_file_exists(tmp_pat
     """``tiny``, ``tiny/hsd``, ``tiny/hsd.yaml`` and ``configs/tiny/hsd.yaml`` name shipped
     files from any folder; a file of that name in the working folder wins; a name that is
     neither is one line naming the shipped scales."""
-    from higr_dist.config import ConfigError
-
     monkeypatch.chdir(tmp_path)
     assert configs.resolve("tiny") == CONFIGS / "tiny" / "run.yaml"
     for ref in ("tiny/hsd", "tiny/hsd.yaml", "configs/tiny/hsd.yaml", "cluster/ladder/hsd_1b"):
@@ -88,3 +88,126 @@ def test_config_references_resolve_to_shipped_files_unless_a_file_exists(tmp_pat
         load_yaml("tiny/nope")
     assert e.value.problems == ["config file not found: tiny/nope (nor a shipped config; "
                                 "shipped: cluster, kuairec, tiny, e.g. tiny or tiny/hsd)"]
+
+
+# --------------------------------------------------------------------------------------------
+# composition: bases (``_<name>.yaml``), ``extends:`` and ``model: {preset: ...}``
+# --------------------------------------------------------------------------------------------
+
+#: the stages that share one HSD model section per scale (through the scale's slate base)
+SLATE_STAGES = ("hsd", "flat", "orpo", "dpo")
+LADDER = sorted((CONFIGS / "cluster" / "ladder").glob("hsd_*.yaml"))
+
+
+def _raw(path: Path) -> dict:
+    """A file's own keys, as written (no composition)."""
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _extends(path: Path) -> list[Path]:
+    """The files ``path`` names in ``extends:`` (beside it first, then a shipped name), the
+    way :func:`higr_dist.config.load_yaml` finds them."""
+    refs = _raw(path).get("extends") or []
+    out = []
+    for ref in [refs] if isinstance(refs, str) else refs:
+        beside = path.parent / ref
+        out.append((beside if beside.is_file() else configs.resolve(ref)).resolve())
+    return out
+
+
+def _base_model_fields(path: Path) -> set[str]:
+    """The HSD model fields that the bases of ``path`` set (a preset sets every field)."""
+    model: dict = {}
+    for base in _extends(path):
+        model = deep_merge(model, load_yaml(base).get("model") or {})
+    fields = set(model) - {"preset"}
+    if "preset" in model:
+        fields |= set(to_dict(PRESETS[model["preset"]]))
+    return fields
+
+
+@pytest.mark.parametrize("scale", ["tiny", "kuairec", "cluster"])
+def test_configs_compose_from_their_bases(scale: str):
+    """The HSD stages of a scale extend its bases and state no model field a base sets (so
+    their model sections cannot drift apart); each ladder file is its preset, named by the
+    file, plus only what differs from that preset."""
+    for name in SLATE_STAGES:
+        path = CONFIGS / scale / f"{name}.yaml"
+        raw = _raw(path)
+        assert raw.get("extends"), f"{path}: no extends:"
+        assert all(p.is_file() and p.name.startswith("_") for p in _extends(path)), path
+        restated = set(raw.get("model") or {}) & _base_model_fields(path)
+        assert not restated, f"{path}: restates model fields its base sets: {sorted(restated)}"
+    if scale != "cluster":
+        return
+    assert len(LADDER) >= 6
+    for path in LADDER:
+        raw = _raw(path)
+        assert raw.get("extends"), f"{path}: no extends:"
+        size = path.stem.removeprefix("hsd_")
+        model = raw.get("model")
+        assert isinstance(model, dict) and model.get("preset") == size, (path, model)
+        preset = to_dict(PRESETS[size])
+        same = {k for k, v in model.items() if k != "preset" and preset.get(k) == v}
+        assert not same, f"{path}: restates the {size} preset's own {sorted(same)}"
+        assert to_dict(load_job(path).model) == deep_merge(preset, {k: v for k, v in model.items()
+                                                                     if k != "preset"}), path
+
+
+def test_every_base_is_extended_by_a_shipped_config():
+    """No dead base: each ``_<name>.yaml`` is reached from a shipped config's ``extends:``
+    chain, and says in its opening comment what extends it."""
+    reached: set[Path] = set()
+    todo = [p.resolve() for p in FILES]
+    while todo:
+        for base in _extends(todo.pop()):
+            if base not in reached:
+                reached.add(base)
+                todo.append(base)
+    bases = configs.bases()
+    assert bases, "no shipped bases"
+    for base in bases:
+        assert base.resolve() in reached, f"{base}: extended by no shipped config"
+        assert base.read_text().startswith("# "), f"{base}: no opening comment"
+    assert not any(p.name.startswith("_") for p in FILES)  # all_files() skips the bases
+
+
+def test_a_copied_config_still_finds_its_bases(tmp_path):
+    """Bases are named by scale (``cluster/_slate``), so a shipped file copied anywhere (the
+    fault tests write edited copies to a temp folder) resolves to the same values."""
+    for path in (CONFIGS / "cluster" / "hsd.yaml", LADDER[0], CONFIGS / "tiny" / "sasrec.yaml"):
+        copy = tmp_path / path.name
+        copy.write_text(path.read_text())
+        assert to_dict(load_job(copy)) == to_dict(load_job(path)), path
+
+
+@pytest.mark.parametrize("text, says", [
+    ("extends: []\n", "extends: expected a config name or file"),
+    ("extends: [tiny/_stage, '']\n", "extends: expected a config name or file"),
+    ("extends: 3\n", "extends: expected a config name or file"),
+    ("extends: no_such_base\n", "extends: no config 'no_such_base'"),
+    ("extends: job.yaml\n", "a cycle"),
+    ("extends: other.yaml\n", "a cycle"),
+], ids=["empty", "blank", "number", "missing", "itself", "loop"])
+def test_a_bad_extends_is_one_line(tmp_path, text: str, says: str):
+    (tmp_path / "other.yaml").write_text("extends: job.yaml\n")  # job -> other -> job
+    job = tmp_path / "job.yaml"
+    job.write_text(text + "stage: hsd\n")
+    for load_it in (load_yaml, load_job):
+        with pytest.raises(ConfigError) as e:
+            load_it(job)
+        assert len(e.value.problems) == 1 and says in e.value.problems[0], e.value.problems
+        assert "\n" not in e.value.problems[0]
+
+
+def test_an_unknown_preset_names_the_known_ones(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("stage: hsd\nmodel: {preset: nope, d_model: 64}\n")
+    with pytest.raises(ConfigError) as e:
+        load_job(job)
+    lines = [p for p in e.value.problems if "preset" in p]
+    assert len(lines) == 1 and lines[0].startswith("model.preset: unknown preset 'nope'"), lines
+    assert all(name in lines[0] for name in PRESETS), lines
+    # a known preset with an override: the preset's values, then the file's
+    job.write_text("stage: hsd\nmodel: {preset: 25m, dropout: 0.0}\n")
+    assert to_dict(load_job(job).model) == {**to_dict(PRESETS["25m"]), "dropout": 0.0}

@@ -1,8 +1,5 @@
 """Engine pieces that need no process group: job loading, DeepSpeed config, LR schedule,
 checkpoint folder bookkeeping, log formatting. (Multi-process training: test_engine_dist.py.)
-
-Also home of :func:`write_tiny_etl`, the tiny tokenizer dataset the engine and preflight tests
-share (real shards written with ``shardio.write_shard``; no Spark).
 """
 
 from __future__ import annotations
@@ -13,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_tiny_etl
 
 from higr_dist.config import ConfigError, to_dict
 from higr_dist.configs import HERE as CONFIGS
-from higr_dist.data.shardio import write_listing, write_shard
 from higr_dist.engine import checkpoint as ckpt
 from higr_dist.engine.config import JobConfig, TrainConfig, ensure_resolved, load_job
 from higr_dist.engine.ds_config import (
@@ -30,53 +27,10 @@ from higr_dist.engine.ds_config import (
 )
 from higr_dist.engine.logging import format_line, metric_tag, tb_tag
 from higr_dist.engine.trainer import clip_gradients, schema_for, total_steps_for
-from higr_dist.schema import ITEM, PAIR_BLOCK, blocks
+from higr_dist.schema import PAIR_BLOCK
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = CONFIGS / "tiny" / "tokenizer.yaml"
-
-#: tiny catalogue: items, feature size, clusters (= categories)
-N_ITEMS, DIM, CLUSTERS = 96, 16, 8
-
-
-def write_tiny_etl(out: Path, pair_shards: tuple[int, ...] = (56, 56, 56, 24),
-                   dim: int = DIM) -> Path:
-    """An ETL-shaped folder: ``items/`` (one shard) and ``pairs/`` (shards of the given sizes,
-    deliberately uneven so ranks get different batch counts), with ``shards.json`` listings.
-
-    Items are noisy copies of CLUSTERS centres in ``dim`` features; each item gets two
-    positives from its cluster. Deterministic (fixed seed): the golden-loss test relies on it.
-    """
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(CLUSTERS, dim)).astype(np.float32)
-    cat = np.arange(N_ITEMS) % CLUSTERS
-    x = (centers[cat] + 0.2 * rng.normal(size=(N_ITEMS, dim))).astype(np.float32)
-    items = out / "items"
-    items.mkdir(parents=True, exist_ok=True)
-    write_listing(items, [write_shard(items / "shard-000000.tar", ITEM, (
-        (f"i{i:05d}", {"item_idx": i, "item_id": f"v{i}", "categories": [int(cat[i])], "x": x[i]})
-        for i in range(N_ITEMS)))])
-    pairs = [(i, int(rng.choice(np.flatnonzero(cat == cat[i]))))
-             for i in range(N_ITEMS) for _ in range(2)]
-    assert sum(pair_shards) <= len(pairs)
-    folder = out / "pairs"
-    folder.mkdir(parents=True, exist_ok=True)
-    entries, k = [], 0
-    for s, n in enumerate(pair_shards):
-        chunk = pairs[k:k + n]
-        entries.append(write_shard(folder / f"shard-{s:06d}.tar", PAIR_BLOCK, blocks((
-            (f"p{k + t:06d}", {"anchor": a, "positive": b, "weight": 1.0, "x_anchor": x[a],
-                               "x_positive": x[b]})
-            for t, (a, b) in enumerate(chunk)), 4)))
-        k += n
-    write_listing(folder, entries)
-    return out
-
-
-def tiny_overrides(etl: Path, out_dir: Path) -> list[str]:
-    """Overrides that point configs/tiny/tokenizer.yaml at :func:`write_tiny_etl` data."""
-    return [f"inputs.etl_dir={etl}", f"run.out_dir={out_dir}", f"model.input_dim={DIM}",
-            "model.hidden_dims=[32,16]", "model.latent_dim=8", "model.K=16", "model.L=3"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,85 +30,25 @@ from pathlib import Path
 import pytest
 import torch
 from golden_regen import GOLDEN, golden_overrides, read_losses, write_golden_etl
-from test_engine import DIM, tiny_overrides, write_tiny_etl
-
-from higr_dist.configs import HERE as CONFIGS
+from helpers import (
+    ROOT,
+    RUNS_DRIVER,
+    TINY,
+    TINY_DIM,
+    TINY_TRAIN,
+    TOKENIZER_TAGS,
+    assert_ok,
+    assert_trained,
+    dist_env,
+    free_port,
+    read_scalars,
+    read_summary,
+    tiny_overrides,
+    torchrun,
+    write_tiny_etl,
+)
 
 pytestmark = pytest.mark.dist
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = CONFIGS / "tiny" / "tokenizer.yaml"
-PAIRS = 192
-#: short, fast-learning schedule on top of configs/tiny/tokenizer.yaml
-TRAIN = ["train.max_steps=24", "train.lr=0.01", "train.warmup_steps=2", "train.log_every=4",
-         "train.checkpoint_every=8", "train.keep_last=2", "model.restart_every=6"]
-#: TensorBoard tags (``higr_dist.engine.logging.tb_tag``: health first, then the objective)
-TAGS = {"loss/total", "loss/rec", "loss/quant", "loss/con", "opt/lr", "opt/grad_norm",
-        "health/samples_per_s", "health/tokens_per_s", "health/step_time_s",
-        "health/data_wait_share", "health/mfu", "health/host_rss_gb", "sid/perplexity_l1",
-        "sid/dead_codes_l1"}
-
-DRIVER = """
-import sys
-from higr_dist.engine.config import load_job
-from higr_dist.engine.trainer import shutdown, train
-
-# loader workers are spawned and re-import this file: only the launch runs it
-if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # deepspeed launcher
-    config, runs = args[0], args[1:]
-    for run in runs:
-        train(load_job(config, run.split(" ")))
-    shutdown()
-"""
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
-               TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"),
-               CUDA_VISIBLE_DEVICES="")  # CPU ranks (gloo) even on a GPU machine
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(script: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", script, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-
-
-def _ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-
-
-def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
-
-
-def _summary(run: Path) -> dict:
-    return json.loads((run / "summary.json").read_text())
-
-
-def _assert_trained(run: Path, steps: int = 24, drop: float = 0.8) -> dict:
-    s = _summary(run)
-    assert s["final_step"] == steps
-    # uneven shards, 2 ranks: still every sample exactly once per epoch
-    assert s["epochs_completed"] >= 1 and set(s["samples_per_epoch"]) == {PAIRS}
-    first, final = s["losses"]["first"]["loss/total"], s["losses"]["final"]["loss/total"]
-    assert final < drop * first, (first, final)
-    return s
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +59,13 @@ def etl(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(etl) -> Path:
     run = etl.parent / "reference"
-    _ok(_torchrun("launcher/train.py",
-                  ["--config", str(TINY), *tiny_overrides(etl, run), *TRAIN]))
+    assert_ok(torchrun("launcher/train.py",
+                       ["--config", str(TINY), *tiny_overrides(etl, run), *TINY_TRAIN]))
     return run
 
 
 def test_launcher_trains_tokenizer_on_two_ranks(reference):
-    s = _assert_trained(reference)
+    s = assert_trained(reference)
     assert (s["world_size"], s["zero_stage"], s["precision"]) == (2, 1, "fp32")
     assert s["resumed_from"] is None and s["throughput"]["median_samples_per_s"] > 0
     assert 0 <= s["throughput"]["data_wait_share"] < 1  # whole run, rank 0
@@ -140,7 +79,8 @@ def test_launcher_trains_tokenizer_on_two_ranks(reference):
 
     state = torch.load(reference / "final" / "model_fp32.pt")
     assert all(t.dtype in (torch.float32, torch.int64, torch.bool) for t in state.values())
-    model = PCRQVAE(PCRQVAEConfig(input_dim=DIM, hidden_dims=[32, 16], latent_dim=8, K=16, L=3))
+    model = PCRQVAE(PCRQVAEConfig(input_dim=TINY_DIM, hidden_dims=[32, 16], latent_dim=8, K=16,
+                                  L=3))
     model.load_state_dict(state)  # strict: the consolidated dict is complete
     assert bool(model.quantizer.initialized)
     sids = __import__("numpy").load(reference / "export" / "sid_table.npy")
@@ -149,8 +89,8 @@ def test_launcher_trains_tokenizer_on_two_ranks(reference):
 
 
 def test_tensorboard_has_every_scalar(reference):
-    scalars = _scalars(reference)
-    assert TAGS <= set(scalars), TAGS - set(scalars)
+    scalars = read_scalars(reference)
+    assert TOKENIZER_TAGS <= set(scalars), TOKENIZER_TAGS - set(scalars)
     assert [step for step, _ in scalars["loss/total"]] == [4, 8, 12, 16, 20, 24]
     lrs = [v for _, v in scalars["opt/lr"]]
     assert lrs[0] > lrs[-1] > 0  # cosine decay after the 2-step warmup
@@ -162,13 +102,14 @@ def test_tensorboard_has_every_scalar(reference):
 
 def test_killed_run_resumes_to_identical_weights(reference, etl):
     run = etl.parent / "killed"
-    args = ["--config", str(TINY), *tiny_overrides(etl, run), *TRAIN, "train.kill_at_step=13"]
-    killed = _torchrun("launcher/train.py", args)
+    args = ["--config", str(TINY), *tiny_overrides(etl, run), *TINY_TRAIN,
+            "train.kill_at_step=13"]
+    killed = torchrun("launcher/train.py", args)
     assert killed.returncode != 0  # SIGKILLed at step 13, last checkpoint at step 8
     assert not (run / "summary.json").exists()
     assert (run / "checkpoints" / "latest").read_text() == "global_step8"
-    _ok(_torchrun("launcher/train.py", args))  # the same command again: resumes
-    s, ref = _summary(run), _summary(reference)
+    assert_ok(torchrun("launcher/train.py", args))  # the same command again: resumes
+    s, ref = read_summary(run), read_summary(reference)
     assert s["resumed_from"] == "global_step8" and s["final_step"] == ref["final_step"]
     assert s["samples_per_epoch"] == ref["samples_per_epoch"]
     a = torch.load(reference / "final" / "model_fp32.pt")
@@ -179,7 +120,7 @@ def test_killed_run_resumes_to_identical_weights(reference, etl):
         assert diff < 1e-6, (k, diff)
     assert s["losses"]["final"]["loss/total"] == pytest.approx(
         ref["losses"]["final"]["loss/total"], abs=1e-6)
-    lr_ref, lr_run = _scalars(reference)["opt/lr"], _scalars(run)["opt/lr"]
+    lr_ref, lr_run = read_scalars(reference)["opt/lr"], read_scalars(run)["opt/lr"]
     assert lr_run[-1] == pytest.approx(lr_ref[-1], rel=1e-9)
 
 
@@ -189,7 +130,7 @@ def deepspeed_port():
     shared-memory files (~66 MB each, ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_
     <port>_<rank>``) that launch may have left, whether or not the test passed. Only this
     port's files: other jobs on the machine keep theirs."""
-    port = _free_port()
+    port = free_port()
     yield port
     for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
         path.unlink(missing_ok=True)
@@ -197,20 +138,21 @@ def deepspeed_port():
 
 def test_zero2_zero3_and_bf16_train_under_deepspeed_launcher(etl, tmp_path, deepspeed_port):
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
+    driver.write_text(RUNS_DRIVER)
     runs = {"zero2": ["train.zero_stage=2"], "zero3": ["train.zero_stage=3"],
             "bf16": ["train.zero_stage=2", "train.precision=bf16"]}
-    specs = [" ".join([*tiny_overrides(etl, tmp_path / name), *TRAIN, *extra,
+    specs = [" ".join([*tiny_overrides(etl, tmp_path / name), *TINY_TRAIN, *extra,
                        "data.num_workers=0", "train.progress_bar=false"])
              for name, extra in runs.items()]
     port = deepspeed_port
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2",
            "--master_port", str(port), str(driver), str(TINY), *specs]
-    _ok(subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300))
+    assert_ok(subprocess.run(cmd, cwd=ROOT, env=dist_env(), capture_output=True, text=True,
+                             timeout=300))
     # DeepSpeed's CPU shared-memory all-reduce buffers are removed by engine.shutdown()
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     for name in runs:
-        s = _assert_trained(tmp_path / name)
+        s = assert_trained(tmp_path / name)
         assert s["precision"] == ("bf16" if name == "bf16" else "fp32")
         state = torch.load(tmp_path / name / "final" / "model_fp32.pt")
         assert state["encoder.0.weight"].dtype == torch.float32
@@ -224,14 +166,15 @@ def solo(etl, tmp_path_factory) -> Path:
     The golden run goes first, as in ``tests/golden_regen.py`` (its own process)."""
     root = tmp_path_factory.mktemp("solo")
     driver = root / "driver.py"
-    driver.write_text(DRIVER)
+    driver.write_text(RUNS_DRIVER)
     golden = " ".join(golden_overrides(write_golden_etl(root / "golden_etl"), root / "golden"))
-    zero0 = " ".join([*tiny_overrides(etl, root / "zero0"), *TRAIN, "train.zero_stage=0",
+    zero0 = " ".join([*tiny_overrides(etl, root / "zero0"), *TINY_TRAIN, "train.zero_stage=0",
                       "train.global_batch_size=32", "train.micro_batch_size=16",
                       "train.max_steps=12"])
     kmeans = " ".join([*tiny_overrides(etl, root / "kmeans"), "model.mode=rq_kmeans"])
-    _ok(subprocess.run([sys.executable, str(driver), str(TINY), golden, zero0, kmeans],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300))
+    assert_ok(subprocess.run([sys.executable, str(driver), str(TINY), golden, zero0, kmeans],
+                             cwd=ROOT, env=dist_env(), capture_output=True, text=True,
+                             timeout=300))
     return root
 
 
@@ -247,7 +190,7 @@ def test_golden_losses(solo):
         assert got[tag] == pytest.approx(expected, rel=golden["rtol"]), (
             f"{tag} drifted from {GOLDEN}; if the change is deliberate run "
             f"{golden['regenerate']}")
-    s = _summary(solo / "golden")
+    s = read_summary(solo / "golden")
     assert (s["world_size"], s["zero_stage"], s["precision"], s["final_step"]) == (1, 1, "fp32", 10)
     assert s["zero_stage_effective"] == 0  # one rank: nothing to partition
 
@@ -255,9 +198,9 @@ def test_golden_losses(solo):
 def test_world_of_one_in_process_three_runs(solo):
     """No launcher env: ``engine.train`` makes a world of one; later calls in the same process
     (what ``higr run`` does) reuse it; RQ-KMeans (nothing to train) goes straight to export."""
-    s = _assert_trained(solo / "zero0", steps=12, drop=1.0)
+    s = assert_trained(solo / "zero0", steps=12, drop=1.0)
     assert s["world_size"] == 1 and s["zero_stage"] == 0
-    assert "opt/grad_norm" in _scalars(solo / "zero0")  # computed by hand at ZeRO-0
-    k = _summary(solo / "kmeans")
+    assert "opt/grad_norm" in read_scalars(solo / "zero0")  # computed by hand at ZeRO-0
+    k = read_summary(solo / "kmeans")
     assert k["final_step"] == 0 and k["export"]["num_items"] == 96
     assert (solo / "kmeans" / "export" / "sid_table.npy").is_file()

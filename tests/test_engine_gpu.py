@@ -36,8 +36,24 @@ import pytest
 import torch
 import yaml
 from conftest import NUM_GPUS, gpu_env
-from test_engine import tiny_overrides, write_tiny_etl
-from test_engine_dist import DRIVER, ROOT, TAGS, TINY, TRAIN, _assert_trained, _env, _ok, _scalars
+from helpers import (
+    ROOT,
+    RUNS_DRIVER,
+    SLATE_STEPS,
+    TINY,
+    TINY_TRAIN,
+    TOKENIZER_TAGS,
+    assert_ok,
+    assert_trained,
+    dist_env,
+    pref_job,
+    read_scalars,
+    slate_job,
+    tiny_overrides,
+    write_pref_inputs,
+    write_slate_inputs,
+    write_tiny_etl,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.dist]
 
@@ -56,7 +72,7 @@ if __name__ == "__main__":
 
 
 def _genv(zero_at_one: bool = True) -> dict:
-    env = gpu_env(_env())
+    env = gpu_env(dist_env())
     if zero_at_one:
         env["HIGR_ZERO_AT_WORLD_ONE"] = "1"
     return env
@@ -82,15 +98,15 @@ def _write_jobs(root: Path, jobs: dict[str, dict]) -> list[str]:
 def test_tiny_tokenizer_trains_in_bf16_zero1_on_one_gpu(tmp_path):
     etl = write_tiny_etl(tmp_path / "etl")
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
+    driver.write_text(RUNS_DRIVER)
     run = tmp_path / "bf16"
-    spec = " ".join([*tiny_overrides(etl, run), *TRAIN, "train.precision=bf16",
+    spec = " ".join([*tiny_overrides(etl, run), *TINY_TRAIN, "train.precision=bf16",
                      "train.zero_stage=1", "train.progress_bar=false"])
-    _ok(_run([sys.executable, str(driver), str(TINY), spec], _genv()))
-    s = _assert_trained(run)
+    assert_ok(_run([sys.executable, str(driver), str(TINY), spec], _genv()))
+    s = assert_trained(run)
     assert (s["world_size"], s["precision"], s["zero_stage_effective"]) == (1, "bf16", 1)
-    scalars = _scalars(run)
-    assert TAGS - {"health/mfu"} <= set(scalars)
+    scalars = read_scalars(run)
+    assert TOKENIZER_TAGS - {"health/mfu"} <= set(scalars)
     state = torch.load(run / "final" / "model_fp32.pt")
     assert state["encoder.0.weight"].dtype == torch.float32
     assert state["encoder.0.weight"].device.type == "cpu"
@@ -113,18 +129,16 @@ def test_tiny_tokenizer_trains_in_bf16_zero1_on_one_gpu(tmp_path):
 
 @pytest.fixture(scope="module")
 def hsd_runs(tmp_path_factory) -> dict:
-    from test_hsd_dist import STEPS, _job, _write_inputs
-
     root = tmp_path_factory.mktemp("gpu_hsd")
-    etl, sid = _write_inputs(root)
+    etl, sid = write_slate_inputs(root)
     ckpt = {"activation_checkpointing": True}
-    jobs = {"zero2": _job("hsd", etl, sid, root / "zero2", 2, "bf16", ckpt),
-            "zero3": _job("hsd", etl, sid, root / "zero3", 3, "bf16", ckpt),
-            "flat": _job("flat", etl, sid, root / "flat", 2, "bf16")}
+    jobs = {"zero2": slate_job("hsd", etl, sid, root / "zero2", 2, "bf16", ckpt),
+            "zero3": slate_job("hsd", etl, sid, root / "zero3", 3, "bf16", ckpt),
+            "flat": slate_job("flat", etl, sid, root / "flat", 2, "bf16")}
     driver = root / "driver.py"
     driver.write_text(SOLO_DRIVER)
-    _ok(_run([sys.executable, str(driver), *_write_jobs(root, jobs)], _genv()))
-    return {"root": root, "etl": etl, "sid": sid, "steps": STEPS["hsd"], "job": _job,
+    assert_ok(_run([sys.executable, str(driver), *_write_jobs(root, jobs)], _genv()))
+    return {"root": root, "etl": etl, "sid": sid, "steps": SLATE_STEPS["hsd"], "job": slate_job,
             **{n: root / n for n in jobs}}
 
 
@@ -143,7 +157,7 @@ def test_hsd_bf16_zero_with_activation_checkpointing(hsd_runs, name):
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
     HSD(from_dict(HSDConfig, resolved["model"])).load_state_dict(state, strict=True)
     if ON_GPU:
-        assert "health/device_max_alloc_gb" in _scalars(hsd_runs[name])
+        assert "health/device_max_alloc_gb" in read_scalars(hsd_runs[name])
 
 
 def test_kill_and_resume_on_gpu(hsd_runs, tmp_path):
@@ -155,7 +169,7 @@ def test_kill_and_resume_on_gpu(hsd_runs, tmp_path):
     killed = _run([*cmd, "train.kill_at_step=6"], _genv())
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "global_step4"
-    _ok(_run([*cmd, "train.kill_at_step=6"], _genv()))  # the same command resumes
+    assert_ok(_run([*cmd, "train.kill_at_step=6"], _genv()))  # the same command resumes
     s = _summary(tmp_path / "run")
     assert s["resumed_from"] == "global_step4" and s["final_step"] == 12
     assert np.isfinite(s["losses"]["final"]["loss/total"])
@@ -196,7 +210,7 @@ def test_decoding_on_gpu_matches_cpu(hsd_runs):
     script.write_text(DECODE)
     proc = _run([sys.executable, str(script), str(hsd_runs["zero2"]), str(hsd_runs["flat"]),
                  str(hsd_runs["sid"])], _genv(zero_at_one=False))
-    _ok(proc)
+    assert_ok(proc)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["device"].startswith("cuda" if ON_GPU else "cpu")
     for name in ("higr", "flat"):
@@ -212,18 +226,16 @@ def test_decoding_on_gpu_matches_cpu(hsd_runs):
 
 
 def test_orpo_and_dpo_steps_in_bf16(tmp_path):
-    from test_orpo_dist import _job, _write_inputs
-
-    etl, sid, init = _write_inputs(tmp_path)
-    jobs = {"orpo": _job("orpo", etl, sid, init, tmp_path / "orpo", 2, "bf16",
-                         {"lambda_or": 0.5}, {"activation_checkpointing": True}),
-            "dpo": _job("dpo", etl, sid, init, tmp_path / "dpo", 2, "bf16",
-                        {"beta": 0.1, "nll_weight": 0.1})}
+    etl, sid, init = write_pref_inputs(tmp_path)
+    jobs = {"orpo": pref_job("orpo", etl, sid, init, tmp_path / "orpo", 2, "bf16",
+                             {"lambda_or": 0.5}, {"activation_checkpointing": True}),
+            "dpo": pref_job("dpo", etl, sid, init, tmp_path / "dpo", 2, "bf16",
+                            {"beta": 0.1, "nll_weight": 0.1})}
     for job in jobs.values():
         job["data"]["num_workers"] = 0
     driver = tmp_path / "driver.py"
     driver.write_text(SOLO_DRIVER)
-    _ok(_run([sys.executable, str(driver), *_write_jobs(tmp_path, jobs)], _genv()))
+    assert_ok(_run([sys.executable, str(driver), *_write_jobs(tmp_path, jobs)], _genv()))
     for name in jobs:
         s = _summary(tmp_path / name)
         assert s["precision"] == "bf16" and s["zero_stage_effective"] == 2

@@ -25,8 +25,7 @@ import time
 import pytest
 import torch
 from farm import job_log, run_farm
-from test_engine import write_tiny_etl
-from test_faults_train import stage_job, tok_job, with_out, write_stage_configs
+from helpers import stage_job, tok_job, with_out, write_stage_configs, write_tiny_etl
 
 pytestmark = pytest.mark.dist
 

@@ -31,11 +31,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from higr_dist import configs
 from higr_dist.config import load, to_dict
 from higr_dist.configs import HERE as CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted(CONFIGS.rglob("*.yaml"))
+SHIPPED = configs.all_files()
 #: malformed values tried in every field
 BAD = [[], {}, None, "nan", "inf", 1e308, 10**40, -1, -1e9, "x", True, [[1], "a"],
        {"a": {"b": 1}}]

@@ -15,7 +15,6 @@ full disk (a real tmpfs) while saving a checkpoint.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -24,51 +23,19 @@ import pytest
 import torch
 import yaml
 from farm import job_log, run_farm
-from test_engine import tiny_overrides, write_tiny_etl
-
-from higr_dist.configs import HERE as CONFIGS
+from helpers import (
+    assert_same_weights,
+    read_summary,
+    stage_job,
+    tok_job,
+    with_out,
+    write_stage_configs,
+    write_tiny_etl,
+)
 
 pytestmark = pytest.mark.dist
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(CONFIGS / "tiny" / "tokenizer.yaml")
-#: 24 steps of 3 per epoch (192 pairs, 64 per step): checkpoints at 8 and 16 are mid-epoch
-TRAIN = ["train.max_steps=24", "train.lr=0.01", "train.warmup_steps=2", "train.log_every=4",
-         "train.checkpoint_every=8", "train.keep_last=2", "model.restart_every=6",
-         "data.num_workers=0", "train.progress_bar=false"]
-
-
-def tok_job(name: str, etl: Path, out: Path, *extra: str, world: int = 2) -> dict:
-    return {"name": name, "world": world, "config": TINY,
-            "overrides": [*tiny_overrides(etl, out), *TRAIN, *extra]}
-
-
-def stage_job(name: str, config: Path, **train) -> dict:
-    """A job of a stage config written by :func:`write_stage_configs`, with train overrides."""
-    return {"name": name, "world": 2, "config": str(config),
-            "overrides": [f"train.{k}={json.dumps(v)}" for k, v in train.items()]}
-
-
-def write_stage_configs(root: Path) -> dict[str, Path]:
-    """HSD and ORPO job configs on the tiny inputs of tests/test_hsd_dist.py and
-    tests/test_orpo_dist.py (ZeRO-1 fp32, 24 steps, checkpoints every 8)."""
-    import test_hsd_dist as hsd_t
-    import test_orpo_dist as orpo_t
-
-    paths = {}
-    etl, sid = hsd_t._write_inputs(root / "hsd_in")
-    job = hsd_t._job("hsd", etl, sid, root / "runs" / "hsd", 1, "fp32", steps=24)
-    job["train"].update(checkpoint_every=8, keep_last=2)
-    paths["hsd"] = root / "hsd.yaml"
-    paths["hsd"].write_text(yaml.safe_dump(job))
-    etl, sid, init = orpo_t._write_inputs(root / "orpo_in")
-    job = orpo_t._job("orpo", etl, sid, init, root / "runs" / "orpo", 1, "fp32",
-                      {"lambda_or": 0.5})
-    job["data"]["num_workers"] = 0
-    job["train"].update(max_steps=24, checkpoint_every=8, keep_last=2)
-    paths["orpo"] = root / "orpo.yaml"
-    paths["orpo"].write_text(yaml.safe_dump(job))
-    return paths
 
 
 def out_of(job: dict) -> Path:
@@ -77,26 +44,6 @@ def out_of(job: dict) -> Path:
         if o.startswith("run.out_dir="):
             return Path(o.split("=", 1)[1])
     return Path(yaml.safe_load(Path(job["config"]).read_text())["run"]["out_dir"])
-
-
-def with_out(job: dict, out: Path) -> dict:
-    return {**job, "overrides": [*job["overrides"], f"run.out_dir={out}"]}
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "final" / "model_fp32.pt")
-
-
-def assert_same_weights(a: Path, b: Path, tol: float = 1e-6) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        diff = (wa[k].double() - wb[k].double()).abs().max().item() if wa[k].numel() else 0.0
-        assert diff <= tol, (k, diff)
-
-
-def summary(run: Path) -> dict:
-    return json.loads((run / "summary.json").read_text())
 
 
 def rcs(results: dict, name: str) -> list[int]:
@@ -169,9 +116,9 @@ def test_kill_inside_checkpoint_write_resumes_from_the_previous_one(ci_farm):
     assert rcs(res, "torn_b") == [0, 0], job_log(root, "torn_b")[-3000:]
     log = job_log(root, "torn_b")
     assert "removed incomplete checkpoint" in log and "global_step16" in log
-    s = summary(runs / "torn")
+    s = read_summary(runs / "torn")
     assert s["resumed_from"] == "global_step8"
-    assert s["samples_per_epoch"] == summary(runs / "ref")["samples_per_epoch"]
+    assert s["samples_per_epoch"] == read_summary(runs / "ref")["samples_per_epoch"]
     assert_same_weights(runs / "ref", runs / "torn")
 
 
@@ -272,7 +219,7 @@ def test_killed_twice_gives_the_uninterrupted_weights(full_farm):
     res, runs = full_farm["results"], full_farm["runs"]
     assert rcs(res, "twice_a") == [-9, -9] and rcs(res, "twice_b") == [-9, -9]
     assert rcs(res, "twice_c") == [0, 0]
-    assert summary(runs / "twice")["resumed_from"] == "global_step16"
+    assert read_summary(runs / "twice")["resumed_from"] == "global_step16"
     assert_same_weights(full_farm["ref"], runs / "twice")
 
 
@@ -282,7 +229,7 @@ def test_kill_and_resume_under_zero2_and_bf16(full_farm, name):
     res, runs = full_farm["results"], full_farm["runs"]
     assert rcs(res, f"{name}_ref") == [0, 0] and rcs(res, f"{name}_a") == [-9, -9]
     assert rcs(res, f"{name}_b") == [0, 0]
-    s = summary(runs / name)
+    s = read_summary(runs / name)
     assert s["resumed_from"] == "global_step8"
     assert s["precision"] == ("bf16" if name == "bf" else "fp32")
     # bf16: equal to the bf16 uninterrupted run (the same fp32 masters, the same steps)
@@ -295,7 +242,7 @@ def test_kill_and_resume_hsd_and_orpo(full_farm, stage):
     res, runs = full_farm["results"], full_farm["runs"]
     assert rcs(res, f"{stage}_ref") == [0, 0] and rcs(res, f"{stage}_a") == [-9, -9]
     assert rcs(res, f"{stage}_b") == [0, 0], job_log(full_farm["root"], f"{stage}_b")[-3000:]
-    assert summary(runs / stage)["resumed_from"] == "global_step8"
+    assert read_summary(runs / stage)["resumed_from"] == "global_step8"
     assert_same_weights(runs / f"{stage}_ref", runs / stage)
 
 
@@ -306,7 +253,7 @@ def test_kill_and_resume_hsd_and_orpo_under_zero2_bf16(full_farm, stage):
     name = f"{stage}_zb"
     assert rcs(res, f"{name}_ref") == [0, 0] and rcs(res, f"{name}_a") == [-9, -9]
     assert rcs(res, f"{name}_b") == [0, 0], job_log(full_farm["root"], f"{name}_b")[-3000:]
-    s = summary(runs / name)
+    s = read_summary(runs / name)
     assert s["resumed_from"] == "global_step8" and s["precision"] == "bf16"
     assert s["zero_stage_effective"] == 2
     # equal to the bf16 uninterrupted run: the same fp32 masters, the same steps
@@ -317,7 +264,7 @@ def test_kill_and_resume_hsd_and_orpo_under_zero2_bf16(full_farm, stage):
 def test_hsd_torn_checkpoint(full_farm):
     res, runs = full_farm["results"], full_farm["runs"]
     assert rcs(res, "hsd_torn_a") == [-9, -9] and rcs(res, "hsd_torn_b") == [0, 0]
-    assert summary(runs / "hsd_torn")["resumed_from"] == "global_step8"
+    assert read_summary(runs / "hsd_torn")["resumed_from"] == "global_step8"
     assert_same_weights(runs / "hsd_ref", runs / "hsd_torn")
 
 
@@ -381,5 +328,5 @@ def test_disk_full_while_saving_a_checkpoint(ci_farm, ckpt_disk, tmp_path):
     assert mount(64 * size, remount=True).returncode == 0  # room again: the rerun resumes
     res = run_farm(tmp_path / "farm_b", jobs[1:])
     assert rcs(res, "full_b") == [0, 0], job_log(tmp_path / "farm_b", "full_b")[-3000:]
-    assert summary(run)["resumed_from"] == "global_step8"
+    assert read_summary(run)["resumed_from"] == "global_step8"
     assert_same_weights(ref, run)

@@ -27,8 +27,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine import tiny_overrides, write_tiny_etl
+from helpers import tiny_overrides, write_tiny_etl
 
+from higr_dist import configs
 from higr_dist.config import ConfigError
 from higr_dist.configs import HERE as CONFIGS
 from higr_dist.engine.config import TrainConfig, load_job
@@ -54,8 +55,8 @@ from higr_dist.stages.base import StageInputs, get_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TOKENIZER = CONFIGS / "tiny" / "tokenizer.yaml"
-SHIPPED = sorted(p for d in ("cluster", "kuairec") for p in (CONFIGS / d).rglob("*.yaml")
-                 if p.name not in ("etl.yaml", "run.yaml"))
+SHIPPED = [p for p in configs.all_files() if p.parent.name in ("cluster", "kuairec", "ladder")
+           and p.name not in ("etl.yaml", "run.yaml")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,18 +93,20 @@ def test_shipped_configs_take_the_peak_from_the_device(path):
         assert opts.get("overlap_comm") is True and opts["reduce_bucket_size"] < 5e8
 
 
-def test_sasrec_flops_count_the_softmax_once_build_read_the_catalogue(tmp_path):
+def test_sasrec_flops_count_the_catalogue_softmax_from_the_sid_table(tmp_path):
     sid = tmp_path / "sid"
     sid.mkdir()
     np.save(sid / "sid_table.npy", np.zeros((1000, 3), dtype=np.int64))
     (sid / "sid_meta.json").write_text(json.dumps({"K": 8, "L": 3, "num_items": 1000}))
     cfg, loss = SASRecConfig(d_model=16, n_layers=1, max_len=8), SASRecLossConfig()
-    stage = get_stage("sasrec")  # a fresh stage, as the trainer gets one
-    before = stage.flops_per_sample(cfg)
-    stage.build(cfg, loss, StageInputs(sid_dir=str(sid)))
-    after = stage.flops_per_sample(cfg)  # the trainer asks again after build
+    stage = get_stage("sasrec")  # stateless: the same count before and after build
+    inputs = StageInputs(sid_dir=str(sid))
+    before = stage.flops_per_sample(cfg, loss, inputs)
+    stage.build(cfg, loss, inputs)
+    assert stage.flops_per_sample(cfg, loss, inputs) == before
     T = cfg.history_len + cfg.N - 1
-    assert after - before == pytest.approx(6.0 * T * 1000 * cfg.d_model)
+    blocks = stage.flops_per_sample(replace(cfg, num_items=1), loss, inputs)
+    assert before - blocks == pytest.approx(6.0 * T * 999 * cfg.d_model)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,8 +32,21 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
-from test_engine import tiny_overrides, write_tiny_etl
-from test_engine_dist import TINY, TRAIN, _env, _free_port, _ok, _scalars, _summary, _torchrun
+from helpers import (
+    SLATE_NUM_ITEMS,
+    TINY,
+    TINY_TRAIN,
+    assert_ok,
+    dist_env,
+    free_port,
+    read_scalars,
+    read_summary,
+    slate_job,
+    tiny_overrides,
+    torchrun,
+    write_slate_inputs,
+    write_tiny_etl,
+)
 
 pytestmark = pytest.mark.dist
 
@@ -125,7 +138,7 @@ def two_ranks(tmp_path_factory) -> list[dict]:
     _checkpoint_dir(root / "stale1", [4, 8], latest=4)  # a stale view of the same folder
     _checkpoint_dir(root / "missing0", [4, 8], latest=8)
     _checkpoint_dir(root / "missing1", [4], latest=4)
-    mp.start_processes(_worker, args=(_free_port(), str(root)), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(free_port(), str(root)), nprocs=2, join=True,
                        start_method="spawn")
     return [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -185,33 +198,34 @@ if __name__ == "__main__":
 
 
 def test_sasrec_chunked_loss_under_zero3_and_its_flops(tmp_path):
-    from test_hsd_dist import NUM_ITEMS, _job, _write_inputs
-
-    from higr_dist.models.sasrec import SASRecConfig
+    from higr_dist.models.sasrec import SASRecConfig, SASRecLossConfig
+    from higr_dist.stages.base import StageInputs
     from higr_dist.stages.hsd import SASRecStage
 
-    etl, sid = _write_inputs(tmp_path)
+    etl, sid = write_slate_inputs(tmp_path)
     configs = []
     for name, chunk in (("full", 0), ("chunked", 7)):
-        job = _job("sasrec", etl, sid, tmp_path / name, 3, "fp32",
-                   {"peak_tflops": 1.0, "log_every": 1}, steps=6)
+        job = slate_job("sasrec", etl, sid, tmp_path / name, 3, "fp32",
+                        {"peak_tflops": 1.0, "log_every": 1}, steps=6)
         job["loss"] = {"chunk_items": chunk}
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(job))
         configs.append(str(tmp_path / f"{name}.yaml"))
     (tmp_path / "driver.py").write_text(DRIVER)
-    env = dict(_env(), HIGR_ZERO_AT_WORLD_ONE="1")
-    _ok(subprocess.run([sys.executable, str(tmp_path / "driver.py"), *configs], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=300))
-    full, chunked = (_scalars(tmp_path / n) for n in ("full", "chunked"))
-    assert _summary(tmp_path / "chunked")["zero_stage_effective"] == 3
+    env = dict(dist_env(), HIGR_ZERO_AT_WORLD_ONE="1")
+    assert_ok(subprocess.run([sys.executable, str(tmp_path / "driver.py"), *configs],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300))
+    full, chunked = (read_scalars(tmp_path / n) for n in ("full", "chunked"))
+    assert read_summary(tmp_path / "chunked")["zero_stage_effective"] == 3
     losses = [v for _, v in full["loss/total"]]
     assert len(losses) == 6 and losses[-1] < losses[0]
     # same objective, same gradients -> the same trajectory, step by step
     assert [v for _, v in chunked["loss/total"]] == pytest.approx(losses, rel=1e-4)
     # MFU x peak / samples per second = FLOPs per sample, with the catalogue softmax
-    cfg = SASRecConfig(**_job("sasrec", etl, sid, tmp_path, 3, "fp32")["model"])
-    want = SASRecStage().flops_per_sample(replace(cfg, num_items=NUM_ITEMS))
-    assert want > SASRecStage().flops_per_sample(cfg)  # the count without the catalogue
+    cfg = SASRecConfig(**slate_job("sasrec", etl, sid, tmp_path, 3, "fp32")["model"])
+    loss, inputs = SASRecLossConfig(), StageInputs(sid_dir=str(sid))
+    want = SASRecStage().flops_per_sample(replace(cfg, num_items=SLATE_NUM_ITEMS), loss, inputs)
+    assert want == SASRecStage().flops_per_sample(cfg, loss, inputs)  # num_items 0: the table's
+    assert want > SASRecStage().flops_per_sample(replace(cfg, num_items=1), loss, inputs)
     for (_, mfu), (_, per_s) in zip(full["health/mfu"], full["health/samples_per_s"]):
         assert mfu * 1e12 / per_s == pytest.approx(want, rel=1e-3)
 
@@ -224,17 +238,18 @@ def test_sasrec_chunked_loss_under_zero3_and_its_flops(tmp_path):
 def test_bf16_zero1_kill_and_resume_on_two_ranks(tmp_path):
     etl = write_tiny_etl(tmp_path / "etl")
     run = tmp_path / "run"
-    args = ["--config", str(TINY), *tiny_overrides(etl, run), *TRAIN, "train.precision=bf16",
-            "train.zero_stage=1", "train.progress_bar=false", "data.num_workers=0",
-            "train.max_steps=12", "train.checkpoint_every=4", "train.kill_at_step=6"]
-    killed = _torchrun("launcher/train.py", args)
+    args = ["--config", str(TINY), *tiny_overrides(etl, run), *TINY_TRAIN,
+            "train.precision=bf16", "train.zero_stage=1", "train.progress_bar=false",
+            "data.num_workers=0", "train.max_steps=12", "train.checkpoint_every=4",
+            "train.kill_at_step=6"]
+    killed = torchrun("launcher/train.py", args)
     assert killed.returncode != 0
     assert (run / "checkpoints" / "latest").read_text() == "global_step4"
-    _ok(_torchrun("launcher/train.py", args))  # the same command resumes
-    s = _summary(run)
+    assert_ok(torchrun("launcher/train.py", args))  # the same command resumes
+    s = read_summary(run)
     assert (s["world_size"], s["precision"], s["zero_stage_effective"]) == (2, "bf16", 1)
     assert s["resumed_from"] == "global_step4" and s["final_step"] == 12
     first, final = s["losses"]["first"]["loss/total"], s["losses"]["final"]["loss/total"]
     assert final < first
-    norms = [v for _, v in _scalars(run)["opt/grad_norm"]]
+    norms = [v for _, v in read_scalars(run)["opt/grad_norm"]]
     assert norms and all(0 < v < float("inf") for v in norms)  # BF16_Optimizer's own norm

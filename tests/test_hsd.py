@@ -484,7 +484,7 @@ def test_stage_build_step_finalize(tmp_path, name):
         assert {"ild", "acc_l1", "acc_l3"} <= set(out.metrics)
         assert out.loss.item() == pytest.approx(
             (out.metrics["ce"] + loss_cfg.lambda_ild * out.metrics["ild"]).item(), rel=1e-6)
-    assert stage.flops_per_sample(model_cfg) > 0
+    assert stage.flops_per_sample(model_cfg, loss_cfg, inputs) > 0
     summary = stage.finalize(model, model_cfg, loss_cfg, inputs, tmp_path / "export")
     assert summary["params"] == _n(model)
     if name == "sasrec":
@@ -508,11 +508,14 @@ def test_stage_validate_reports_mismatches(tmp_path):
 
 def test_flops_per_sample_scale_with_depth():
     hsd, flat = get_stage("hsd"), get_stage("flat")
-    cfg = preset("25m")
+    cfg, inputs = preset("25m"), StageInputs()
+    hsd_loss, flat_loss = hsd.loss_config_cls(), flat.loss_config_cls()
     # the flat decoder runs its full depth over all N*L tokens: more FLOPs than HSD
-    assert flat.flops_per_sample(cfg) > hsd.flops_per_sample(cfg)
+    assert flat.flops_per_sample(cfg, flat_loss, inputs) > hsd.flops_per_sample(cfg, hsd_loss,
+                                                                                  inputs)
     deeper = replace(cfg, planner_layers=28)
-    assert hsd.flops_per_sample(deeper) > hsd.flops_per_sample(cfg)
+    assert hsd.flops_per_sample(deeper, hsd_loss, inputs) > hsd.flops_per_sample(
+        cfg, hsd_loss, inputs)
 
 
 def test_newest_item_ignores_padding_wherever_it_sits():

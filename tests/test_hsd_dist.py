@@ -24,15 +24,19 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-from higr_dist.data.shardio import write_listing, write_shard
-from higr_dist.schema import SLATE_BLOCK, SLATE_GROUP_BLOCK, blocks
-from higr_dist.schema.slates import slate_group_of
+from helpers import (
+    SLATE_H,
+    SLATE_K,
+    SLATE_N,
+    SLATE_NUM_ITEMS,
+    SLATE_STEPS,
+    slate_job,
+    write_slate_inputs,
+)
 
 pytestmark = pytest.mark.dist
 
 ROOT = Path(__file__).resolve().parents[1]
-NUM_ITEMS, K, L, N, H = 48, 8, 3, 4, 6
 
 DRIVER = """
 import sys
@@ -47,90 +51,24 @@ if __name__ == "__main__":
 """
 
 
-def _write_inputs(root: Path) -> tuple[Path, Path]:
-    """Slate shards (4 x 64 samples, with listing) and a SID export; returns (etl, sid_dir)."""
-    rng = np.random.default_rng(0)
-    sid = root / "sid"
-    sid.mkdir(parents=True)
-    keys = rng.choice(K ** L, NUM_ITEMS, replace=False)
-    table = np.stack([(keys // K ** (L - 1 - i)) % K for i in range(L)], 1).astype(np.int64)
-    np.save(sid / "sid_table.npy", table)
-    (sid / "sid_meta.json").write_text(json.dumps({"K": K, "L": L, "num_items": NUM_ITEMS}))
-    folder = root / "etl" / "slates" / "train"
-    folder.mkdir(parents=True)
-    entries = []
-    for s in range(4):
-        samples = []
-        for u in range(64):
-            h = int(rng.integers(2, H + 1))
-            hist = rng.integers(0, NUM_ITEMS, h)
-            tgt = (hist[-1] + np.arange(1, N + 1)) % NUM_ITEMS
-            samples.append((f"s{s}u{u}", {
-                "user_id": f"u{s}_{u}", "split": "train", "ts": 1000 + u,
-                "hist_items": hist.tolist(), "hist_fb": rng.random(h).round(2).tolist(),
-                "target_items": tgt.tolist(), "target_fb": [1.0] * N}))
-        entries.append(write_shard(folder / f"shard-{s:06d}.tar", SLATE_GROUP_BLOCK,
-                                   blocks([(k, slate_group_of(x)) for k, x in samples], 8)))
-    write_listing(folder, entries)
-    # a validation split (one held-out slate per user, all effective views) for model selection
-    val = root / "etl" / "slates" / "val"
-    val.mkdir(parents=True)
-    records = []
-    for u in range(48):
-        hist = rng.integers(0, NUM_ITEMS, H)
-        records.append((f"v{u}", {
-            "user_id": f"v{u}", "split": "val", "ts": 5000 + u, "hist_items": hist.tolist(),
-            "hist_fb": [1.0] * H, "target_items": ((hist[-1] + np.arange(1, N + 1))
-                                                   % NUM_ITEMS).tolist(),
-            "target_fb": [3.0] * N}))
-    write_listing(val, [write_shard(val / "shard-000000.tar", SLATE_BLOCK, blocks(records, 8))])
-    return root / "etl", sid
-
-
-STEPS = {"hsd": 24, "flat": 40, "sasrec": 40, "hsd_val": 32, "hsd_last": 32}
-"""Optimizer steps per stage (ZeRO-3 + bf16 on CPU is the slowest: fewer steps)."""
-
-
-def _job(stage: str, etl: Path, sid: Path, out: Path, zero: int, precision: str,
-         extra_train: dict | None = None, steps: int | None = None,
-         validation: dict | None = None) -> dict:
-    model = ({"K": K, "L": L, "N": N, "d_model": 32, "n_heads": 2, "ctx_layers": 1,
-              "planner_layers": 2, "gen_layers": 1, "history_len": H, "dropout": 0.0}
-             if stage != "sasrec" else
-             {"d_model": 32, "n_heads": 2, "n_layers": 1, "max_len": 16, "history_len": H,
-              "N": N, "dropout": 0.0})
-    return {
-        "stage": stage,
-        "run": {"name": f"test-{stage}", "out_dir": str(out), "seed": 0},
-        "inputs": {"etl_dir": str(etl), "sid_dir": str(sid)},
-        "data": {"num_workers": 0, "shuffle_buffer": 64},
-        "train": {"zero_stage": zero, "precision": precision, "global_batch_size": 32,
-                  "micro_batch_size": 16, "max_steps": steps or STEPS[stage], "lr": 1e-2,
-                  "warmup_steps": 2,
-                  "weight_decay": 0.0, "checkpoint_every": 0, "log_every": 5,
-                  "progress_bar": False, **(extra_train or {})},
-        "validation": validation or {},
-        "model": model,
-        "loss": {},
-    }
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hsd_dist")
-    etl, sid = _write_inputs(root)
-    jobs = {"hsd": _job("hsd", etl, sid, root / "hsd", 3, "bf16",
-                        {"activation_checkpointing": True}),
-            "flat": _job("flat", etl, sid, root / "flat", 1, "fp32"),
-            "sasrec": _job("sasrec", etl, sid, root / "sasrec", 2, "fp32"),
+    etl, sid = write_slate_inputs(root)
+    jobs = {"hsd": slate_job("hsd", etl, sid, root / "hsd", 3, "bf16",
+                             {"activation_checkpointing": True}),
+            "flat": slate_job("flat", etl, sid, root / "flat", 1, "fp32"),
+            "sasrec": slate_job("sasrec", etl, sid, root / "sasrec", 2, "fp32"),
             # model selection: validation every 1/4 epoch (2 steps); a new best must gain 1.0
             # NDCG, which never happens, so the first validation's weights must be the ones
             # kept; hsd_last is the same run keeping its last weights
-            "hsd_val": _job("hsd", etl, sid, root / "hsd_val", 1, "fp32", steps=STEPS["hsd_val"],
-                            validation={"every_epochs": 0.25, "min_delta": 1.0, "beam": 4}),
-            "hsd_last": _job("hsd", etl, sid, root / "hsd_last", 1, "fp32",
-                             steps=STEPS["hsd_last"],
-                             validation={"every_epochs": 0.25, "beam": 4, "keep_best": False})}
+            "hsd_val": slate_job("hsd", etl, sid, root / "hsd_val", 1, "fp32",
+                                 steps=SLATE_STEPS["hsd_val"],
+                                 validation={"every_epochs": 0.25, "min_delta": 1.0, "beam": 4}),
+            "hsd_last": slate_job("hsd", etl, sid, root / "hsd_last", 1, "fp32",
+                                  steps=SLATE_STEPS["hsd_last"],
+                                  validation={"every_epochs": 0.25, "beam": 4,
+                                              "keep_best": False})}
     configs = []
     for name, job in jobs.items():
         path = root / f"{name}.yaml"
@@ -153,7 +91,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("stage", ["hsd", "flat", "sasrec"])
 def test_stage_trains_under_deepspeed(runs, stage):
     s = json.loads((runs[stage] / "summary.json").read_text())
-    assert s["world_size"] == 2 and s["final_step"] == STEPS[stage]
+    assert s["world_size"] == 2 and s["final_step"] == SLATE_STEPS[stage]
     first = s["losses"]["first"]["loss/total"]
     final = s["losses"]["final"]["loss/total"]
     assert final < 0.75 * first, (stage, first, final)
@@ -176,12 +114,13 @@ def test_exported_models_load_and_decode(runs):
     from higr_dist.models.hsd import HSD, HSDConfig
 
     table = np.load(runs["sid"] / "sid_table.npy")
-    trie = SidTrie.from_table(table, K)
+    trie = SidTrie.from_table(table, SLATE_K)
     hist_items = torch.tensor([[3, 10, 20], [5, 7, 40]])
     hc = torch.from_numpy(table)[hist_items]
     hm = torch.ones(2, 3, dtype=torch.bool)
     hf = torch.ones(2, 3)
-    want = (hist_items[:, -1:] + torch.arange(1, N + 1)) % NUM_ITEMS  # the true slates
+    # the true slates
+    want = (hist_items[:, -1:] + torch.arange(1, SLATE_N + 1)) % SLATE_NUM_ITEMS
     target = torch.from_numpy(table)[want][:, None]  # [B, 1, N, L]
     for stage, cls, decode in (("hsd", HSD, coarse_to_fine_decode),
                                ("flat", Flat, flat_beam_decode)):
@@ -192,8 +131,8 @@ def test_exported_models_load_and_decode(runs):
         assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
         model.load_state_dict(state, strict=True)
         res = decode(model.eval(), hc, hm, hf, trie, beam=4)
-        assert ((res.items >= 0) & (res.items < NUM_ITEMS)).all()
-        assert all(len(set(r)) == N for r in res.items.tolist())
+        assert ((res.items >= 0) & (res.items < SLATE_NUM_ITEMS)).all()
+        assert all(len(set(r)) == SLATE_N for r in res.items.tolist())
         # the exported weights are the trained ones: the true slates became more likely
         with torch.no_grad():
             trained = model.slate_logprobs(hc, hm, hf, target).mean()
@@ -212,7 +151,8 @@ def test_the_best_validation_weights_are_the_ones_kept(runs):
     last = json.loads((runs["hsd_last"] / "summary.json").read_text())
     val = s["validation"]
     steps = [h["step"] for h in val["history"]]
-    assert steps == list(range(2, STEPS["hsd_val"] + 1, 2)), steps  # every 2 steps, and the end
+    # every 2 steps, and the end
+    assert steps == list(range(2, SLATE_STEPS["hsd_val"] + 1, 2)), steps
     assert val["kept"] == "best" and val["best"]["step"] == 2
     assert last["validation"]["kept"] == "last"
     # validation does not perturb training: same losses with and without selection
@@ -225,7 +165,7 @@ def test_the_best_validation_weights_are_the_ones_kept(runs):
     assert all(torch.equal(kept[k], best[k]) for k in kept)
     assert any(not torch.equal(kept[k], final_last[k]) for k in kept)  # not the last weights
     _, model = load_stage_model(runs["hsd_val"])
-    score = Validator(runs["root"] / "etl", runs["sid"], N, H,
+    score = Validator(runs["root"] / "etl", runs["sid"], SLATE_N, SLATE_H,
                       ValidateConfig(every_epochs=1, beam=4)).score(model)
     assert score["ndcg5"] == pytest.approx(val["history"][0]["ndcg5"], abs=1e-9)
     assert score["users"] == 48

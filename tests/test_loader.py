@@ -20,7 +20,6 @@ from higr_dist.data.loader import (
     StreamingLoader,
     iterate_samples,
     reshard_states,
-    resolve_shards,
 )
 from higr_dist.data.shardio import list_shards, write_listing, write_shard
 from higr_dist.schema import ITEM, PAIR, SLATE, SLATE_GROUP, SLATE_GROUP_BLOCK, blocks
@@ -396,16 +395,12 @@ def test_reiterating_invalidates_a_running_iteration(shards):
         next(first)
 
 
-def test_loader_config_section_and_resolve_shards(shards):
+def test_loader_config_section_and_batch_size_check(shards):
     cfg = from_dict(LoaderConfig, {"num_workers": 3, "on_corrupt": "skip"})
     assert cfg.num_workers == 3 and cfg.on_corrupt == "skip"
     with pytest.raises(ConfigError) as err:
         from_dict(LoaderConfig, {"num_workers": -1, "prefetch_factor": 0, "on_corrupt": "x"})
     assert len(err.value.problems) >= 3
-    etl = Path(shards[0]).parent.parent
-    kind = Path(shards[0]).parent.name
-    assert resolve_shards(LoaderConfig(), str(etl), kind) == shards
-    assert resolve_shards(LoaderConfig(shards=str(Path(shards[0]).parent)), "", "x") == shards
     with pytest.raises(ValueError, match="batch_size"):
         StreamingLoader(shards, ITEM, keys_collate, 0, LoaderConfig())
 

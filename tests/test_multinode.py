@@ -3,7 +3,7 @@
 The README's "Multi-node without ssh" command (``readme_commands``), run twice on this machine
 as node 0 and node 1 of a hostfile that names two hosts resolving to loopback (1 slot each),
 trains HSD (fp32, ZeRO-1, CPU ranks over gloo) for 12 steps on small real slate shards
-(``test_hsd_dist._write_inputs``):
+(``helpers.write_slate_inputs``):
 
 1. the two-node run ends with the weights of ``deepspeed --num_gpus 2`` on one node (1e-6);
 2. node 1's launcher is SIGKILLed with its whole process group (launcher, local launcher and
@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import slate_job, write_slate_inputs
 from readme_commands import readme_command, substitute
-from test_hsd_dist import _job, _write_inputs
 
 pytestmark = pytest.mark.multinode
 
@@ -133,9 +133,9 @@ def _ok(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("multinode")
-    etl, sid = _write_inputs(root)
+    etl, sid = write_slate_inputs(root)
     config = root / "hsd.yaml"
-    job = _job("hsd", etl, sid, root / "unused", 1, "fp32", dict(TRAIN), steps=STEPS)
+    job = slate_job("hsd", etl, sid, root / "unused", 1, "fp32", dict(TRAIN), steps=STEPS)
     config.write_text(yaml.safe_dump(job))
     hostfile = root / "hostfile"
     hostfile.write_text("".join(f"{h} slots=1\n" for h in _loopback_hosts()))

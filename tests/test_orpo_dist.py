@@ -26,19 +26,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import (
+    PREF_MODEL,
+    PREF_N,
+    PREF_NUM_ITEMS,
+    PREF_STEPS,
+    pref_job,
+    write_pref_inputs,
+)
 
-from higr_dist.data.shardio import write_listing, write_shard
 from higr_dist.models.hsd import HSD, HSDConfig
-from higr_dist.schema import PREF_GROUP_BLOCK, blocks
-from higr_dist.schema.prefs import pref_group_of
 
 pytestmark = pytest.mark.dist
 
 ROOT = Path(__file__).resolve().parents[1]
-NUM_ITEMS, K, L, N, H = 48, 8, 2, 3, 6
-MODEL = {"K": K, "L": L, "N": N, "d_model": 32, "n_heads": 2, "ctx_layers": 1,
-         "planner_layers": 2, "gen_layers": 1, "history_len": H, "dropout": 0.0}
-STEPS = {"orpo": 16, "dpo": 16}
 
 DRIVER = """
 import sys
@@ -53,64 +54,14 @@ if __name__ == "__main__":
 """
 
 
-def _write_inputs(root: Path) -> tuple[Path, Path, Path]:
-    """PREF shards (4 x 32, with listing), a SID export and an init state dict."""
-    rng = np.random.default_rng(0)
-    sid = root / "sid"
-    sid.mkdir(parents=True)
-    keys = rng.choice(K ** L, NUM_ITEMS, replace=False)
-    table = np.stack([(keys // K ** (L - 1 - i)) % K for i in range(L)], 1).astype(np.int64)
-    np.save(sid / "sid_table.npy", table)
-    np.save(sid / "item_emb.npy", rng.normal(size=(NUM_ITEMS, 8)).astype(np.float32))
-    (sid / "sid_meta.json").write_text(json.dumps({"K": K, "L": L, "num_items": NUM_ITEMS}))
-    folder = root / "etl" / "prefs"
-    folder.mkdir(parents=True)
-    entries = []
-    for s in range(4):
-        samples = []
-        for u in range(32):
-            h = int(rng.integers(2, H + 1))
-            hist = rng.integers(0, NUM_ITEMS, h)
-            pos = (hist[-1] + np.arange(1, N + 1)) % NUM_ITEMS  # learnable: items after the newest
-            neg = (hist[-1] + np.arange(20, 20 + u % 3)) % NUM_ITEMS
-            samples.append((f"s{s}u{u}", {
-                "user_id": f"u{s}_{u}", "ts": 1000 + u, "hist_items": hist.tolist(),
-                "hist_fb": rng.random(h).round(2).tolist(), "pos_items": pos.tolist(),
-                "pos_fb": [3.0, 2.0, 1.5], "neg_items": neg.tolist(),
-                "neg_fb": [0.1] * len(neg)}))
-        entries.append(write_shard(folder / f"shard-{s:06d}.tar", PREF_GROUP_BLOCK,
-                                   blocks([(k, pref_group_of(x)) for k, x in samples], 8)))
-    write_listing(folder, entries)
-    torch.manual_seed(0)
-    init = root / "hsd_init.pt"
-    torch.save(HSD(HSDConfig(**MODEL)).state_dict(), init)
-    return root / "etl", sid, init
-
-
-def _job(stage: str, etl: Path, sid: Path, init: Path, out: Path, zero: int, precision: str,
-         loss: dict, extra_train: dict | None = None) -> dict:
-    return {
-        "stage": stage,
-        "run": {"name": f"test-{stage}", "out_dir": str(out), "seed": 0},
-        "inputs": {"etl_dir": str(etl), "sid_dir": str(sid), "init_from": str(init)},
-        "data": {"num_workers": 1, "shuffle_buffer": 32},
-        "train": {"zero_stage": zero, "precision": precision, "global_batch_size": 32,
-                  "micro_batch_size": 16, "max_steps": STEPS[stage], "lr": 1e-2,
-                  "warmup_steps": 2, "weight_decay": 0.0, "checkpoint_every": 0,
-                  "log_every": 4, "progress_bar": False, **(extra_train or {})},
-        "model": MODEL,
-        "loss": loss,
-    }
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("orpo_dist")
-    etl, sid, init = _write_inputs(root)
-    jobs = {"orpo": _job("orpo", etl, sid, init, root / "orpo", 3, "bf16",
-                         {"lambda_or": 0.5}, {"activation_checkpointing": True}),
-            "dpo": _job("dpo", etl, sid, init, root / "dpo", 2, "fp32",
-                        {"beta": 0.1, "nll_weight": 0.1})}
+    etl, sid, init = write_pref_inputs(root)
+    jobs = {"orpo": pref_job("orpo", etl, sid, init, root / "orpo", 3, "bf16",
+                             {"lambda_or": 0.5}, {"activation_checkpointing": True}),
+            "dpo": pref_job("dpo", etl, sid, init, root / "dpo", 2, "fp32",
+                            {"beta": 0.1, "nll_weight": 0.1})}
     configs = []
     for name, job in jobs.items():
         path = root / f"{name}.yaml"
@@ -133,7 +84,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("stage", ["orpo", "dpo"])
 def test_preference_stage_trains_under_deepspeed(runs, stage):
     s = json.loads((runs[stage] / "summary.json").read_text())
-    assert s["world_size"] == 2 and s["final_step"] == STEPS[stage]
+    assert s["world_size"] == 2 and s["final_step"] == PREF_STEPS[stage]
     first, final = s["losses"]["first"], s["losses"]["final"]
     pref = "loss/or_loss" if stage == "orpo" else "loss/dpo_loss"
     for key in ("loss/total", "loss/nll", pref, "loss/margin", "loss/pair_acc",
@@ -155,7 +106,7 @@ def test_preference_stage_trains_under_deepspeed(runs, stage):
 
 @pytest.mark.parametrize("stage", ["orpo", "dpo"])
 def test_exported_weights_are_a_plain_hsd_that_prefers_the_chosen(runs, stage):
-    cfg = HSDConfig(**MODEL)
+    cfg = HSDConfig(**PREF_MODEL)
     state = torch.load(runs[stage] / "final" / "model_fp32.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
     model = HSD(cfg)
@@ -164,8 +115,8 @@ def test_exported_weights_are_a_plain_hsd_that_prefers_the_chosen(runs, stage):
     init.load_state_dict(torch.load(runs["init"], weights_only=True), strict=True)
     table = torch.from_numpy(np.load(runs["sid"] / "sid_table.npy"))
     B = 64  # fresh contexts of the training pattern: the slate is the N items after the newest
-    hist = torch.randint(0, NUM_ITEMS, (B, 4), generator=torch.Generator().manual_seed(5))
-    chosen = (hist[:, -1:] + torch.arange(1, N + 1)) % NUM_ITEMS  # [B, N]
+    hist = torch.randint(0, PREF_NUM_ITEMS, (B, 4), generator=torch.Generator().manual_seed(5))
+    chosen = (hist[:, -1:] + torch.arange(1, PREF_N + 1)) % PREF_NUM_ITEMS  # [B, N]
     rejected = chosen.flip(-1)  # an O1-style permutation
     slates = table[torch.stack([chosen, rejected], 1)]  # [B, 2, N, L]
     args = (table[hist], torch.ones(B, 4, dtype=torch.bool), torch.ones(B, 4))

@@ -98,9 +98,11 @@ def test_build_loads_init_weights_and_flops(inputs):
     assert all(torch.equal(model.state_dict()[k], ref[k]) for k in ref)
     cfg = preset("25m")
     assert preference_flops_per_sample(cfg, 1, False) == pytest.approx(hsd_flops_per_sample(cfg))
-    assert stage.flops_per_sample(cfg) == pytest.approx(preference_flops_per_sample(cfg, 4, False))
+    loss = ORPOStageLossConfig()  # O1, O2, O3: each context scored on 1 + 3 slates
+    assert stage.flops_per_sample(cfg, loss, inputs) == pytest.approx(
+        preference_flops_per_sample(cfg, 4, False))
     dpo = get_stage("dpo")
-    assert dpo.flops_per_sample(cfg) > stage.flops_per_sample(cfg)
+    assert dpo.flops_per_sample(cfg, loss, inputs) > stage.flops_per_sample(cfg, loss, inputs)
     with pytest.raises(RuntimeError):  # strict load: a state dict of another shape fails
         stage.build(replace(_cfg(), d_model=64, n_heads=2), ORPOStageLossConfig(), inputs)
 

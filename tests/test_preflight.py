@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_engine import tiny_overrides, write_tiny_etl
+from helpers import tiny_overrides, write_tiny_etl
 
 from higr_dist.configs import HERE as CONFIGS
 from higr_dist.engine.hostfile import parse_hostfile_text, world_size

@@ -29,8 +29,15 @@ import pytest
 import torch
 import yaml
 from farm import job_log, run_farm
-from test_engine import write_tiny_etl
-from test_faults_train import stage_job, summary, tok_job, weights, with_out, write_stage_configs
+from helpers import (
+    read_summary,
+    read_weights,
+    stage_job,
+    tok_job,
+    with_out,
+    write_stage_configs,
+    write_tiny_etl,
+)
 
 from higr_dist.engine.ds_config import WarmupCosine
 from higr_dist.engine.trainer import listed_samples
@@ -114,7 +121,7 @@ def test_resume_on_another_world_size_finishes_with_every_sample_once(hsd_runs, 
     assert f"written by {old} rank(s)" in line and f"on {new}: step 12, epoch 1" in line, line
     assert "checked equal to the checkpoint" in line, line
     run, ref = hsd_runs["runs"] / d, hsd_runs["runs"] / f"ref{new}"
-    s, r = summary(run), summary(ref)
+    s, r = read_summary(run), read_summary(ref)
     assert s["resumed_from"] == "global_step12" and s["world_size"] == new
     assert s["final_step"] == r["final_step"] == 24
     # every epoch, the interrupted one included, saw exactly the uninterrupted run's samples
@@ -125,7 +132,7 @@ def test_resume_on_another_world_size_finishes_with_every_sample_once(hsd_runs, 
     got = float(re.search(r"lr ([0-9.e+-]+);", line).group(1))
     assert abs(got - want) <= 1e-3 * want, (got, want)
     assert s["export"]["roundtrip"]["checked"] and "error" not in s["export"]["roundtrip"]
-    assert all(torch.isfinite(t).all() for t in weights(run).values())
+    assert all(torch.isfinite(t).all() for t in read_weights(run).values())
 
 
 @pytest.mark.faults(ci=True)
@@ -135,7 +142,7 @@ def test_resumed_weights_equal_deepspeeds_consolidation_of_the_source(hsd_runs, 
     killed_then_resumed(hsd_runs, x, old, new)
     run = hsd_runs["runs"] / x
     want = source_weights(run / "checkpoints" / "global_step12")
-    got = weights(run)
+    got = read_weights(run)
     params = [k for k in want if k in got]
     assert params and len(params) == len(want)
     for k in params:
@@ -165,7 +172,7 @@ def tok_runs(tmp_path_factory):
 def test_tokenizer_bf16_zero2_and_zero3_resume_across_world_sizes(tok_runs, name, old, new):
     line = killed_then_resumed(tok_runs, name, old, new)
     assert f"written by {old} rank(s)" in line and "checked equal" in line, line
-    s = summary(tok_runs["runs"] / name)
+    s = read_summary(tok_runs["runs"] / name)
     assert s["resumed_from"] == "global_step8"
     assert s["precision"] == ("bf16" if name in "tu" else "fp32")
     # every finished epoch, the resharded one included, saw each of the listed pairs once

@@ -263,7 +263,7 @@ def test_stage_registered_and_step_metrics():
     for key in ("rec", "quant", "con", "con_l1", "con_l2", "perplexity_l1", "dead_codes_l3",
                 "pair_same_l1"):
         assert key in out.metrics
-    assert torch.isfinite(out.loss) and stage.flops_per_sample(cfg) > 0
+    assert torch.isfinite(out.loss) and stage.flops_per_sample(cfg, PCRQVAELossConfig(), StageInputs()) > 0
     assert stage.needs_training(cfg) and not stage.needs_training(
         PCRQVAEConfig(mode="rq_kmeans"))
 

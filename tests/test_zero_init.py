@@ -13,14 +13,14 @@ import json
 
 import pytest
 from farm import job_log, run_farm
-from test_engine import write_tiny_etl
-from test_faults_train import (
+from helpers import (
     assert_same_weights,
+    read_summary,
     stage_job,
-    summary,
     tok_job,
     with_out,
     write_stage_configs,
+    write_tiny_etl,
 )
 
 pytestmark = pytest.mark.dist
@@ -55,7 +55,8 @@ def test_zero3_builds_partitioned_and_trains_as_zero1(runs, stage):
     for zero in (1, 3):
         name = f"{stage}_z{zero}"
         assert [r["rc"] for r in res[name]] == [0, 0], job_log(root, name)[-3000:]
-    z1, z3 = summary(root / "runs" / f"{stage}_z1"), summary(root / "runs" / f"{stage}_z3")
+    z1 = read_summary(root / "runs" / f"{stage}_z1")
+    z3 = read_summary(root / "runs" / f"{stage}_z3")
     assert z3["zero_stage_effective"] == 3
     built1, built3 = z1["built_param_values"], z3["built_param_values"]
     assert built1["local"] == built1["full"] == built3["full"]

@@ -53,5 +53,11 @@ def resolve(ref: str | Path) -> Path:
 
 
 def all_files() -> list[Path]:
-    """Every shipped config file (YAML), sorted."""
-    return sorted(HERE.rglob("*.yaml"))
+    """Every shipped config file (YAML), sorted; not the bases that others extend
+    (``_<name>.yaml``: incomplete on their own)."""
+    return sorted(p for p in HERE.rglob("*.yaml") if not p.name.startswith("_"))
+
+
+def bases() -> list[Path]:
+    """The shipped bases (``_<name>.yaml``) that configs extend."""
+    return sorted(p for p in HERE.rglob("_*.yaml"))

@@ -36,7 +36,8 @@ Trade-offs
 ----------
 - Resume cost = re-reading (not decoding, not collating) the consumed part of the epoch's raw
   bytes: shard shuffling and the shuffle buffer mix shards, so there is no byte offset to seek
-  to. Tar parsing is most of the read cost, so skipping runs at roughly 1.5-2x the normal pace.
+  to. Tar parsing is most of the read cost, so skipping is only moderately faster than reading
+  (docs/BENCHMARKS.md, "Figures behind design choices").
 - Workers start per ``__iter__`` (per epoch or resume), not persistent: this is what lets the
   per-epoch plan (offsets, skips, epoch seed) reach the workers without a side channel.
 - Workers are spawned (``start_method``), not forked from the training process: a rank holds
@@ -47,7 +48,8 @@ Trade-offs
   rank is killed they outlive it, holding the launcher's output pipes open (a killed job then
   never exits). A spawned worker watches its parent rank and exits within seconds of its
   death. Cost: each worker imports torch and this package when an epoch (or a resume)
-  starts, ~2 s; collates drop their memory-mapped tables when pickled and reopen them.
+  starts (docs/BENCHMARKS.md, "Engine overhead"); collates drop their memory-mapped tables
+  when pickled and reopen them.
 - Ranks may get unequal shard counts (and so batch counts); a trainer should count steps, not
   epochs, and simply keep iterating (the next epoch starts where this one ends) so no rank waits
   on a collective the others never enter.
@@ -90,7 +92,6 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from higr_dist.data.shardio import list_shards
 from higr_dist.layout import SHARD_LISTING
 from higr_dist.schema.codec import SampleSchema, SchemaError
 
@@ -121,9 +122,10 @@ class LoaderConfig:
     prefetch_factor: int = 2
     """Batches each worker prepares ahead (ignored when num_workers == 0)."""
     start_method: Literal["spawn", "forkserver", "fork"] = "spawn"
-    """How worker processes start (module docstring): ``spawn`` (safe; ~2 s per worker per
-    epoch), ``forkserver`` (cheap, but workers outlive a killed rank) or ``fork`` (fastest;
-    can hang a rank that runs threads)."""
+    """How worker processes start (module docstring): ``spawn`` (safe; each worker imports
+    torch at every epoch start: docs/BENCHMARKS.md, "Engine overhead"), ``forkserver``
+    (cheap, but workers outlive a killed rank) or ``fork`` (fastest; can hang a rank that runs
+    threads)."""
 
     def validate(self) -> list[str]:
         """One message per invalid field (collected by ``higr_dist.config``)."""
@@ -148,13 +150,6 @@ class ShardError(RuntimeError):
     def __init__(self, message: str, path: str | None = None):
         super().__init__(message)
         self.path = path
-
-
-def resolve_shards(cfg: LoaderConfig, etl_dir: str, sample_kind: str) -> list[str]:
-    """Shard paths of a stage: ``cfg.shards`` when set, else ``<etl_dir>/<sample_kind>``."""
-    if not cfg.shards and not etl_dir:
-        raise ValueError("no shard folder: set data.shards or inputs.etl_dir")
-    return list_shards(cfg.shards or Path(etl_dir) / sample_kind)
 
 
 # --------------------------------------------------------------------------------------------

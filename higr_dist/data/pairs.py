@@ -24,9 +24,10 @@ sample only, never on worker or position) and independent of ``PYTHONHASHSEED``.
 
 Why two O3 similarities: O3 rewards diversity only if its negatives are *more repetitive* than
 y+. With a coarse tokenizer (tiny demo: K=32, 1000 items) SID-prefix neighbours can be less
-alike in feature space than a user's own engaged slate (measured on the demo: ILD 0.59 vs 0.43
-for y+), and O3 then teaches the opposite of diversity; nearest neighbours in feature space
-(ILD 0.16) are repetitive by construction. Compare the two on validation with
+alike in feature space than a user's own engaged slate (it happened on the demo:
+docs/BENCHMARKS.md, "Figures behind design choices"), and O3 then teaches the opposite of
+diversity; nearest neighbours in feature space are repetitive by construction. Compare the
+two on validation with
 ``bench/sweep.py --stage orpo --variant ...=loss.pairs.o3_similarity=...`` before choosing.
 
 The O3 neighbour table is catalogue-sized (``int64 [num_items, N-1]``) and built lazily, once
@@ -38,7 +39,8 @@ keep the best N-1: exact for the prefix criterion, and the similarity tie-break 
 the window (a prefix group larger than the window is tie-broken among its nearest members in
 SID order). Cost: O(num_items * window * (L + d)), vectorised, chunked to bounded memory.
 The ``embedding`` similarity is an exact brute-force cosine top-k: O(num_items^2 * d), chunked
-(seconds at 10^4 items; use ``sid_prefix`` for catalogues of millions).
+(quadratic in the catalogue: fine at 10^4 items; use ``sid_prefix`` for catalogues of
+millions).
 
 A rejected slate that cannot be built (O2 without negatives, O3 on a catalogue of < N items,
 O1 on a constant slate, or a negative that happens to equal y+) is filled with y+ (a valid

@@ -45,7 +45,8 @@ def write_encoded(path: str | Path, schema: SampleSchema,
                   records: Iterable[tuple[str, bytes, int]]) -> dict:
     """:func:`write_shard` for records already encoded: ``(key, schema.encode(sample),
     schema.count(sample))``. For writers that must hold a shard's records before writing
-    them (to re-order them): an encoded record is ~5x smaller than its dict."""
+    them (to re-order them): an encoded record is several times smaller than its dict
+    (docs/BENCHMARKS.md, "Figures behind design choices")."""
     path = Path(path)
     tmp_dir = path.parent / TMP_DIR
     tmp_dir.mkdir(parents=True, exist_ok=True)

@@ -307,13 +307,37 @@ def resolve_job(data: dict) -> JobConfig:
             problems.append(f"stage: unknown stage {name!r}; known: {', '.join(known_stages())}")
     model_cfg = loss_cfg = None
     if stage is not None:
-        model_cfg = _stage_section(stage.model_config_cls, data.get("model", {}), "model", problems)
+        model = _with_preset(stage, data.get("model", {}), problems)
+        model_cfg = _stage_section(stage.model_config_cls, model, "model", problems)
         loss_cfg = _stage_section(stage.loss_config_cls, data.get("loss", {}), "loss", problems)
     if problems:
         raise ConfigError(problems)
     assert job is not None
     job.model, job.loss = model_cfg, loss_cfg
     return job
+
+
+#: the key of a ``model:`` section that names a size (``model: {preset: 100m}``)
+PRESET = "preset"
+
+
+def _with_preset(stage: Stage, model: object, problems: list[str]) -> object:
+    """``model`` with its ``preset`` expanded: the named size's values (the stage's
+    ``model_presets``, e.g. :data:`higr_dist.models.hsd.PRESETS`), then the section's own keys
+    over them; anything else unchanged (its own checks report it)."""
+    if not isinstance(model, dict) or PRESET not in model:
+        return model
+    rest = {k: v for k, v in model.items() if k != PRESET}
+    name, presets = model[PRESET], getattr(stage, "model_presets", {}) or {}
+    if not presets:
+        problems.append(f"model.{PRESET}: stage {stage.name} has no presets; give the model's "
+                        "fields instead")
+        return rest
+    if not isinstance(name, str) or name not in presets:
+        problems.append(f"model.{PRESET}: unknown preset {name!r}; known: "
+                        f"{', '.join(presets)}")
+        return rest
+    return deep_merge(to_dict(presets[name]), rest)
 
 
 def ensure_resolved(job: JobConfig) -> JobConfig:

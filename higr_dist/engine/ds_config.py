@@ -11,16 +11,17 @@ Choices
 -------
 - Optimizer: by default (``auto``) a client ``torch.optim.AdamW(fused=True)`` on CPU and CUDA:
   torch's fused kernel is a multi-tensor AdamW like DeepSpeed's FusedAdam but needs no JIT
-  compile (DeepSpeed's ops need nvcc on the node and 30-60 s on first use), and on CPU it is
-  ~4.5x faster than torch's default per-tensor loop (measured: 2.7 vs 12.7 ms per step for 2 M
-  parameters on one core). ``optimizer: deepspeed`` selects DeepSpeed's FusedAdam through the
-  ``optimizer`` block instead. Either way ZeRO wraps it (``zero_allow_untested_optimizer`` for
-  the torch one) and its state is sharded and checkpointed by DeepSpeed. ZeRO-Offload
-  (``zero_options.offload_optimizer`` on cpu/nvme) needs DeepSpeed's CPU Adam (DeepSpeed refuses
-  a client optimizer there): ``auto`` then resolves to ``deepspeed`` and the preflight rejects an
-  explicit ``torch``. DeepSpeed JIT-builds its ops into ``TORCH_EXTENSIONS_DIR``; unless that is
-  set, :func:`default_extensions_dir` (per user and host, outside the checkout) is used, so
-  ranks never compile into the shared filesystem the repository lives on.
+  compile (DeepSpeed's ops need nvcc on the node and a compile on first use), and on CPU it is
+  several times faster than torch's default per-tensor loop (figures: docs/BENCHMARKS.md,
+  "Figures behind design choices"). ``optimizer: deepspeed`` selects DeepSpeed's FusedAdam
+  through the ``optimizer`` block instead. Either way ZeRO wraps it
+  (``zero_allow_untested_optimizer`` for the torch one) and its state is sharded and
+  checkpointed by DeepSpeed. ZeRO-Offload (``zero_options.offload_optimizer`` on cpu/nvme)
+  needs DeepSpeed's CPU Adam (DeepSpeed refuses a client optimizer there): ``auto`` then
+  resolves to ``deepspeed`` and the preflight rejects an explicit ``torch``. DeepSpeed
+  JIT-builds its ops into ``TORCH_EXTENSIONS_DIR``; unless that is set,
+  :func:`default_extensions_dir` (per user and host, outside the checkout) is used, so ranks
+  never compile into the shared filesystem the repository lives on.
 - bf16 gradients: under ZeRO >= 1 (``fp32_grad_accum``, the default) gradients are accumulated
   over micro-batches and reduced over ranks in fp32 (``data_types.grad_accum_dtype`` and
   ``communication_data_type``); DeepSpeed 0.19 would otherwise do both in bf16, whose 8-bit
@@ -39,9 +40,9 @@ Choices
   line per ``log_every`` steps.
 - A world of one runs ZeRO stage 0 whatever ``zero_stage`` says (:func:`effective_zero_stage`):
   with one rank there is nothing to partition, and DeepSpeed's ZeRO-1/2/3 bookkeeping (flat fp32
-  partition copies, gradient bucket copies, gathers) then only costs memory and time: measured
-  +35-50% step time for the 25.8M HSD in fp32 on CPU (bench/engine.py). The math is the same
-  (fp32 or the bf16 optimizer's fp32 master weights; same AdamW, same clipping); only the
+  partition copies, gradient bucket copies, gathers) then only costs memory and step time
+  (bench/engine.py; figures: docs/BENCHMARKS.md, "Figures behind design choices"). The math is
+  the same (fp32 or the bf16 optimizer's fp32 master weights; same AdamW, same clipping); only the
   checkpoint layout differs, and a checkpoint is only ever resumed at its own world size.
   Setting ``HIGR_ZERO_AT_WORLD_ONE=1`` in the environment keeps ``zero_stage`` in a world of one
   (the GPU tests and ``bench/gpu_check.py`` use it to run DeepSpeed's ZeRO-2/3 code paths on one
@@ -138,9 +139,10 @@ def ensure_extensions_dir() -> str:
 
 #: ``zero_optimization`` defaults on CPU (``train.zero_options`` wins): 8 MB buckets instead of
 #: DeepSpeed's 2 GB and no contiguous gradient buffer. On CPU every step otherwise allocates
-#: and fills fresh 100 MB-scale flat buffers (page faults + copies, no caching allocator);
-#: measured on 2 CPU ranks (bench/engine.py): ZeRO-2 step of the 25.8M HSD 1.46x -> 1.34x a
-#: bare DDP step, tiny HSD 1.12x -> 1.06x. GPUs keep DeepSpeed's defaults.
+#: and fills fresh 100 MB-scale flat buffers (page faults + copies, no caching allocator),
+#: which slows a ZeRO-2 step on CPU ranks against a bare DDP step (``bench/engine.py
+#: --zero-options``; figures: docs/BENCHMARKS.md, "Figures behind design choices"). GPUs keep
+#: DeepSpeed's defaults.
 CPU_ZERO_OPTIONS: dict = {"contiguous_gradients": False, "reduce_bucket_size": 2_000_000,
                           "allgather_bucket_size": 2_000_000}
 

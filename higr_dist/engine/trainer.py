@@ -237,10 +237,10 @@ def build_engine(model: nn.Module, train: TrainConfig, world_size: int, device_t
         lr_scheduler=make_scheduler, config=ds_cfg)
     if world_size == 1 and effective_zero_stage(train.zero_stage, world_size) == 0:
         # ZeRO-0 "all-reduces" a single rank's gradients by flattening them into one buffer and
-        # copying them back (measured ~10% of a 25.8M-parameter CPU step); with one rank that
-        # is the identity, so skip it. DeepSpeed's own switch (it is off without a backend).
-        # Not under ZeRO >= 1 (HIGR_ZERO_AT_WORLD_ONE): ZeRO moves gradients into its
-        # partitions in that epilogue.
+        # copying them back (a measurable share of a CPU step: docs/BENCHMARKS.md, "Figures
+        # behind design choices"); with one rank that is the identity, so skip it. DeepSpeed's
+        # own switch (it is off without a backend). Not under ZeRO >= 1
+        # (HIGR_ZERO_AT_WORLD_ONE): ZeRO moves gradients into its partitions in that epilogue.
         engine.enable_backward_allreduce = False
     return engine, scheduler, ds_cfg
 
@@ -502,7 +502,8 @@ class Trainer:
         self.is_main = self.env.rank == 0
         peak = self.cfg.peak_tflops or peak_tflops(self.env.device_name, self.cfg.precision)
         self.peak_flops = peak * 1e12
-        self.flops_per_sample = float(self.stage.flops_per_sample(self.job.model))
+        self.flops_per_sample = float(self.stage.flops_per_sample(
+            self.job.model, self.job.loss, self.job.inputs))
         # progress; restored from the checkpoint when resuming
         self.step = 0
         self.epoch = 0
@@ -1092,7 +1093,8 @@ class Trainer:
                 "data_wait_share": (sum(self.step_waits) / sum(self.step_times)
                                     if self.step_times else None),
                 # the total above includes each epoch's pipeline fill (spawned workers
-                # importing torch, ~2 s); the median step shows the steady state
+                # importing torch: docs/BENCHMARKS.md, "Engine overhead"); the median step
+                # shows the steady state
                 "median_step_data_wait_share": statistics.median(
                     w / t for w, t in zip(self.step_waits, self.step_times) if t > 0)
                 if self.step_times else None,
@@ -1154,9 +1156,6 @@ class Trainer:
                 raise BadInput(str(e)) from e
         self.loader = self._build_loader()
         model, self.loss_module = self._build_model()
-        # some stages size their FLOPs from what build() read (SASRec's catalogue, ORPO's
-        # objectives)
-        self.flops_per_sample = float(self.stage.flops_per_sample(self.job.model))
         # decided by rank 0 and broadcast: ranks never disagree on resuming (ckpt module doc)
         try:
             resume_tag = ckpt.agreed_latest_tag(self.ckpt_dir)

@@ -20,8 +20,9 @@ the parameters are gathered for the decode. Decoding draws no random numbers and
 mode, so validation changes neither the training RNG streams nor the data position: a run
 with validation trains the same weights as one without, and resume is unaffected.
 
-Trade-off: the val decode costs wall time on every rank (a few seconds per thousand users
-for the tiny models on CPU); ``max_users`` bounds it for large logs.
+Trade-off: the val decode costs wall time on every rank, growing with the users decoded (a
+run logs it as ``val/seconds``; docs/BENCHMARKS.md, "Figures behind design choices");
+``max_users`` bounds it for large logs.
 """
 
 from __future__ import annotations

@@ -152,7 +152,8 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, interactions: str, items: str,
 
     def keep(df: DataFrame) -> DataFrame:
         # deserialized: the columnar cache's batches are kept as built; the serialized level
-        # (pyspark's MEMORY_AND_DISK) serializes every batch again, ~2-4 s at 10M rows
+        # (pyspark's MEMORY_AND_DISK) serializes every batch again (the cost at 10M rows:
+        # docs/BENCHMARKS.md, "Figures behind design choices")
         persisted.append(df.persist(StorageLevel.MEMORY_AND_DISK_DESER))
         return persisted[-1]
 

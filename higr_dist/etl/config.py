@@ -173,7 +173,8 @@ class EtlConfig:
     records_per_block: int = 32
     """per-user records (val/test slates, a user's train or prefs group) stored per tar
     member in the user folders (``higr_dist.schema.codec.block_of``): a member costs ~1 KB on
-    disk and ~50 us to write whatever its size; 1 = one record per member"""
+    disk and a fixed Python write time whatever its size (docs/BENCHMARKS.md, "Shard
+    writing"); 1 = one record per member"""
     min_shards: int = 4
     """fewest shards per kind; >= ranks x loader workers of the largest training job"""
     seed: int = 0

@@ -20,8 +20,9 @@ scipy's sparse kernel): the signs are drawn once per distinct feature, not per r
 ~d multiply-adds per row run in compiled code instead of the ~d aggregate expressions per
 row a pure-SQL projection costs. Trade-off: one Python pass over the feature rows
 (vectorised per Arrow batch, never per row). (Drawing the signs per row with
-``np.add.reduceat`` cost ~12 CPU-s of the 10M-row ETL's co-occurrence merge, where ~16M
-(a, b) rows share ~20k partners b; the sparse product cuts that ~5x, bit-identical.)
+``np.add.reduceat`` cost several times more CPU in the 10M-row ETL's co-occurrence merge,
+where ~16M (a, b) rows share ~20k partners b; the sparse product gives bit-identical sums:
+docs/BENCHMARKS.md, "Figures behind design choices".)
 
 The collaborative part and the pairs come from one pass over the co-occurrence
 (:func:`collab`): each Arrow batch of user sequences gives its distinct (a, b, count) partial
@@ -33,18 +34,19 @@ recomputed in numpy (:func:`xxhash64_long`, checked against Spark in the tests),
 not ride the shuffle.
 
 Trade-off of the packing: at 10M interactions there are ~32M partial (a, b) rows. As rows of
-longs, moving them through the shuffle, the sort and both Arrow crossings cost ~9 s of the
-ETL on 2 cores, ~4 s of it in the per-value JVM <-> Arrow conversion alone
-(``bench/spark_floor.py``-style probes); packed, ~0.3M rows of byte buffers move instead
-(memory copies) and the per-pair work is numpy's. The price is that an item's partial runs
-are decoded and re-sorted in Python, and that a packed row holds one item's partners of one
-batch (bounded by the catalogue size).
+longs, moving them through the shuffle, the sort and both Arrow crossings was a large share of
+the ETL, much of it in the per-value JVM <-> Arrow conversion alone
+(``bench/spark_floor.py``-style probes; docs/BENCHMARKS.md, "Figures behind design choices");
+packed, ~0.3M rows of byte buffers move instead (memory copies) and the per-pair work is
+numpy's. The price is that an item's partial runs are decoded and re-sorted in Python, and that
+a packed row holds one item's partners of one batch (bounded by the catalogue size).
 
 Why Spark does not aggregate the pairs: at 10M interactions the ~32M partial rows hold ~16M
 distinct (a, b); Spark aggregating them, persisting them, shuffling them again as feature rows
-and sorting them a third time for the top-P window cost ~40% of the ETL (and the hash
-aggregate's memory ran short in a 2 GiB heap). The output is one row per item with
-co-occurrence plus ``pairs_per_item`` pair rows per item: small.
+and sorting them a third time for the top-P window was a large share of the ETL
+(docs/BENCHMARKS.md, "Figures behind design choices"), and the hash aggregate's memory ran short
+in a 2 GiB heap. The output is one row per item with co-occurrence plus ``pairs_per_item`` pair
+rows per item: small.
 
 - content: an item's category ids (``c:<id>``, the primary one counted
   ``primary_category_weight`` times) and the character n-grams of its caption (``g<n>:<text>``,

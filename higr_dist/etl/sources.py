@@ -9,13 +9,14 @@ a reader-specific surprise. An items table in Parquet is cast to strings the sam
 list columns then read "[3, 17]").
 
 A Parquet *interaction log* keeps its numeric, string, boolean, timestamp and date columns in
-their own types (other types are cast to strings): they are already exactly as read, a
-numeric column needs no parsing (``cast("double")``), and exact-duplicate detection groups on
-8-byte values instead of their decimal text, which halved that aggregate at 10M rows (12 s ->
-5 s on 2 cores). A timestamp or date time column becomes epoch seconds (``unix_micros / 1e6``;
-dates at midnight UTC), so a data-lake table with a real ``TIMESTAMP`` column needs no
-conversion first. Consequences: the quarantine keeps those columns typed, and duplicates
-follow Spark's value equality for floating point (NaN equals NaN, -0.0 equals 0.0).
+their own types (other types are cast to strings): they are already exactly as read, a numeric
+column needs no parsing (``cast("double")``), and exact-duplicate detection groups on 8-byte
+values instead of their decimal text, which makes that aggregate much cheaper
+(docs/BENCHMARKS.md, "Figures behind design choices"). A timestamp or date time column becomes
+epoch seconds (``unix_micros / 1e6``; dates at midnight UTC), so a data-lake table with a real
+``TIMESTAMP`` column needs no conversion first. Consequences: the quarantine keeps those columns
+typed, and duplicates follow Spark's value equality for floating point (NaN equals NaN, -0.0
+equals 0.0).
 
 On top of the string columns each adapter defines *canonical* columns as Spark expressions:
 

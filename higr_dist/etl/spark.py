@@ -6,11 +6,11 @@ chosen for determinism and for small machines: fixed shuffle partitions (from th
 the cluster default of 200 on a 2-core box), AQE off (stable partitioning => deterministic
 shards), UTC session time zone, loopback binding and no console progress bars when local.
 
-The JVM we launch uses the parallel (throughput) garbage collector instead of the default G1:
-a batch job wants throughput, not short pauses, and G1's write barriers and concurrent threads
-take CPU from the tasks. Measured on the 10M-row ETL bench input on 2 cores, same session,
-alternating: 53.7 / 53.3 s with ``-XX:+UseParallelGC`` against 58.6 / 57.0 s with G1 (-7.6%).
-Under ``spark-submit`` the JVM already exists, so pass it there yourself:
+The JVM we launch uses the parallel (throughput) garbage collector instead of the default G1: a
+batch job wants throughput, not short pauses, and G1's write barriers and concurrent threads
+take CPU from the tasks; on the 10M-row ETL bench input the parallel collector was the faster
+one (docs/BENCHMARKS.md, "Figures behind design choices"). Under ``spark-submit`` the JVM
+already exists, so pass it there yourself:
 ``--conf spark.driver.extraJavaOptions=-XX:+UseParallelGC`` (and
 ``spark.executor.extraJavaOptions`` on a cluster).
 

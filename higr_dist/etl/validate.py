@@ -28,14 +28,14 @@ a quarantined copy: they are null on the rest, which never read them (the valid 
 of the log). Typed columns for the valid path: ``_idx`` (item_idx), ``_ts`` (long epoch
 seconds, floored), ``_wr`` (watch ratio rounded to ``feedback_decimals``).
 
-:func:`by_user` then gathers, in one streaming sort aggregate over the same partitions and
-sort order, each user's kept rows (for the sequences) and sets the quarantined rows apart, a
-distinct row with its copy count each; :func:`quarantined` expands them to one row per copy.
-That aggregate, ~one row per user, is what the ETL caches, instead of every classified row:
-caching 10M classified rows cost ~4 s of a 10M-row ETL on 2 cores, and the sequences then
-re-read and re-grouped them. (Before, every copy went through the aggregate, and Spark's
-object hash aggregate for ``collect_list`` fell back past 128 keys per task to sorting every
-row a second time; see docs/BENCHMARKS.md.)
+:func:`by_user` then gathers, in one streaming sort aggregate over the same partitions and sort
+order, each user's kept rows (for the sequences) and sets the quarantined rows apart, a distinct
+row with its copy count each; :func:`quarantined` expands them to one row per copy. That
+aggregate, ~one row per user, is what the ETL caches, instead of every classified row: caching
+every classified row was a noticeable part of the ETL's time (docs/BENCHMARKS.md, "Figures
+behind design choices"), and the sequences then re-read and re-grouped them. (Before, every copy
+went through the aggregate, and Spark's object hash aggregate for ``collect_list`` fell back
+past 128 keys per task to sorting every row a second time; see docs/BENCHMARKS.md.)
 """
 
 from __future__ import annotations

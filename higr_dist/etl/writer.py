@@ -11,12 +11,13 @@ empty ones too, so a folder always has exactly ``S`` shards (an empty shard is a
 tar). Only one metadata row per shard (name, samples, bytes, sha256) comes back to the driver.
 
 The four user folders (``slates/{train,val,test}``, ``prefs``) are written by *one* stage
-(:func:`build_user_kinds`): every one of them is built from the same per-user sequence row,
-so one shuffle and one JVM -> Arrow -> Python transfer of the sequences serves all four
-(four stages cost 30 s of a 10M-row ETL's 114 s, most of it moving the same rows four
-times). Trade-off: they share a shard count, sized for the largest (val/test: one record per
-user), so ``slates/train`` and ``prefs`` may get a few more, smaller shards than their own
-record counts would ask for; and a task holds one shard of each of the four at once.
+(:func:`build_user_kinds`): every one of them is built from the same per-user sequence row, so
+one shuffle and one JVM -> Arrow -> Python transfer of the sequences serves all four (four
+stages were a large share of the ETL's time, most of it moving the same rows four times:
+docs/BENCHMARKS.md, "Figures behind design choices"). Trade-off: they share a shard count, sized
+for the largest (val/test: one record per user), so ``slates/train`` and ``prefs`` may get a few
+more, smaller shards than their own record counts would ask for; and a task holds one shard of
+each of the four at once.
 
 Determinism: hash partitioning by a stable key (Spark's Murmur3 of the user id / item_idx), a
 total sort inside the partition, and for user-built kinds a re-ordering of the shard's samples
@@ -24,14 +25,16 @@ by a mixed 64-bit hash of (user, position), so consecutive samples come from dif
 while the bytes stay a function of the input alone.
 
 Memory: a user-kind task holds its shards' records (up to ``samples_per_shard`` per folder) to
-re-order them, as their JSON (compressed per block once sorted): 0.8 KB (val, test) to 1.46 KB
-(train, prefs) per record on the 10M-row bench's data, against ~6.4 KB as a dict, so ~100 MB
-per task at the cluster config's 20k records per shard x 4 folders instead of ~500 MB; items
-and pairs stream straight into the tar (pairs ``records_per_block`` at a time).
+re-order them, as their JSON (compressed per block once sorted), several times smaller than
+the same records as dicts, so a task at the cluster config's 20k records per shard x 4 folders
+holds a fraction of what dicts would take (per-record sizes: docs/BENCHMARKS.md, "Figures
+behind design choices"); items and pairs stream straight into the tar (pairs
+``records_per_block`` at a time).
 
 Blocks (``higr_dist.schema.codec.block_of``): the user folders and pairs store up to
 ``records_per_block`` consecutive records per tar member, one zstd frame each: a member costs
-~1 KB on disk and ~50 us to write whatever it holds (``bench/shard_write.py``).
+~1 KB on disk (512-byte header, payload padded to 512 bytes) and a fixed Python time to write
+whatever it holds (``bench/shard_write.py``; docs/BENCHMARKS.md, "Shard writing").
 
 Grouped kinds (``slates/train``, ``prefs``): one record per user holds all of that user's
 windows (``higr_dist.schema.slates``), so a shard's size target counts records (users), and

@@ -153,7 +153,7 @@ def _ladder(d: int, heads: int, ctx: int, planner: int, gen: int) -> HSDConfig:
 
 
 PRESETS: dict[str, HSDConfig] = {
-    # CPU tests and the demo: seconds per step on 2 cores
+    # CPU tests and the demo: fast steps on 2 cores (docs/BENCHMARKS.md, "Engine overhead")
     "tiny": HSDConfig(K=32, L=3, N=5, d_model=32, n_heads=2, ctx_layers=1, planner_layers=2,
                       gen_layers=1, history_len=20, dropout=0.0),
     # the paper's sizes: planner + generator depth 16 (14 + 2), K=256, L=3, N=5

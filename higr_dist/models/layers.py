@@ -12,9 +12,10 @@ Design
   :func:`reorder_cache`. Caches are plain tensors concatenated per step. HSD's caches stay
   tiny (<= N planner tokens, <= L generator tokens); the flat decoder's grow to N*L = 15
   tokens over 16 blocks and B*beam rows, and there the per-step concatenation plus the beam
-  reorder cost ~25% of its CPU time (bench/decode.py, 25m preset, batch 64). A preallocated
-  buffer written in place would remove the concatenation, not the reorder copy (measured
-  ~1/3 of that share); not done yet, noted in docs/BENCHMARKS.md.
+  reorder are a sizeable share of its CPU time (bench/decode.py; figures: docs/BENCHMARKS.md,
+  "Figures behind design choices"). A preallocated buffer written in place would remove the
+  concatenation, not the reorder copy (the smaller part of that share); not done yet, noted in
+  docs/BENCHMARKS.md.
 - Cross-attention memory is projected to keys/values once per context (:meth:`CrossAttention.
   project`); decoders keep these projections for every step.
 - Absorbed cross-attention for stacks that see few queries per context: projecting an

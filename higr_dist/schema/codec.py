@@ -10,19 +10,21 @@ base64 of little-endian float32 bytes: exact, ~4x smaller than decimal text, and
 into numpy.
 
 Blocks (:func:`block_of`): a tar member costs a 512-byte header and pads its payload to 512
-bytes, and writing one (tarfile's header code) costs ~50 us in Python, more than encoding the
+bytes, and writing one (tarfile's header code) costs more Python time than encoding the
 record. So the ETL's per-user kinds store *blocks*: one member, one zstd frame, holding up to
-``records_per_block`` consecutive records of the shard, each with its own key. Measured on the
-10M-row bench's val records (~450 bytes compressed each): 70 us and 1025 bytes on disk per
-record one per member, 14 us and 337 bytes in blocks of 32. A block kind is a grouped kind, so
-readers shuffle, skip and count its records' samples, never blocks.
+``records_per_block`` consecutive records of the shard, each with its own key. Blocks cut both
+the write time and the bytes on disk per record to a fraction of one member per record's
+(``bench/shard_write.py``; figures in docs/BENCHMARKS.md, "Shard writing" and "Figures behind
+design choices"). A block kind is a grouped kind, so readers shuffle, skip and count its
+records' samples, never blocks.
 
 Trade-off: JSON costs some CPU against a pure binary layout, but one schema definition drives
-both writer and reader (no drift). The JSON is written and read with ``orjson`` (10x faster
-than the standard library's encoder, 2.4x its decoder, on these records): at 10M interactions
-the ETL writes ~400k records from Python, and the standard encoder was the largest single cost
-per record. orjson writes non-finite floats as ``null`` where the standard encoder raised, so
-the encoder checks float fields itself: NaN and infinities are refused, as before.
+both writer and reader (no drift). The JSON is written and read with ``orjson`` (much faster
+than the standard library's encoder and decoder on these records: docs/BENCHMARKS.md, "Figures
+behind design choices"; ``bench/shard_write.py`` times the encode both ways): at 10M
+interactions the ETL writes ~400k records from Python, and the standard encoder was the largest
+single cost per record. orjson writes non-finite floats as ``null`` where the standard encoder
+raised, so the encoder checks float fields itself: NaN and infinities are refused, as before.
 """
 
 from __future__ import annotations

@@ -3,8 +3,11 @@
 A stage is a small spec: which sample kind it streams, how samples become a typed batch, which
 model and loss it builds, and what it exports when training ends. The trainer owns everything
 else (DeepSpeed, precision, checkpoints, logging, data position), so adding a stage never
-touches the training loop. No inheritance: a stage is any object with these attributes;
-:func:`register` makes it discoverable by name from configs (``stage: hsd``).
+touches the training loop. A stage is any object with these attributes (stages that share an
+implementation share a base class, as ``hsd`` and ``flat`` do); :func:`register` makes it
+discoverable by name from configs (``stage: hsd``). A stage is stateless: everything a call
+needs comes in through its arguments (the configs and ``StageInputs``), so the trainer may
+ask in any order, and two jobs never see each other's values.
 """
 
 from __future__ import annotations
@@ -85,8 +88,9 @@ class Stage(Protocol):
     def step(self, model: nn.Module, loss_module: nn.Module, batch: Batch) -> StepOutput:
         """Forward + loss for one micro-batch (model may be the DeepSpeed engine)."""
 
-    def flops_per_sample(self, model_cfg: Any) -> float:
-        """Training FLOPs per sample (forward+backward, ~6 x params x tokens), for MFU."""
+    def flops_per_sample(self, model_cfg: Any, loss_cfg: Any, inputs: StageInputs) -> float:
+        """Training FLOPs per sample (forward+backward, ~6 x params x tokens), for MFU; from
+        the configs and inputs alone (a stage keeps no state between calls)."""
 
     def finalize(self, model: nn.Module, model_cfg: Any, loss_cfg: Any, inputs: StageInputs,
                  out_dir: Path) -> dict:

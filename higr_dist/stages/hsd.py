@@ -14,8 +14,7 @@ All three stream slate samples (``slates/train``) through one picklable collate,
 - ``sasrec``: :class:`~higr_dist.models.sasrec.SASRec` on item_idx (history + targets),
   next-item CE over the catalogue; ``model.num_items: 0`` is read from ``sid_meta.json``;
   ``loss.chunk_items`` has the model compute that CE in catalogue chunks inside its forward.
-  Its FLOPs include the catalogue softmax only once ``num_items`` is known: the trainer asks
-  for them after ``build`` (which resolves it).
+  Its FLOPs include the catalogue softmax (the catalogue size read from the SID table).
 
 FLOPs per sample (for MFU) are 6 x (matmul parameters x the tokens they see): context blocks
 see 1+history_len tokens, planner blocks N, generator blocks N*L, cross-attention key/value
@@ -34,7 +33,7 @@ from higr_dist import layout
 from higr_dist.data.sids import load_sid_meta
 from higr_dist.data.slates import SlateBatch, SlateCollate
 from higr_dist.models.flat import Flat, FlatLoss, FlatLossConfig, flat_param_count
-from higr_dist.models.hsd import HSD, HSDConfig, HSDLoss, HSDLossConfig, param_count
+from higr_dist.models.hsd import HSD, PRESETS, HSDConfig, HSDLoss, HSDLossConfig, param_count
 from higr_dist.models.layers import block_param_count
 from higr_dist.models.sasrec import (
     SASRec,
@@ -45,7 +44,7 @@ from higr_dist.models.sasrec import (
 )
 from higr_dist.stages.base import StageInputs, StepOutput, register
 
-__all__ = ["SlateBatch", "SlateCollate", "HSDStage", "FlatStage", "SASRecStage",
+__all__ = ["SlateBatch", "SlateCollate", "SlateStage", "HSDStage", "FlatStage", "SASRecStage",
            "hsd_flops_per_sample", "flat_flops_per_sample"]
 
 
@@ -118,84 +117,85 @@ def _n_params(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-class HSDStage:
-    name = "hsd"
+class SlateStage:
+    """What ``hsd`` and ``flat`` share: the same ``HSDConfig``, data, checks and step; they
+    differ in the model, its loss, the logged terms, the FLOPs and the parameter formula."""
+
     sample_kind = "slates/train"
     consumes = {"etl_dir": layout.ETL, "sid_dir": layout.SIDS}
     produces = ()
     validates = True
     model_config_cls = HSDConfig
-    loss_config_cls = HSDLossConfig
+    model_presets = PRESETS
+    """Named sizes for ``model: {preset: 100m}``."""
+    name: str
+    loss_config_cls: type
+    model_cls: type[nn.Module]
+    loss_cls: type[nn.Module]
 
-    def validate(self, model_cfg: HSDConfig, loss_cfg: HSDLossConfig,
-                 inputs: StageInputs) -> list[str]:
+    def validate(self, model_cfg: HSDConfig, loss_cfg, inputs: StageInputs) -> list[str]:
         return ([f"model: {p}" for p in model_cfg.validate()]
                 + [f"loss: {p}" for p in loss_cfg.validate()]
                 + _check_etl_dir(inputs) + _check_sid_dir(inputs, model_cfg.K, model_cfg.L))
 
-    def build(self, model_cfg: HSDConfig, loss_cfg: HSDLossConfig, inputs: StageInputs
+    def build(self, model_cfg: HSDConfig, loss_cfg, inputs: StageInputs
               ) -> tuple[nn.Module, nn.Module]:
-        return HSD(model_cfg), HSDLoss(loss_cfg)
+        return self.model_cls(model_cfg), self.loss_cls(loss_cfg)
 
-    def make_collate(self, model_cfg: HSDConfig, loss_cfg: HSDLossConfig, inputs: StageInputs
+    def make_collate(self, model_cfg: HSDConfig, loss_cfg, inputs: StageInputs
                      ) -> Callable[[list[dict]], SlateBatch]:
         return SlateCollate(inputs.sid_dir, model_cfg.N, model_cfg.history_len)
 
     def step(self, model: nn.Module, loss_module: nn.Module, batch: SlateBatch) -> StepOutput:
         out = model(batch.hist_codes, batch.hist_mask, batch.hist_fb, batch.target_codes)
         terms = loss_module(out, batch.target_codes)
-        metrics: dict[str, Tensor | float] = {"ce": terms.ce.detach(), "ild": terms.ild.detach(),
-                                              "acc": terms.acc.detach()}
+        metrics = self.terms(terms)
         metrics.update(_layer_acc(out.logits, batch.target_codes))
         return StepOutput(terms.total, metrics)
 
-    def flops_per_sample(self, model_cfg: HSDConfig) -> float:
+    def terms(self, terms) -> dict[str, Tensor | float]:
+        """The loss terms to log (detached)."""
+        raise NotImplementedError
+
+    def param_formula(self, model_cfg: HSDConfig) -> int:
+        raise NotImplementedError
+
+    def finalize(self, model: nn.Module, model_cfg: HSDConfig, loss_cfg,
+                 inputs: StageInputs, out_dir: Path) -> dict:
+        return {"stage": self.name, "params": _n_params(model),
+                "params_formula": self.param_formula(model_cfg)}
+
+
+class HSDStage(SlateStage):
+    name = "hsd"
+    loss_config_cls = HSDLossConfig
+    model_cls, loss_cls = HSD, HSDLoss
+
+    def terms(self, terms) -> dict[str, Tensor | float]:
+        return {"ce": terms.ce.detach(), "ild": terms.ild.detach(), "acc": terms.acc.detach()}
+
+    def flops_per_sample(self, model_cfg: HSDConfig, loss_cfg: HSDLossConfig,
+                         inputs: StageInputs) -> float:
         return hsd_flops_per_sample(model_cfg)
 
-    def finalize(self, model: nn.Module, model_cfg: HSDConfig, loss_cfg: HSDLossConfig,
-                 inputs: StageInputs, out_dir: Path) -> dict:
-        return {"stage": self.name, "params": _n_params(model),
-                "params_formula": param_count(model_cfg)}
+    def param_formula(self, model_cfg: HSDConfig) -> int:
+        return param_count(model_cfg)
 
 
-class FlatStage:
+class FlatStage(SlateStage):
     name = "flat"
-    sample_kind = "slates/train"
-    consumes = {"etl_dir": layout.ETL, "sid_dir": layout.SIDS}
-    produces = ()
-    validates = True
-    model_config_cls = HSDConfig
     loss_config_cls = FlatLossConfig
+    model_cls, loss_cls = Flat, FlatLoss
 
-    def validate(self, model_cfg: HSDConfig, loss_cfg: FlatLossConfig,
-                 inputs: StageInputs) -> list[str]:
-        return ([f"model: {p}" for p in model_cfg.validate()]
-                + [f"loss: {p}" for p in loss_cfg.validate()]
-                + _check_etl_dir(inputs) + _check_sid_dir(inputs, model_cfg.K, model_cfg.L))
+    def terms(self, terms) -> dict[str, Tensor | float]:
+        return {"ce": terms.total.detach(), "acc": terms.acc.detach()}
 
-    def build(self, model_cfg: HSDConfig, loss_cfg: FlatLossConfig, inputs: StageInputs
-              ) -> tuple[nn.Module, nn.Module]:
-        return Flat(model_cfg), FlatLoss(loss_cfg)
-
-    def make_collate(self, model_cfg: HSDConfig, loss_cfg: FlatLossConfig, inputs: StageInputs
-                     ) -> Callable[[list[dict]], SlateBatch]:
-        return SlateCollate(inputs.sid_dir, model_cfg.N, model_cfg.history_len)
-
-    def step(self, model: nn.Module, loss_module: nn.Module, batch: SlateBatch) -> StepOutput:
-        out = model(batch.hist_codes, batch.hist_mask, batch.hist_fb, batch.target_codes)
-        terms = loss_module(out, batch.target_codes)
-        metrics: dict[str, Tensor | float] = {"ce": terms.total.detach(),
-                                              "acc": terms.acc.detach()}
-        metrics.update(_layer_acc(out.logits, batch.target_codes))
-        return StepOutput(terms.total, metrics)
-
-    def flops_per_sample(self, model_cfg: HSDConfig) -> float:
+    def flops_per_sample(self, model_cfg: HSDConfig, loss_cfg: FlatLossConfig,
+                         inputs: StageInputs) -> float:
         return flat_flops_per_sample(model_cfg)
 
-    def finalize(self, model: nn.Module, model_cfg: HSDConfig, loss_cfg: FlatLossConfig,
-                 inputs: StageInputs, out_dir: Path) -> dict:
-        return {"stage": self.name, "params": _n_params(model),
-                "params_formula": flat_param_count(model_cfg)}
+    def param_formula(self, model_cfg: HSDConfig) -> int:
+        return flat_param_count(model_cfg)
 
 
 def resolve_num_items(cfg: SASRecConfig, inputs: StageInputs) -> int:
@@ -214,10 +214,6 @@ class SASRecStage:
     model_config_cls = SASRecConfig
     loss_config_cls = SASRecLossConfig
 
-    def __init__(self) -> None:
-        self._num_items = 0
-        """Catalogue size seen by validate/build (flops_per_sample gets no inputs)."""
-
     def validate(self, model_cfg: SASRecConfig, loss_cfg: SASRecLossConfig,
                  inputs: StageInputs) -> list[str]:
         problems = ([f"model: {p}" for p in model_cfg.validate()]
@@ -225,7 +221,6 @@ class SASRecStage:
                     + _check_etl_dir(inputs) + _check_sid_dir(inputs))
         if not problems:
             meta = load_sid_meta(inputs.sid_dir)
-            self._num_items = meta.num_items
             if model_cfg.num_items and model_cfg.num_items != meta.num_items:
                 problems.append(f"model.num_items={model_cfg.num_items} but the catalogue has "
                                 f"{meta.num_items} items (0 = take it from sid_meta.json)")
@@ -233,8 +228,8 @@ class SASRecStage:
 
     def build(self, model_cfg: SASRecConfig, loss_cfg: SASRecLossConfig,
               inputs: StageInputs) -> tuple[nn.Module, nn.Module]:
-        self._num_items = resolve_num_items(model_cfg, inputs)
-        return SASRec(replace(model_cfg, num_items=self._num_items)), SASRecLoss(loss_cfg)
+        num_items = resolve_num_items(model_cfg, inputs)
+        return SASRec(replace(model_cfg, num_items=num_items)), SASRecLoss(loss_cfg)
 
     def make_collate(self, model_cfg: SASRecConfig, loss_cfg: SASRecLossConfig,
                      inputs: StageInputs) -> Callable[[list[dict]], SlateBatch]:
@@ -250,12 +245,13 @@ class SASRecStage:
         terms = loss_module(out)
         return StepOutput(terms.total, {"ce": terms.total.detach(), "acc": terms.acc.detach()})
 
-    def flops_per_sample(self, model_cfg: SASRecConfig) -> float:
+    def flops_per_sample(self, model_cfg: SASRecConfig, loss_cfg: SASRecLossConfig,
+                         inputs: StageInputs) -> float:
         """6 x (block params x T + catalogue x D x T), T = history_len + N - 1 positions; the
-        softmax term is counted only once num_items is known (config, validate or build)."""
+        catalogue is the config's ``num_items`` or, at 0, the SID table's."""
         T = model_cfg.history_len + model_cfg.N - 1
         blocks = sasrec_param_count(replace(model_cfg, num_items=0, max_len=0))
-        items = model_cfg.num_items or self._num_items
+        items = resolve_num_items(model_cfg, inputs)
         return 6.0 * T * (blocks + items * model_cfg.d_model)
 
     def finalize(self, model: nn.Module, model_cfg: SASRecConfig,

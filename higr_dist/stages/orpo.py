@@ -47,7 +47,7 @@ from higr_dist.losses.preference import (
     ORPOLossConfig,
     SlateLogprobs,
 )
-from higr_dist.models.hsd import HSD, HSDConfig
+from higr_dist.models.hsd import HSD, PRESETS, HSDConfig
 from higr_dist.models.layers import block_param_count
 from higr_dist.models.params import load_state
 from higr_dist.stages.base import StageInputs, StepOutput, register
@@ -125,6 +125,8 @@ class PreferenceStage:
 
     sample_kind = "prefs"
     model_config_cls = HSDConfig
+    model_presets = PRESETS
+    """Named sizes for ``model: {preset: 100m}`` (the HSD it aligns)."""
     validates = True
 
     def __init__(self, name: str, loss_config_cls: type):
@@ -135,8 +137,6 @@ class PreferenceStage:
         if name == "dpo":  # the frozen reference: the same pretrained HSD
             self.consumes["reference_from"] = layout.weights_artifact("hsd")
         self.produces = ()
-        self._num_slates = 1 + len(PairConfig().objectives)
-        """1 + R, remembered from the last loss config seen (flops_per_sample gets none)."""
 
     @property
     def uses_reference(self) -> bool:
@@ -170,7 +170,6 @@ class PreferenceStage:
 
     def build(self, model_cfg: HSDConfig, loss_cfg: Any, inputs: StageInputs
               ) -> tuple[nn.Module, nn.Module]:
-        self._num_slates = 1 + len(loss_cfg.pairs.objectives)
         model = load_hsd(model_cfg, inputs.init_from, PreferenceHSD)
         if not self.uses_reference:
             return model, ORPOLoss(loss_cfg)
@@ -179,7 +178,6 @@ class PreferenceStage:
         return model, DPOLoss(loss_cfg, FrozenReference(factory))
 
     def make_collate(self, model_cfg: HSDConfig, loss_cfg: Any, inputs: StageInputs) -> PrefCollate:
-        self._num_slates = 1 + len(loss_cfg.pairs.objectives)
         return PrefCollate(inputs.sid_dir, loss_cfg.pairs, slate_size=model_cfg.N,
                            history_len=model_cfg.history_len)
 
@@ -204,8 +202,11 @@ class PreferenceStage:
                                      batch.slates)  # [B,1+R,N,L]
         return SlateLogprobs.from_stacked(tok, batch.rejected_mask)
 
-    def flops_per_sample(self, model_cfg: HSDConfig) -> float:
-        return preference_flops_per_sample(model_cfg, self._num_slates, self.uses_reference)
+    def flops_per_sample(self, model_cfg: HSDConfig, loss_cfg: Any, inputs: StageInputs
+                         ) -> float:
+        """Each context scored on 1 + R slates (R = the loss's objectives)."""
+        return preference_flops_per_sample(model_cfg, 1 + len(loss_cfg.pairs.objectives),
+                                           self.uses_reference)
 
     def finalize(self, model: nn.Module, model_cfg: HSDConfig, loss_cfg: Any,
                  inputs: StageInputs, out_dir: Path) -> dict:

@@ -154,7 +154,8 @@ class TokenizerStage:
         metrics["pair_same_l1"] = same.float().sum() / valid.float().sum().clamp_min(1.0)
         return StepOutput(loss=lo.total, metrics=metrics)
 
-    def flops_per_sample(self, model_cfg: PCRQVAEConfig) -> float:
+    def flops_per_sample(self, model_cfg: PCRQVAEConfig, loss_cfg: PCRQVAELossConfig,
+                         inputs: StageInputs) -> float:
         """6 x (2 encoder passes + 1 decoder pass) params + nearest-code search (fwd only)."""
         if model_cfg.mode == "rq_kmeans":
             enc = dec = 0
