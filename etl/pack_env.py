@@ -98,12 +98,14 @@ def pyspark_paths() -> list[str]:
 
 
 def build_code_zip(out: Path) -> Path:
-    """``higr_dist/**/*.py`` as a zip for ``--py-files`` (fixed timestamps: same code, same
-    bytes)."""
+    """``higr_dist/**/*.py`` and the shipped configs (``*.yaml``, so a driver running from the
+    zip finds ``--config cluster/etl``) as a zip for ``--py-files`` (fixed timestamps: same
+    code, same bytes)."""
     dest = out / CODE_NAME
     tmp = out / f".{CODE_NAME}.{os.getpid()}"
+    package = ROOT / "higr_dist"
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted((ROOT / "higr_dist").rglob("*.py")):
+        for path in sorted([*package.rglob("*.py"), *(package / "configs").rglob("*.yaml")]):
             info = zipfile.ZipInfo(str(path.relative_to(ROOT)), date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
             info.compress_type = zipfile.ZIP_DEFLATED

@@ -12,6 +12,9 @@ Layout (the architecture, top-down):
 - ``decode/``     coarse-to-fine decoding (HiGR) and flat beam search, trie-constrained
 - ``eval/``       offline metrics and evaluation harness
 - ``pipeline.py`` ``higr run``: ETL -> tokenizer -> HSD -> ORPO -> eval -> slates
+- ``launch.py``   what the launchers start on every rank (``-m higr_dist.launch``)
+- ``layout.py``   the one module that knows the run folder's layout
+- ``configs/``    the shipped configs (package data), named ``tiny``, ``tiny/hsd`` ...
 """
 
 __version__ = "0.1.0"

@@ -211,3 +211,29 @@ def test_an_unknown_preset_names_the_known_ones(tmp_path):
     # a known preset with an override: the preset's values, then the file's
     job.write_text("stage: hsd\nmodel: {preset: 25m, dropout: 0.0}\n")
     assert to_dict(load_job(job).model) == {**to_dict(PRESETS["25m"]), "dropout": 0.0}
+
+
+def test_shipped_configs_resolve_from_the_code_zip(tmp_path):
+    """A Spark driver in cluster mode imports the package from ``make etl-env``'s code zip
+    (``--py-files``): the shipped configs resolve by name there too."""
+    import subprocess
+    import sys
+
+    etl = Path(__file__).resolve().parents[1] / "etl"
+    sys.path.insert(0, str(etl))
+    try:
+        import pack_env
+    finally:
+        sys.path.remove(str(etl))
+    code = pack_env.build_code_zip(tmp_path)
+    probe = ("import higr_dist; from higr_dist.config import load_yaml; "
+             "print(higr_dist.__file__); print(load_yaml('cluster/etl')['samples_per_shard']); "
+             "print(load_yaml('cluster/hsd')['train']['zero_stage'])")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": str(code),
+                                                       "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    where, per_shard, zero = proc.stdout.split()
+    assert where.startswith(str(code))
+    assert int(per_shard) == load_yaml(CONFIGS / "cluster" / "etl.yaml")["samples_per_shard"]
+    assert int(zero) == 2

@@ -18,10 +18,44 @@ launched on another node reads the same file the driver checked.
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
+from importlib import resources
 from pathlib import Path
 
+
+def _folder() -> Path:
+    """The shipped configs as a folder: the package's own, or, when the package is imported
+    from a zip (``spark-submit --py-files higr_dist.zip``, a driver in cluster mode), a copy
+    extracted once per zip content into the temporary folder."""
+    here = Path(__file__).resolve().parent
+    if here.is_dir():
+        return here
+    files: dict[str, bytes] = {}
+
+    def walk(node, prefix: str) -> None:
+        for child in node.iterdir():
+            name = f"{prefix}{child.name}"
+            if child.is_dir():
+                walk(child, name + "/")
+            elif child.name.endswith(".yaml"):
+                files[name] = child.read_bytes()
+
+    walk(resources.files(__name__), "")
+    digest = hashlib.sha256(b"".join(k.encode() + v for k, v in sorted(files.items())))
+    out = Path(tempfile.gettempdir()) / f"higr-dist-configs-{digest.hexdigest()[:12]}"
+    for name, data in files.items():
+        path = out / name
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+    return out
+
+
 #: the folder of the shipped configs
-HERE = Path(__file__).resolve().parent
+HERE = _folder()
 
 
 def scales() -> list[str]:

@@ -140,6 +140,13 @@ def generate() -> str:
            "differently, and `higr run` sizes a few from the data (`sizing:` below). "
            "Precedence: dataclass default < the YAML file < `key=value` overrides on the "
            "command line. Every run writes its resolved config into its run folder.", "",
+           "Composition: a file may begin with `extends: <config>` (or a list; a file beside "
+           "it or a shipped name such as `cluster/_slate`), and its own keys are merged over "
+           "that base section by section; the shipped stage files extend per-scale bases "
+           "(`<scale>/_stage`, `<scale>/_slate`). In a job file, `model: {preset: 100m}` "
+           "starts the model section from a named size (`higr_dist.models.hsd.PRESETS`: "
+           "tiny, 25m, 100m and the ladder 0.05b .. 2b; stages hsd, flat, orpo, dpo) and the "
+           "section's other keys override it.", "",
            "Three kinds of file:", "",
            "- the pipeline (`higr run --config <scale>` or a file): "
            "[run.yaml](#the-pipeline-runyaml);",
