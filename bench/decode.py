@@ -22,9 +22,9 @@ Design
   of the medians (wall and CPU). The context encoding alone (history encoder + every decoder
   block's cross-attention memory; the same encoder in both models) is timed too, and
   ``speedup_decode_only`` compares the decoders without it.
-- Quality and trained latency (``--run-dir``): :func:`load_run` reads the run layout of
-  DESIGN.md (``<run>/<stage>/resolved_config.yaml``, ``final/model_fp32.pt``,
-  ``<run>/tokenizer/export``, ``<run>/etl/slates/test``): HiGR after pretraining (``higr``,
+- Quality and trained latency (``--run-dir``): :func:`load_run` reads a run folder through
+  ``higr_dist.layout`` (each stage's exported weights and model card, the tokenizer's export,
+  the test split): HiGR after pretraining (``higr``,
   stage hsd), after ORPO (``higr_orpo``) and flat. :func:`time_models` times HiGR vs flat on
   the first 1 / 64 test users; :func:`slate_metrics` decodes the same test users with every
   model and scores them with :class:`higr_dist.eval.metrics.SlateMetrics` (Recall@5, NDCG@5..).

@@ -64,10 +64,10 @@ class Case:
 
 
 CASES: dict[str, Case] = {
-    "tokenizer": Case("tokenizer", "configs/kuairec/tokenizer.yaml", micro=256, steps=30,
+    "tokenizer": Case("tokenizer", "kuairec/tokenizer", micro=256, steps=30,
                       trainer_steps=40, model_overrides={"restart_every": 0}),
-    "hsd_tiny": Case("hsd", "configs/tiny/hsd.yaml", micro=64, steps=30, trainer_steps=40),
-    "hsd_25m": Case("hsd", "configs/kuairec/hsd.yaml", micro=16, steps=12, trainer_steps=16),
+    "hsd_tiny": Case("hsd", "tiny/hsd", micro=64, steps=30, trainer_steps=40),
+    "hsd_25m": Case("hsd", "kuairec/hsd", micro=16, steps=12, trainer_steps=16),
 }
 #: synthetic catalogue size and HSD shard layout
 N_ITEMS = 2048
@@ -326,7 +326,7 @@ def _run_case(name: str, case: Case, env, args, tmp: Path) -> dict:
     from higr_dist.layout import RunLayout
     from higr_dist.stages.base import get_stage
 
-    raw = load_yaml(ROOT / case.config)
+    raw = load_yaml(case.config)
     base = {"stage": case.stage, "model": {**raw["model"], **case.model_overrides},
             "loss": raw.get("loss", {})}
     job = load_job(None, base=base)

@@ -16,7 +16,7 @@ ones still run; the exit status is 1 when any failed, 2 when a module is missing
    learnable pattern (the slate is the N items after the newest history item), sized so the
    training phase reads about one epoch.
 3. ``train``: HSD at the ``100m`` preset (``higr_dist.models.hsd.PRESETS``, the model of
-   ``configs/cluster/hsd.yaml``) in bf16 under ZeRO-2 (``HIGR_ZERO_AT_WORLD_ONE=1``: DeepSpeed's
+   ``cluster/hsd``) in bf16 under ZeRO-2 (``HIGR_ZERO_AT_WORLD_ONE=1``: DeepSpeed's
    ZeRO-2 code paths with ``overlap_comm`` and the cluster configs' bucket sizes on one device)
    with activation checkpointing, ``--steps`` (200) optimizer steps through the real launcher and
    trainer. Reported from its TensorBoard scalars: MFU, samples/s, tokens/s, step time, the
@@ -76,7 +76,7 @@ NEEDED = {"torch": "a CUDA build of torch", "deepspeed": "bench/gpu_wheels.sh (.
           "numpy": "pip", "tensorboard": "pip", "psutil": "pip", "pytest": "pip",
           "tqdm": "pip", "pyarrow": "pip"}
 
-#: ZeRO-2 settings of the cluster configs (configs/cluster/hsd.yaml)
+#: ZeRO-2 settings of the cluster configs (cluster/_zero2)
 CLUSTER_ZERO2 = {"overlap_comm": True, "reduce_bucket_size": 20_000_000,
                  "allgather_bucket_size": 50_000_000}
 

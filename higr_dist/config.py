@@ -70,7 +70,7 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     Composition: a file may start with ``extends: <ref>`` (or a list of refs, later ones
     winning); each is read the same way (a file next to this one first, then the reference
     as above, so ``extends: cluster/_slate`` works from any folder) and this file's keys are
-    merged over it, sections key by key (:func:`deep_merge`)."""
+    merged over it, sections key by key (:func:`merge_layer`)."""
     from higr_dist import configs
 
     p = configs.resolve(path)
@@ -90,15 +90,29 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     here = p.resolve()
     base: dict = {}
     for ref in refs:
-        beside = p.parent / ref
-        target = beside if beside.is_file() else configs.resolve(ref)
+        beside = configs.candidate(p.parent / ref)
+        target = beside if beside is not None else configs.resolve(ref)
         if not target.is_file():
             raise ConfigError([f"{p}: {EXTENDS}: no config {ref!r} (neither beside it nor "
                                f"shipped)"])
         if target.resolve() in (*_chain, here):
             raise ConfigError([f"{p}: {EXTENDS}: {ref!r} extends {p.name} again (a cycle)"])
-        base = deep_merge(base, load_yaml(target, (*_chain, here)))
-    return deep_merge(base, data)
+        base = merge_layer(base, load_yaml(target, (*_chain, here)))
+    return merge_layer(base, data)
+
+
+#: the section and key by which a model section names a size (``model: {preset: 100m}``)
+PRESET_SECTION, PRESET = "model", "preset"
+
+
+def merge_layer(base: dict, top: dict) -> dict:
+    """:func:`deep_merge` of one config layer over the layers below it, where a layer that
+    names a model size (``model: {preset: ...}``) replaces the lower layers' model section
+    whole: the size is the preset's, then this and higher layers' own model keys on top."""
+    section = top.get(PRESET_SECTION)
+    if isinstance(section, dict) and PRESET in section:
+        base = {k: v for k, v in base.items() if k != PRESET_SECTION}
+    return deep_merge(base, top)
 
 
 def _read_mapping(p: Path) -> dict:
@@ -134,10 +148,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
-    """Return a deep copy of ``data`` with ``key.path=value`` overrides applied (creates maps)."""
+    """Return a deep copy of ``data`` with ``key.path=value`` overrides applied (creates maps).
+
+    The overrides are one layer (:func:`merge_layer`): ``model.preset=1b`` among them replaces
+    the file's model section, and their other ``model.*`` keys apply over the preset."""
     out = json.loads(json.dumps(data))  # deep copy of plain data
-    for text in overrides or []:
-        path, value = parse_override(text)
+    parsed = [(text, *parse_override(text)) for text in overrides or []]
+    if any(path == [PRESET_SECTION, PRESET] for _, path, _ in parsed) \
+            and isinstance(out.get(PRESET_SECTION), dict):
+        out[PRESET_SECTION] = {}
+    for text, path, value in parsed:
         node = out
         for part in path[:-1]:
             nxt = node.get(part)

@@ -128,8 +128,10 @@ class StageLayout:
         return self.root / CHECKPOINTS
 
     def finished(self) -> bool:
-        """Whether training ended here (summary written, fp32 weights exported)."""
-        return self.summary.is_file() and self.final_weights.is_file()
+        """Whether training ended here (summary written, fp32 weights and their model card
+        exported). A stage trained by a version that wrote no card is not: rerunning its
+        command resumes from its last checkpoint and exports again, card included."""
+        return all(p.is_file() for p in (self.summary, self.final_weights, self.model_card))
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -200,11 +201,16 @@ def check_run(cfg: PipelineConfig) -> list[str]:
                                          for k, v in cfg.source.synthetic.items()])
         except ConfigError as e:
             problems += [f"source.synthetic: {p}" for p in e.problems]
-    try:
-        order = cfg.stage_order()
-    except ValueError as e:
-        return problems + str(e).split("; ")
-    for stage in order:
+    from higr_dist.stages import graph
+
+    broken = graph.problems(cfg.stages)
+    if broken:
+        return problems + broken
+    if cfg.launch.mode == "deepspeed" and cfg.launch.hostfile \
+            and not Path(cfg.launch.hostfile).is_file():
+        problems.append(f"launch.hostfile: no file {cfg.launch.hostfile} (a relative path is "
+                        f"from the working folder, {Path.cwd()})")
+    for stage in cfg.stage_order():
         try:
             load_job(stage_config_path(cfg, stage), stage_overrides(cfg, stage))
         except ConfigError as e:
@@ -400,12 +406,12 @@ def step_stage(cfg: PipelineConfig, stage: str, sized: dict[str, list[str]] | No
         result = train(load_job(config_path, overrides))
     else:
         cmd = launch_command(cfg, config_path, overrides)
-        _log(f"{stage}: {' '.join(cmd)}")
+        _log(f"{stage}: {shlex.join(cmd)}")
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0:
             raise StageFailed(f"stage {stage} failed (exit {proc.returncode}; its output above "
-                              f"says why); rerun: {' '.join(cmd)}")
+                              f"says why); rerun: {shlex.join(cmd)}")
         result = json.loads(summary.read_text())
     _log(f"{stage}: done in {time.perf_counter() - t0:.1f}s")
     return result

@@ -83,7 +83,8 @@ def test_config_references_resolve_to_shipped_files_unless_a_file_exists(tmp_pat
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "hsd.yaml").write_text("stage: hsd\n")
     assert configs.resolve("tiny/hsd.yaml") == Path("tiny/hsd.yaml")  # the user's file
-    assert configs.resolve("tiny/hsd") == CONFIGS / "tiny" / "hsd.yaml"
+    assert configs.resolve("tiny/hsd") == Path("tiny/hsd.yaml")  # with or without .yaml
+    assert configs.resolve("tiny/flat") == CONFIGS / "tiny" / "flat.yaml"  # none of the user's
     with pytest.raises(ConfigError) as e:
         load_yaml("tiny/nope")
     assert e.value.problems == ["config file not found: tiny/nope (nor a shipped config; "
@@ -237,3 +238,22 @@ def test_shipped_configs_resolve_from_the_code_zip(tmp_path):
     assert where.startswith(str(code))
     assert int(per_shard) == load_yaml(CONFIGS / "cluster" / "etl.yaml")["samples_per_shard"]
     assert int(zero) == 2
+
+
+def test_a_preset_replaces_the_model_fields_of_the_layers_below_it(tmp_path):
+    """``model.preset`` in a layer (a file, a file extending a base, the command line) sizes
+    the model whole: fields spelled out by lower layers do not leak into it, and the same
+    layer's or higher layers' fields apply over the preset."""
+    from higr_dist.config import to_dict
+    from higr_dist.models.hsd import preset
+
+    want = to_dict(preset("100m"))
+    on_cli = to_dict(load_job("tiny/hsd", ["model.preset=100m"]).model)
+    assert on_cli == want  # tiny/hsd spells out every field; none survives
+    tweaked = to_dict(load_job("tiny/hsd", ["model.preset=100m", "model.dropout=0.3"]).model)
+    assert tweaked == {**want, "dropout": 0.3}
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("extends: tiny/hsd\nmodel: {preset: 25m, history_len: 30}\n")
+    assert to_dict(load_job(mine).model) == {**to_dict(preset("25m")), "history_len": 30}
+    over = to_dict(load_job(mine, ["model.K=64"]).model)  # a higher layer's field applies
+    assert over == {**to_dict(preset("25m")), "history_len": 30, "K": 64}

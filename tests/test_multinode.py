@@ -255,10 +255,13 @@ def test_higr_run_builds_the_readme_command_per_node():
         assert cmd[1:] == readme[1:] + ["run.seed=0"]
     # one launcher over ssh, and one node: as before
     cfg = _pipeline("launch.mode=deepspeed", "launch.hostfile=hostfile")
-    assert launch_command(cfg, "c.yaml", [])[1:3] == ["--hostfile", "hostfile"]
-    assert "--no_ssh" not in launch_command(cfg, "c.yaml", [])
+    cmd = launch_command(cfg, "c.yaml", [])
+    assert Path(cmd[0]).name == "deepspeed" and cmd[1:3] == ["--hostfile", "hostfile"]
+    assert "--no_ssh" not in cmd and cmd[-4:] == ["--module", "higr_dist.launch", "--config",
+                                                  "c.yaml"]
     cfg = _pipeline("launch.mode=deepspeed", "launch.nproc=4")
-    assert launch_command(cfg, "c.yaml", [])[1:3] == ["--num_gpus", "4"]
+    cmd = launch_command(cfg, "c.yaml", [])
+    assert Path(cmd[0]).name == "deepspeed" and cmd[1:3] == ["--num_gpus", "4"]
 
 
 def test_higr_run_rejects_a_node_rank_without_its_launch_settings():

@@ -6,19 +6,23 @@ a multi-node job, with the model ladder in ``cluster/ladder``), each with the wh
 
 Every place that takes a config file takes a *reference* (:func:`resolve`):
 
-- a file that exists, absolute or relative to the working directory: that file; a user's own
-  config always wins over a shipped one of the same name;
+- a file that exists, absolute or relative to the working directory (``ref``, ``ref.yaml``
+  or ``ref/run.yaml``): that file; a user's own config always wins over a shipped one of the
+  same name;
 - otherwise a shipped config by name: ``tiny`` (a scale: its ``run.yaml``), ``tiny/hsd`` or
   ``tiny/hsd.yaml`` (one file of a scale), and ``configs/tiny/hsd.yaml`` (the same, as the
   path reads in a checkout's documentation).
 
-A run records the files it resolved to (absolute paths) in its resolved config, so a stage
-launched on another node reads the same file the driver checked.
+``higr run`` hands each stage it launches the absolute path of the file it resolved, so a
+stage started in another folder (or on another node with the same install) reads the file the
+driver checked; the run's ``resolved_config.yaml`` keeps the references as given.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -27,7 +31,8 @@ from pathlib import Path
 def _folder() -> Path:
     """The shipped configs as a folder: the package's own, or, when the package is imported
     from a zip (``spark-submit --py-files higr_dist.zip``, a driver in cluster mode), a copy
-    extracted once per zip content into the temporary folder."""
+    extracted into a private temporary folder per user and zip content (written whole, then
+    renamed into place; an existing copy is used only when every file in it is identical)."""
     here = Path(__file__).resolve().parent
     if here.is_dir():
         return here
@@ -43,14 +48,25 @@ def _folder() -> Path:
 
     walk(resources.files(__name__), "")
     digest = hashlib.sha256(b"".join(k.encode() + v for k, v in sorted(files.items())))
-    out = Path(tempfile.gettempdir()) / f"higr-dist-configs-{digest.hexdigest()[:12]}"
+    root = Path(tempfile.gettempdir()).resolve()
+    out = root / f"higr-dist-configs-{os.getuid()}-{digest.hexdigest()[:16]}"
+
+    def intact(folder: Path) -> bool:
+        return all((folder / n).is_file() and (folder / n).read_bytes() == b
+                   for n, b in files.items())
+
+    if out.is_dir() and intact(out):
+        return out
+    staging = Path(tempfile.mkdtemp(prefix=".higr-dist-configs-", dir=root))
     for name, data in files.items():
-        path = out / name
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        (staging / name).write_bytes(data)
+    try:
+        os.replace(staging, out)  # atomic; fails when another process got there first
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not intact(out):
+            raise
     return out
 
 
@@ -71,19 +87,24 @@ def shipped(name: str) -> Path | None:
     base = (HERE / rel).resolve()
     if HERE not in base.parents:
         return None
-    for cand in (base, base / "run.yaml", base.with_name(base.name + ".yaml")):
+    return candidate(base)
+
+
+def candidate(path: Path) -> Path | None:
+    """The file a reference names at ``path``: ``path`` itself, ``path.yaml`` or
+    ``path/run.yaml`` (a scale), whichever exists first; None when none does."""
+    for cand in (path, path.with_name(path.name + ".yaml"), path / "run.yaml"):
         if cand.is_file():
             return cand
     return None
 
 
 def resolve(ref: str | Path) -> Path:
-    """The config file ``ref`` names: an existing file first, else a shipped config; a name
-    that is neither comes back unchanged (the caller reports it as not found)."""
+    """The config file ``ref`` names: the user's first (a file at ``ref``, ``ref.yaml`` or
+    ``ref/run.yaml`` from the working folder), else a shipped config; a name that is neither
+    comes back unchanged (the caller reports it as not found)."""
     path = Path(ref)
-    if path.is_file():
-        return path
-    return shipped(str(ref)) or path
+    return candidate(path) or shipped(str(ref)) or path
 
 
 def all_files() -> list[Path]:

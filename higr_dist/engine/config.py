@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from higr_dist.config import (
+    PRESET,
     ConfigError,
     apply_overrides,
     deep_merge,
     from_dict,
     load_yaml,
+    merge_layer,
     to_dict,
 )
 from higr_dist.data.loader import LoaderConfig
@@ -317,14 +319,12 @@ def resolve_job(data: dict) -> JobConfig:
     return job
 
 
-#: the key of a ``model:`` section that names a size (``model: {preset: 100m}``)
-PRESET = "preset"
-
-
 def _with_preset(stage: Stage, model: object, problems: list[str]) -> object:
     """``model`` with its ``preset`` expanded: the named size's values (the stage's
     ``model_presets``, e.g. :data:`higr_dist.models.hsd.PRESETS`), then the section's own keys
-    over them; anything else unchanged (its own checks report it)."""
+    over them; anything else unchanged (its own checks report it). Which layer's keys reach
+    the section is :func:`higr_dist.config.merge_layer`'s rule: a preset replaces the model
+    keys of the layers below the one that names it."""
     if not isinstance(model, dict) or PRESET not in model:
         return model
     rest = {k: v for k, v in model.items() if k != PRESET}
@@ -352,6 +352,6 @@ def load_job(path: str | Path | None = None, overrides: list[str] | None = None,
     """defaults < ``base`` < YAML at ``path`` < ``key=value`` overrides -> :class:`JobConfig`."""
     data = dict(base or {})
     if path is not None:
-        data = deep_merge(data, load_yaml(path))
+        data = merge_layer(data, load_yaml(path))
     data = apply_overrides(data, overrides)
     return resolve_job(data)

@@ -271,7 +271,7 @@ def _parser() -> argparse.ArgumentParser:
         "Check a training job before launching it: config keys and types, stage inputs, shard "
         "folder and count, batch sizes, hostfile, precision on this device. Exit 0 when OK, 2 "
         "with one line per problem otherwise."))
-    p.add_argument("--config", required=True, help="job YAML (configs/<scale>/<stage>.yaml)")
+    p.add_argument("--config", required=True, help="job config: a file, or a shipped one by name (tiny/hsd)")
     p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile ('<host> slots=<N>')")
     p.add_argument("--world-size", type=int, default=None,
                    help="ranks to check for (default: hostfile slots, else $WORLD_SIZE, else 1)")

@@ -323,7 +323,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="items table (CSV/Parquet, any URI; movielens: u.item, movies.dat or "
                         "movies.csv)")
     p.add_argument("--output", required=True, help="output folder (POSIX path seen by executors)")
-    p.add_argument("--config", default=None, help="EtlConfig YAML (configs/<scale>/etl.yaml)")
+    p.add_argument("--config", default=None, help="EtlConfig: a file, or a shipped one by name (cluster/etl)")
     p.add_argument("--format", choices=["auto", "csv", "parquet", "kuairec", "movielens"],
                    default=None, help="input format (sets source.format); movielens: "
                    "GroupLens's files as published, layout told by their names")

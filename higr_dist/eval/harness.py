@@ -96,10 +96,17 @@ def load_stage_model(stage_dir: Path, device: torch.device | str = "cpu"):
     (:mod:`higr_dist.models.card`) with its exported weights, eval mode, on ``device``."""
     folder = StageLayout(Path(stage_dir))
     if not folder.model_card.is_file():
-        raise FileNotFoundError(f"{folder.model_card} is missing: {folder.root} holds no "
-                                "finished model (train it with `higr run`)")
-    card = _read_json(folder.model_card)
-    model = model_card.build(card)
+        raise FileNotFoundError(
+            f"{folder.model_card} is missing: {folder.root} holds no finished model (a stage "
+            "trained by an older version wrote none; rerun `higr run` with the same --name: "
+            "the stage resumes from its last checkpoint and exports it)")
+    try:
+        card = _read_json(folder.model_card)
+        model = model_card.build(card)
+    except (ValueError, TypeError, AttributeError, ImportError) as e:  # a damaged card
+        from higr_dist.config import ConfigError
+
+        raise ConfigError([f"{folder.model_card}: not a model card ({e})"]) from e
     state = torch.load(folder.final_weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     model.to(device)
@@ -425,6 +432,8 @@ def eval_main(argv: list[str] | None = None) -> int:
             raise _CliError(f"higr-eval: {problem}")
         with _cli_errors("higr-eval"):
             cfg = _load_pipeline(run_dir)
+            # the folder given, wherever the run was made (a moved run folder is the same run)
+            cfg.out_root, cfg.name = str(run_dir.parent), run_dir.name
             if args.device is not None:
                 cfg.eval.device = args.device
             resolve_device(cfg.eval.device)
